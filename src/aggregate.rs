@@ -1,0 +1,304 @@
+//! Request records → batches of 3scale transactions, one batch at most `max_transactions` long.
+//!
+//! With response codes on, every request is its own transaction: the backend adds exactly one to the
+//! response-code counters per transaction, whatever its usage, so folding would lose codes. With them
+//! off, requests of one application and second are folded into one transaction.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::parse::{Credential, Parser, Request, Skip};
+use crate::tail::Chunk;
+use crate::telemetry::Metrics;
+
+/// How 3scale identifies the application in a report. The app_key is not part of a report.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Application {
+    UserKey(Arc<str>),
+    AppId(Arc<str>),
+}
+
+impl Application {
+    /// The transaction field and its value.
+    pub fn field(&self) -> (&'static str, &str) {
+        match self {
+            Application::UserKey(k) => ("user_key", k),
+            Application::AppId(id) => ("app_id", id),
+        }
+    }
+}
+
+/// One transaction of a report call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    pub application: Application,
+    /// Epoch seconds.
+    pub timestamp: i64,
+    pub hits: u64,
+    /// The HTTP status, when response codes are reported.
+    pub code: Option<u16>,
+}
+
+/// A sealed batch, ready for one report call.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub transactions: Vec<Transaction>,
+    /// How many requests the batch counts (more than its transactions when folded).
+    pub requests: u64,
+}
+
+/// Shares one allocation per distinct credential. Bounded: an API hammered with random keys must not
+/// grow tally's memory, so the table is cleared when it reaches its limit.
+struct Interner {
+    keys: HashSet<Arc<str>>,
+    limit: usize,
+}
+
+impl Interner {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(k) = self.keys.get(s) {
+            return k.clone();
+        }
+        if self.keys.len() >= self.limit {
+            self.keys.clear();
+        }
+        let k: Arc<str> = Arc::from(s);
+        self.keys.insert(k.clone());
+        k
+    }
+}
+
+pub struct Aggregator {
+    response_codes: bool,
+    max_transactions: usize,
+    batch: Batch,
+    /// Folding index of the open batch: (application, second) → transaction.
+    folded: HashMap<(Application, i64), usize>,
+    interner: Interner,
+}
+
+impl Aggregator {
+    pub fn new(response_codes: bool, max_transactions: usize) -> Aggregator {
+        Aggregator {
+            response_codes,
+            max_transactions: max_transactions.max(1),
+            batch: Batch::default(),
+            folded: HashMap::new(),
+            interner: Interner {
+                keys: HashSet::new(),
+                limit: 100_000,
+            },
+        }
+    }
+
+    /// Adds one request; returns the batch it filled, if any.
+    pub fn add(&mut self, request: &Request<'_>) -> Option<Batch> {
+        let application = match &request.credential {
+            Credential::UserKey(k) => Application::UserKey(self.interner.get(k)),
+            Credential::AppId { app_id, .. } => Application::AppId(self.interner.get(app_id)),
+        };
+        self.batch.requests += 1;
+        if !self.response_codes {
+            let key = (application, request.timestamp);
+            if let Some(&i) = self.folded.get(&key) {
+                self.batch.transactions[i].hits += 1;
+                return None;
+            }
+            self.folded
+                .insert(key.clone(), self.batch.transactions.len());
+            self.batch.transactions.push(Transaction {
+                application: key.0,
+                timestamp: request.timestamp,
+                hits: 1,
+                code: None,
+            });
+        } else {
+            self.batch.transactions.push(Transaction {
+                application,
+                timestamp: request.timestamp,
+                hits: 1,
+                code: Some(request.status),
+            });
+        }
+        (self.batch.transactions.len() >= self.max_transactions)
+            .then(|| self.take())
+            .flatten()
+    }
+
+    /// Seals the open batch, if it counts anything.
+    pub fn take(&mut self) -> Option<Batch> {
+        self.folded.clear();
+        if self.batch.transactions.is_empty() {
+            return None;
+        }
+        Some(std::mem::take(&mut self.batch))
+    }
+}
+
+/// What one service's aggregation loop needs.
+pub struct ServiceLines {
+    pub service_id: String,
+    /// The parser of each source, by source index (None: that source belongs to another service).
+    pub parsers: Vec<Option<Parser>>,
+    pub max_line_length: usize,
+    pub flush_interval: std::time::Duration,
+}
+
+/// Parses the chunks of one service's sources into batches, sealed when full or at each flush
+/// interval. Ends, after sealing what it holds, when every follower is gone.
+pub async fn run(
+    lines: ServiceLines,
+    mut aggregator: Aggregator,
+    mut chunks: mpsc::Receiver<Chunk>,
+    batches: mpsc::Sender<Batch>,
+    metrics: std::sync::Arc<Metrics>,
+) {
+    let mut flush = tokio::time::interval(lines.flush_interval);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    flush.tick().await; // the first tick is immediate
+    let mut warned = std::collections::HashSet::new();
+    loop {
+        let full = tokio::select! {
+            chunk = chunks.recv() => match chunk {
+                Some(chunk) => {
+                    let mut full = Vec::new();
+                    for line in chunk.data.split(|&b| b == b'\n') {
+                        if line.is_empty() {
+                            continue; // the split after the last newline, or a blank line
+                        }
+                        let line = line.strip_suffix(b"\r").unwrap_or(line);
+                        Metrics::add(&metrics.lines_read, 1);
+                        let parsed = match lines.parsers.get(chunk.source).copied().flatten() {
+                            _ if line.len() > lines.max_line_length => Err(Skip::TooLong),
+                            Some(parser) => parser.parse(line),
+                            None => Err(Skip::Malformed),
+                        };
+                        match parsed {
+                            Ok(request) => full.extend(aggregator.add(&request)),
+                            Err(skip) => {
+                                metrics.skipped(skip);
+                                let excerpt = String::from_utf8_lossy(&line[..line.len().min(200)]);
+                                if warned.insert(skip) {
+                                    tracing::warn!(service_id = %lines.service_id, reason = skip.reason(), line = %excerpt,
+                                        "line skipped (further skips for this reason are logged at debug level and counted)");
+                                } else {
+                                    tracing::debug!(service_id = %lines.service_id, reason = skip.reason(), line = %excerpt, "line skipped");
+                                }
+                            }
+                        }
+                    }
+                    full
+                }
+                None => {
+                    if let Some(last) = aggregator.take() {
+                        let _ = batches.send(last).await;
+                    }
+                    return;
+                }
+            },
+            _ = flush.tick() => aggregator.take().into_iter().collect(),
+        };
+        for batch in full {
+            if batches.send(batch).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    fn request(key: &str, timestamp: i64, status: u16) -> Request<'_> {
+        Request {
+            timestamp,
+            method: b"GET",
+            path: b"/",
+            status,
+            credential: Credential::UserKey(Cow::Borrowed(key)),
+        }
+    }
+
+    fn tx(key: &str, timestamp: i64, hits: u64, code: Option<u16>) -> Transaction {
+        Transaction {
+            application: Application::UserKey(key.into()),
+            timestamp,
+            hits,
+            code,
+        }
+    }
+
+    #[test]
+    fn with_response_codes_each_request_is_a_transaction() {
+        let mut a = Aggregator::new(true, 3);
+        assert!(a.add(&request("k", 10, 200)).is_none());
+        assert!(a.add(&request("k", 10, 200)).is_none());
+        let full = a.add(&request("j", 10, 404)).unwrap();
+        assert_eq!(
+            full.transactions,
+            vec![
+                tx("k", 10, 1, Some(200)),
+                tx("k", 10, 1, Some(200)),
+                tx("j", 10, 1, Some(404))
+            ]
+        );
+        assert_eq!(full.requests, 3);
+        assert!(a.take().is_none());
+        a.add(&request("k", 11, 500));
+        assert_eq!(
+            a.take().unwrap().transactions,
+            vec![tx("k", 11, 1, Some(500))]
+        );
+    }
+
+    #[test]
+    fn without_response_codes_requests_fold_per_application_and_second() {
+        let mut a = Aggregator::new(false, 1000);
+        for (k, t) in [("k", 10), ("k", 10), ("j", 10), ("k", 11), ("k", 10)] {
+            assert!(a.add(&request(k, t, 200)).is_none());
+        }
+        let b = a.take().unwrap();
+        assert_eq!(
+            b.transactions,
+            vec![
+                tx("k", 10, 3, None),
+                tx("j", 10, 1, None),
+                tx("k", 11, 1, None)
+            ]
+        );
+        assert_eq!(b.requests, 5);
+        // A new batch starts a new fold.
+        a.add(&request("k", 10, 200));
+        assert_eq!(a.take().unwrap().transactions, vec![tx("k", 10, 1, None)]);
+    }
+
+    #[test]
+    fn user_keys_and_app_ids_never_fold_together() {
+        let mut a = Aggregator::new(false, 1000);
+        a.add(&request("same", 10, 200));
+        a.add(&Request {
+            credential: Credential::AppId {
+                app_id: Cow::Borrowed("same"),
+                app_key: None,
+            },
+            ..request("", 10, 200)
+        });
+        assert_eq!(a.take().unwrap().transactions.len(), 2);
+    }
+
+    #[test]
+    fn the_interner_stays_bounded() {
+        let mut i = Interner {
+            keys: HashSet::new(),
+            limit: 10,
+        };
+        for n in 0..1000 {
+            i.get(&n.to_string());
+        }
+        assert!(i.keys.len() <= 10);
+    }
+}

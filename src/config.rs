@@ -1,0 +1,785 @@
+//! The TOML configuration: parsing, validation with errors that name the key and its line, and the
+//! effective configuration as `tally check` prints it (secrets masked).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The most transactions one report call may carry: the backend takes at most 4096 `key=value` pairs,
+/// two go to `service_token` and `service_id`, and a transaction with a response code takes four.
+pub const MAX_TRANSACTIONS_PER_CALL: usize = 1023;
+
+pub const DEFAULT_BACKEND_URL: &str = "https://su1.3scale.net";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the configuration: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}:{line}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// A secret value (service token, provider key). Its `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret {
+    value: String,
+    origin: String,
+}
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.value
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "<secret {}, {} chars>",
+            self.origin,
+            self.value.chars().count()
+        )
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// How tally authenticates its calls to the Service Management API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendAuth {
+    ServiceToken(Secret),
+    /// Deprecated by 3scale, still accepted.
+    ProviderKey(Secret),
+}
+
+impl BackendAuth {
+    /// The form field name and the secret.
+    pub fn field(&self) -> (&'static str, &Secret) {
+        match self {
+            BackendAuth::ServiceToken(s) => ("service_token", s),
+            BackendAuth::ProviderKey(s) => ("provider_key", s),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub url: reqwest::Url,
+    pub auth: BackendAuth,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// NGINX's predefined `combined` format.
+    Combined,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadFrom {
+    Beginning,
+    End,
+}
+
+/// Which query parameters carry the caller's credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialMode {
+    /// `user_key` if present, else `app_id` (with optional `app_key`).
+    #[default]
+    Auto,
+    UserKey,
+    AppId,
+}
+
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// A file path or a glob pattern, made absolute against the configuration file's folder.
+    pub path: String,
+    pub service_id: String,
+    pub format: LogFormat,
+    pub read_from: ReadFrom,
+    pub credential: CredentialMode,
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub flush_interval: Duration,
+    pub max_transactions: usize,
+    pub response_codes: bool,
+    /// How long a stopping tally may take to send what it has read.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tail {
+    pub poll_interval: Duration,
+    pub rotate_grace: Duration,
+    pub max_line_length: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct State {
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogOutput {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Logging {
+    pub format: LogOutput,
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub backend: Backend,
+    pub sources: Vec<Source>,
+    pub report: Report,
+    pub tail: Tail,
+    pub state: State,
+    pub log: Logging,
+}
+
+// ---- the file as written -------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    backend: Spanned<RawBackend>,
+    #[serde(default)]
+    sources: Vec<Spanned<RawSource>>,
+    #[serde(default)]
+    report: RawReport,
+    #[serde(default)]
+    tail: RawTail,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    url: Option<Spanned<String>>,
+    service_token: Option<Spanned<String>>,
+    service_token_env: Option<Spanned<String>>,
+    service_token_file: Option<Spanned<String>>,
+    provider_key: Option<Spanned<String>>,
+    provider_key_env: Option<Spanned<String>>,
+    provider_key_file: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "duration::optional")]
+    timeout: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    path: Spanned<String>,
+    service_id: Spanned<String>,
+    format: Option<LogFormat>,
+    read_from: Option<ReadFrom>,
+    #[serde(default)]
+    credential: CredentialMode,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReport {
+    #[serde(default, deserialize_with = "duration::optional")]
+    flush_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "max_transactions")]
+    max_transactions: Option<usize>,
+    response_codes: Option<bool>,
+    #[serde(default, deserialize_with = "duration::optional")]
+    shutdown_grace: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTail {
+    #[serde(default, deserialize_with = "duration::optional")]
+    poll_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::optional")]
+    rotate_grace: Option<Duration>,
+    max_line_length: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogOutput>,
+    level: Option<String>,
+}
+
+mod duration {
+    use serde::{de::Error, Deserialize, Deserializer};
+    use std::time::Duration;
+
+    /// A humantime duration ("5s", "1m 30s"), which must be above zero.
+    pub fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        let value = humantime::parse_duration(&text).map_err(|e| {
+            D::Error::custom(format!(
+                "`{text}` is not a duration ({e}); write e.g. \"5s\" or \"1m 30s\""
+            ))
+        })?;
+        if value.is_zero() {
+            return Err(D::Error::custom("the duration must be above zero"));
+        }
+        Ok(Some(value))
+    }
+}
+
+fn max_transactions<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    use serde::de::Error;
+    let n = i64::deserialize(d)?;
+    if n < 1 || n > MAX_TRANSACTIONS_PER_CALL as i64 {
+        return Err(D::Error::custom(format!(
+            "{n} is out of range: the 3scale backend takes at most {MAX_TRANSACTIONS_PER_CALL} \
+             transactions per report call (4096 form fields), so use 1 to {MAX_TRANSACTIONS_PER_CALL}"
+        )));
+    }
+    Ok(Some(n as usize))
+}
+
+// ---- validation ----------------------------------------------------------------------------
+
+struct Ctx<'a> {
+    path: &'a Path,
+    text: &'a str,
+    dir: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn invalid(&self, key: &str, offset: usize, message: impl Into<String>) -> ConfigError {
+        let line = self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1;
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            line,
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn resolve(&self, value: &str) -> PathBuf {
+        let p = Path::new(value);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+
+    /// A secret given one of three ways: literally, by environment variable name, or by file.
+    fn secret(
+        &self,
+        name: &str,
+        literal: Option<&Spanned<String>>,
+        env: Option<&Spanned<String>>,
+        file: Option<&Spanned<String>>,
+    ) -> Result<Option<Secret>, ConfigError> {
+        let key = |suffix: &str| format!("backend.{name}{suffix}");
+        let given: Vec<(&str, &Spanned<String>)> = [("", literal), ("_env", env), ("_file", file)]
+            .into_iter()
+            .filter_map(|(s, v)| v.map(|v| (s, v)))
+            .collect();
+        let (suffix, value) = match given.as_slice() {
+            [] => return Ok(None),
+            [one] => *one,
+            [_, (suffix, second), ..] => {
+                return Err(self.invalid(
+                    &key(suffix),
+                    second.span().start,
+                    format!("give only one of {name}, {name}_env and {name}_file"),
+                ))
+            }
+        };
+        let at = value.span().start;
+        let secret = match suffix {
+            "" => Secret {
+                value: value.get_ref().clone(),
+                origin: "given in the configuration".into(),
+            },
+            "_env" => {
+                let var = value.get_ref();
+                let v = std::env::var(var).map_err(|e| {
+                    self.invalid(&key(suffix), at, format!("environment variable {var}: {e}"))
+                })?;
+                Secret {
+                    value: v,
+                    origin: format!("from environment variable {var}"),
+                }
+            }
+            _ => {
+                let file = self.resolve(value.get_ref());
+                let v = std::fs::read_to_string(&file).map_err(|e| {
+                    self.invalid(
+                        &key(suffix),
+                        at,
+                        format!("cannot read {}: {e}", file.display()),
+                    )
+                })?;
+                Secret {
+                    // Kubernetes Secret files and `echo` leave a trailing newline.
+                    value: v.trim_end().to_string(),
+                    origin: format!("from file {}", file.display()),
+                }
+            }
+        };
+        if secret.value.trim().is_empty() {
+            return Err(self.invalid(&key(suffix), at, "the secret is empty"));
+        }
+        Ok(Some(secret))
+    }
+
+    fn backend(&self, raw: &Spanned<RawBackend>) -> Result<Backend, ConfigError> {
+        let b = raw.get_ref();
+        let url = match &b.url {
+            None => reqwest::Url::parse(DEFAULT_BACKEND_URL).expect("default URL is valid"),
+            Some(u) => {
+                let parsed = reqwest::Url::parse(u.get_ref()).map_err(|e| {
+                    self.invalid(
+                        "backend.url",
+                        u.span().start,
+                        format!("`{}` is not a URL: {e}", u.get_ref()),
+                    )
+                })?;
+                if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+                    return Err(self.invalid(
+                        "backend.url",
+                        u.span().start,
+                        "use an http:// or https:// URL with a host, e.g. https://su1.3scale.net",
+                    ));
+                }
+                parsed
+            }
+        };
+        let token = self.secret(
+            "service_token",
+            b.service_token.as_ref(),
+            b.service_token_env.as_ref(),
+            b.service_token_file.as_ref(),
+        )?;
+        let key = self.secret(
+            "provider_key",
+            b.provider_key.as_ref(),
+            b.provider_key_env.as_ref(),
+            b.provider_key_file.as_ref(),
+        )?;
+        let auth = match (token, key) {
+            (Some(t), None) => BackendAuth::ServiceToken(t),
+            (None, Some(k)) => BackendAuth::ProviderKey(k),
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    "backend",
+                    raw.span().start,
+                    "give a service_token or a provider_key, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(self.invalid(
+                    "backend",
+                    raw.span().start,
+                    "no credentials for 3scale: set service_token, service_token_env or service_token_file",
+                ))
+            }
+        };
+        Ok(Backend {
+            url,
+            auth,
+            timeout: b.timeout.unwrap_or(Duration::from_secs(10)),
+        })
+    }
+
+    fn source(&self, i: usize, raw: &Spanned<RawSource>) -> Result<Source, ConfigError> {
+        let s = raw.get_ref();
+        let key = |k: &str| format!("sources[{i}].{k}");
+        let path = s.path.get_ref().trim();
+        if path.is_empty() {
+            return Err(self.invalid(&key("path"), s.path.span().start, "the path is empty"));
+        }
+        let path = self.resolve(path).to_string_lossy().into_owned();
+        glob::Pattern::new(&path).map_err(|e| {
+            self.invalid(
+                &key("path"),
+                s.path.span().start,
+                format!("not a valid glob pattern: {e}"),
+            )
+        })?;
+        let service_id = s.service_id.get_ref().trim();
+        if service_id.is_empty() {
+            return Err(self.invalid(
+                &key("service_id"),
+                s.service_id.span().start,
+                "the service id is empty; copy it from the 3scale admin portal (Integration page)",
+            ));
+        }
+        Ok(Source {
+            path,
+            service_id: service_id.to_string(),
+            format: s.format.unwrap_or(LogFormat::Combined),
+            read_from: s.read_from.unwrap_or(ReadFrom::End),
+            credential: s.credential,
+        })
+    }
+}
+
+impl Config {
+    /// Reads and validates the configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as the content of the file at `path` (relative paths in it are taken
+    /// against that file's folder).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
+        let ctx = Ctx {
+            path,
+            text,
+            dir: &dir,
+        };
+        let backend = ctx.backend(&raw.backend)?;
+        if raw.sources.is_empty() {
+            return Err(ctx.invalid(
+                "sources",
+                text.len(),
+                "no [[sources]]: add at least one log file to follow",
+            ));
+        }
+        let sources = raw
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ctx.source(i, s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let report = Report {
+            flush_interval: raw.report.flush_interval.unwrap_or(Duration::from_secs(5)),
+            max_transactions: raw.report.max_transactions.unwrap_or(1000),
+            response_codes: raw.report.response_codes.unwrap_or(true),
+            shutdown_grace: raw.report.shutdown_grace.unwrap_or(Duration::from_secs(20)),
+        };
+        let max_line_length = match &raw.tail.max_line_length {
+            None => 64 * 1024,
+            Some(n) if (256..=(64 << 20)).contains(n.get_ref()) => *n.get_ref() as usize,
+            Some(n) => {
+                return Err(ctx.invalid(
+                    "tail.max_line_length",
+                    n.span().start,
+                    "give a number of bytes from 256 to 67108864 (64 MiB)",
+                ))
+            }
+        };
+        let tail = Tail {
+            poll_interval: raw.tail.poll_interval.unwrap_or(Duration::from_secs(1)),
+            rotate_grace: raw.tail.rotate_grace.unwrap_or(Duration::from_secs(5)),
+            max_line_length,
+        };
+        let state = State {
+            dir: ctx.resolve(raw.state.dir.as_deref().unwrap_or("/var/lib/tally")),
+        };
+        let log = Logging {
+            format: raw.log.format.unwrap_or_default(),
+            level: raw.log.level.unwrap_or_else(|| "info".to_string()),
+        };
+        tracing_subscriber::EnvFilter::try_new(&log.level).map_err(|e| {
+            ctx.invalid(
+                "log.level",
+                text.find("level").unwrap_or(0),
+                format!("`{}`: {e}", log.level),
+            )
+        })?;
+        Ok(Config {
+            backend,
+            sources,
+            report,
+            tail,
+            state,
+            log,
+        })
+    }
+
+    /// The effective configuration as TOML, every default filled in and secrets masked.
+    pub fn effective(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let (field, secret) = self.backend.auth.field();
+        let _ = writeln!(out, "[backend]");
+        let _ = writeln!(out, "url = {:?}", self.backend.url.as_str());
+        let _ = writeln!(out, "{field} = {:?}", secret.to_string());
+        let _ = writeln!(
+            out,
+            "timeout = {:?}",
+            humantime::format_duration(self.backend.timeout).to_string()
+        );
+        for s in &self.sources {
+            let _ = writeln!(out, "\n[[sources]]");
+            let _ = writeln!(out, "path = {:?}", s.path);
+            let _ = writeln!(out, "service_id = {:?}", s.service_id);
+            let _ = writeln!(out, "format = {:?}", snake(&format!("{:?}", s.format)));
+            let _ = writeln!(
+                out,
+                "read_from = {:?}",
+                snake(&format!("{:?}", s.read_from))
+            );
+            let _ = writeln!(
+                out,
+                "credential = {:?}",
+                snake(&format!("{:?}", s.credential))
+            );
+        }
+        let _ = writeln!(out, "\n[report]");
+        let _ = writeln!(
+            out,
+            "flush_interval = {:?}",
+            humantime::format_duration(self.report.flush_interval).to_string()
+        );
+        let _ = writeln!(out, "max_transactions = {}", self.report.max_transactions);
+        let _ = writeln!(out, "response_codes = {}", self.report.response_codes);
+        let _ = writeln!(
+            out,
+            "shutdown_grace = {:?}",
+            humantime::format_duration(self.report.shutdown_grace).to_string()
+        );
+        let _ = writeln!(out, "\n[tail]");
+        let _ = writeln!(
+            out,
+            "poll_interval = {:?}",
+            humantime::format_duration(self.tail.poll_interval).to_string()
+        );
+        let _ = writeln!(
+            out,
+            "rotate_grace = {:?}",
+            humantime::format_duration(self.tail.rotate_grace).to_string()
+        );
+        let _ = writeln!(out, "max_line_length = {}", self.tail.max_line_length);
+        let _ = writeln!(
+            out,
+            "\n[state]\ndir = {:?}",
+            self.state.dir.display().to_string()
+        );
+        let _ = writeln!(
+            out,
+            "\n[log]\nformat = {:?}\nlevel = {:?}",
+            snake(&format!("{:?}", self.log.format)),
+            self.log.level
+        );
+        out
+    }
+}
+
+/// `UserKey` → `user_key`, the spelling the configuration uses.
+fn snake(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/tally/tally.toml"), text)
+    }
+
+    const MINIMAL: &str = r#"
+[backend]
+service_token = "tok-123456"
+
+[[sources]]
+path = "/var/log/nginx/access.log"
+service_id = "42"
+"#;
+
+    #[test]
+    fn defaults_fill_in() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.backend.url.as_str(), "https://su1.3scale.net/");
+        assert_eq!(c.backend.timeout, Duration::from_secs(10));
+        assert_eq!(c.report.flush_interval, Duration::from_secs(5));
+        assert_eq!(c.report.max_transactions, 1000);
+        assert!(c.report.response_codes);
+        assert_eq!(c.sources[0].read_from, ReadFrom::End);
+        assert_eq!(c.sources[0].format, LogFormat::Combined);
+    }
+
+    #[test]
+    fn effective_config_masks_the_token_and_parses_again() {
+        let c = parse(MINIMAL).unwrap();
+        let shown = c.effective();
+        assert!(!shown.contains("tok-123456"), "{shown}");
+        assert!(
+            shown.contains("<secret given in the configuration, 10 chars>"),
+            "{shown}"
+        );
+        assert!(!format!("{c:?}").contains("tok-123456"));
+        // Everything but the masked secret survives a round trip.
+        let without_secret = |t: &str| {
+            t.lines()
+                .filter(|l| !l.starts_with("service_token"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(
+            without_secret(&parse(&shown).unwrap().effective()),
+            without_secret(&shown)
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = MINIMAL.replace(
+            "[[sources]]",
+            "[report]\nflush_intervall = \"1s\"\n\n[[sources]]",
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("line 6"), "{e}");
+        assert!(e.contains("flush_intervall"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_and_range_are_explained() {
+        let e = parse(&format!(
+            "{MINIMAL}\n[report]\nflush_interval = \"5 parsecs\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a duration") && e.contains("line 10"), "{e}");
+        let e = parse(&format!("{MINIMAL}\n[report]\nmax_transactions = 5000\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 1023"), "{e}");
+    }
+
+    #[test]
+    fn secret_sources() {
+        let e = parse(&MINIMAL.replace(
+            "service_token = \"tok-123456\"",
+            "service_token_env = \"TALLY_TEST_SURELY_UNSET_VAR\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "/etc/tally/tally.toml:3: backend.service_token_env: environment variable \
+             TALLY_TEST_SURELY_UNSET_VAR: environment variable not found"
+        );
+        let e = parse(&MINIMAL.replace(
+            "service_token = \"tok-123456\"",
+            "service_token = \"a\"\nprovider_key = \"b\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not both") && !e.contains("\"a\""), "{e}");
+        let e = parse(&MINIMAL.replace(
+            "service_token = \"tok-123456\"",
+            "service_token = \"a\"\nservice_token_file = \"t\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(":4: backend.service_token_file: give only one"),
+            "{e}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "from-file-token\n").unwrap();
+        let c = Config::parse(
+            &dir.path().join("tally.toml"),
+            &MINIMAL.replace(
+                "service_token = \"tok-123456\"",
+                "service_token_file = \"token\"",
+            ),
+        )
+        .unwrap();
+        assert_eq!(c.backend.auth.field().1.expose(), "from-file-token");
+    }
+
+    #[test]
+    fn sources_are_checked() {
+        let e = parse(&MINIMAL.replace("service_id = \"42\"", "service_id = \" \""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":7: sources[0].service_id: the service id is empty"),
+            "{e}"
+        );
+        let e = parse(&MINIMAL.replace("path = \"/var/log/nginx/access.log\"", "path = \"/x/[a\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sources[0].path: not a valid glob"), "{e}");
+        let e = parse(&MINIMAL.replace("[[sources]]", "[[sources]]\nformat = \"apache\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("apache") && e.contains("combined"), "{e}");
+        let e = parse("[backend]\nservice_token = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no [[sources]]"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let c = parse(&MINIMAL.replace("/var/log/nginx/access.log", "logs/*.log")).unwrap();
+        assert_eq!(c.sources[0].path, "/etc/tally/logs/*.log");
+    }
+}

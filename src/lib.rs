@@ -1,0 +1,13 @@
+//! tally follows access logs and reports the traffic they record to 3scale.
+//!
+//! The data path, one module per step: [`tail`] (log file → lines) → [`parse`] (line → request) →
+//! [`aggregate`] (requests → transaction batches) → [`report`] (batch → report call), with
+//! [`config`], [`telemetry`] and [`run`] (the wiring) beside them.
+
+pub mod aggregate;
+pub mod config;
+pub mod parse;
+pub mod report;
+pub mod run;
+pub mod tail;
+pub mod telemetry;

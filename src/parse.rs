@@ -1,0 +1,452 @@
+//! One access-log line → one request record (time, method, path, status, credential).
+//!
+//! The record borrows from the line: parsing allocates nothing unless a credential needs decoding.
+
+use std::borrow::Cow;
+
+use crate::config::{CredentialMode, LogFormat};
+
+/// The caller's credential as 3scale knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential<'a> {
+    UserKey(Cow<'a, str>),
+    AppId {
+        app_id: Cow<'a, str>,
+        app_key: Option<Cow<'a, str>>,
+    },
+}
+
+/// What tally needs of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// Epoch seconds, from the line's own time.
+    pub timestamp: i64,
+    pub method: &'a [u8],
+    /// The path without its query string.
+    pub path: &'a [u8],
+    pub status: u16,
+    pub credential: Credential<'a>,
+}
+
+/// Why a line is not reported. Every skip is counted under its reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Skip {
+    /// The line is not in the configured format (garbage, truncated, another format).
+    Malformed,
+    /// The request carries no credential, so 3scale could not attribute it.
+    NoCredential,
+    /// The credential is not valid UTF-8 once decoded; the backend would reject the whole call.
+    InvalidCredential,
+    /// The line is longer than `max_line_length`.
+    TooLong,
+}
+
+impl Skip {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Skip::Malformed => "malformed",
+            Skip::NoCredential => "no_credential",
+            Skip::InvalidCredential => "invalid_credential",
+            Skip::TooLong => "too_long",
+        }
+    }
+}
+
+/// Parses the lines of one source.
+#[derive(Debug, Clone, Copy)]
+pub struct Parser {
+    format: LogFormat,
+    credential: CredentialMode,
+}
+
+impl Parser {
+    pub fn new(format: LogFormat, credential: CredentialMode) -> Parser {
+        Parser { format, credential }
+    }
+
+    /// `line` is without its newline.
+    pub fn parse<'a>(&self, line: &'a [u8]) -> Result<Request<'a>, Skip> {
+        let fields = match self.format {
+            LogFormat::Combined => combined(line).ok_or(Skip::Malformed)?,
+        };
+        let (method, target) = split_request(fields.request).ok_or(Skip::Malformed)?;
+        let (path, query) = match memchr::memchr(b'?', target) {
+            Some(q) => (&target[..q], &target[q + 1..]),
+            None => (target, &b""[..]),
+        };
+        let credential = credential(query, self.credential)?;
+        Ok(Request {
+            timestamp: fields.timestamp,
+            method,
+            path,
+            status: fields.status,
+            credential,
+        })
+    }
+}
+
+struct Fields<'a> {
+    timestamp: i64,
+    request: &'a [u8],
+    status: u16,
+}
+
+/// `$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer"
+/// "$http_user_agent"`; only the time, request and status are read, so anything may follow the
+/// status (extra fields, a truncated user agent).
+fn combined(line: &[u8]) -> Option<Fields<'_>> {
+    let open = memchr::memchr(b'[', line)?;
+    let rest = &line[open + 1..];
+    let close = memchr::memchr(b']', rest)?;
+    let timestamp = time_local(&rest[..close])?;
+    let rest = rest[close + 1..].strip_prefix(b" \"")?;
+    let end = closing_quote(rest)?;
+    let request = &rest[..end];
+    let rest = rest[end + 1..].strip_prefix(b" ")?;
+    let status = status(rest)?;
+    Some(Fields {
+        timestamp,
+        request,
+        status,
+    })
+}
+
+/// The index of the first `"` not escaped by a backslash (Apache writes `\"`, NGINX `\x22`).
+fn closing_quote(s: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while let Some(off) = memchr::memchr2(b'"', b'\\', &s[i..]) {
+        let at = i + off;
+        if s[at] == b'"' {
+            return Some(at);
+        }
+        i = at + 2;
+        if i > s.len() {
+            return None;
+        }
+    }
+    None
+}
+
+fn status(s: &[u8]) -> Option<u16> {
+    let digits = s.get(..3)?;
+    if !digits.iter().all(u8::is_ascii_digit) || s.get(3).is_some_and(|&b| b != b' ') {
+        return None;
+    }
+    Some(
+        digits
+            .iter()
+            .fold(0u16, |n, d| n * 10 + u16::from(d - b'0')),
+    )
+}
+
+/// `METHOD SP TARGET [SP PROTOCOL]`.
+fn split_request(request: &[u8]) -> Option<(&[u8], &[u8])> {
+    let sp = memchr::memchr(b' ', request)?;
+    let method = &request[..sp];
+    if method.is_empty() || !method.iter().all(u8::is_ascii_uppercase) {
+        return None;
+    }
+    let rest = &request[sp + 1..];
+    let target = match memchr::memrchr(b' ', rest) {
+        Some(last) if rest[last + 1..].starts_with(b"HTTP/") => &rest[..last],
+        _ => rest,
+    };
+    if target.is_empty() {
+        return None;
+    }
+    Some((method, target))
+}
+
+/// `25/Nov/2026:18:41:03 +0100` → epoch seconds.
+fn time_local(t: &[u8]) -> Option<i64> {
+    if t.len() != 26 || t[2] != b'/' || t[6] != b'/' || t[11] != b':' || t[20] != b' ' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        t[r].iter().try_fold(0i64, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + i64::from(d - b'0'))
+        })
+    };
+    let day = num(0..2)?;
+    let month = match &t[3..6] {
+        b"Jan" => 1,
+        b"Feb" => 2,
+        b"Mar" => 3,
+        b"Apr" => 4,
+        b"May" => 5,
+        b"Jun" => 6,
+        b"Jul" => 7,
+        b"Aug" => 8,
+        b"Sep" => 9,
+        b"Oct" => 10,
+        b"Nov" => 11,
+        b"Dec" => 12,
+        _ => return None,
+    };
+    let year = num(7..11)?;
+    let (h, m, s) = (num(12..14)?, num(15..17)?, num(18..20)?);
+    if t[14] != b':' || t[17] != b':' || !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
+    let sign = match t[21] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let offset = sign * (num(22..24)? * 3600 + num(24..26)? * 60);
+    Some(days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + s - offset)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn credential(query: &[u8], mode: CredentialMode) -> Result<Credential<'_>, Skip> {
+    let (mut user_key, mut app_id, mut app_key) = (None, None, None);
+    for pair in query.split(|&b| b == b'&') {
+        let (name, value) = match memchr::memchr(b'=', pair) {
+            Some(eq) => (&pair[..eq], &pair[eq + 1..]),
+            None => continue,
+        };
+        let slot = match name {
+            b"user_key" => &mut user_key,
+            b"app_id" => &mut app_id,
+            b"app_key" => &mut app_key,
+            _ => continue,
+        };
+        // The first occurrence wins, as in NGINX's $arg_ variables.
+        if slot.is_none() && !value.is_empty() {
+            *slot = Some(value);
+        }
+    }
+    let use_user_key = match mode {
+        CredentialMode::Auto => user_key.is_some(),
+        CredentialMode::UserKey => true,
+        CredentialMode::AppId => false,
+    };
+    if use_user_key {
+        let key = user_key.ok_or(Skip::NoCredential)?;
+        return Ok(Credential::UserKey(decode(key)?));
+    }
+    let app_id = app_id.ok_or(Skip::NoCredential)?;
+    Ok(Credential::AppId {
+        app_id: decode(app_id)?,
+        app_key: app_key.map(decode).transpose()?,
+    })
+}
+
+/// Undoes the log's escaping (`\xHH`, which NGINX writes for bytes it does not print) and the query
+/// string's (`%HH`, `+` for space). Borrowed when there is nothing to undo.
+fn decode(raw: &[u8]) -> Result<Cow<'_, str>, Skip> {
+    if !raw.iter().any(|b| matches!(b, b'%' | b'+' | b'\\')) {
+        return std::str::from_utf8(raw)
+            .map(Cow::Borrowed)
+            .map_err(|_| Skip::InvalidCredential);
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let escaped = match raw[i] {
+            b'%' => hex_pair(raw.get(i + 1..i + 3)).map(|b| (b, 3)),
+            b'\\' if raw.get(i + 1) == Some(&b'x') => {
+                hex_pair(raw.get(i + 2..i + 4)).map(|b| (b, 4))
+            }
+            _ => None,
+        };
+        match escaped {
+            Some((byte, len)) => {
+                out.push(byte);
+                i += len;
+            }
+            None => {
+                out.push(if raw[i] == b'+' { b' ' } else { raw[i] });
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| Skip::InvalidCredential)
+}
+
+fn hex_pair(digits: Option<&[u8]>) -> Option<u8> {
+    let d = digits?;
+    let v = |c: u8| (c as char).to_digit(16);
+    Some((v(d[0])? * 16 + v(d[1])?) as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Result<Request<'_>, Skip> {
+        Parser::new(LogFormat::Combined, CredentialMode::Auto).parse(line.as_bytes())
+    }
+
+    fn owned(c: Credential<'_>) -> Credential<'static> {
+        let own = |s: Cow<'_, str>| Cow::Owned(s.into_owned());
+        match c {
+            Credential::UserKey(k) => Credential::UserKey(own(k)),
+            Credential::AppId { app_id, app_key } => Credential::AppId {
+                app_id: own(app_id),
+                app_key: app_key.map(own),
+            },
+        }
+    }
+
+    fn user_key(k: &str) -> Credential<'_> {
+        Credential::UserKey(Cow::Borrowed(k))
+    }
+
+    #[test]
+    fn a_plain_combined_line() {
+        let r = parse(r#"192.168.1.20 - - [24/Nov/2026:10:15:00 +0000] "GET /v1/words?user_key=abc123&x=1 HTTP/1.1" 200 612 "-" "curl/8.0""#).unwrap();
+        assert_eq!(r.timestamp, 1_795_515_300);
+        assert_eq!(r.method, b"GET");
+        assert_eq!(r.path, b"/v1/words");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.credential, user_key("abc123"));
+    }
+
+    #[test]
+    fn time_zones_and_calendar() {
+        let at = |t: &str| time_local(t.as_bytes());
+        assert_eq!(at("01/Jan/1970:00:00:00 +0000"), Some(0));
+        assert_eq!(at("01/Jan/1970:01:00:00 +0100"), Some(0));
+        assert_eq!(at("31/Dec/1969:19:00:00 -0500"), Some(0));
+        assert_eq!(at("29/Feb/2024:12:00:00 +0000"), Some(1_709_208_000));
+        assert_eq!(
+            at("24/Nov/2026:10:15:00 +0530"),
+            Some(1_795_515_300 - 19_800)
+        );
+        assert_eq!(at("24/Foo/2026:10:15:00 +0000"), None);
+        assert_eq!(at("24/Nov/2026:25:15:00 +0000"), None);
+        assert_eq!(at("24/Nov/2026:10:15:00"), None);
+    }
+
+    #[test]
+    fn odd_but_valid_lines() {
+        // IPv6 client, a remote user, escaped quotes in the user agent and the request.
+        let r = parse(r#"2001:db8::1 - alice [24/Nov/2026:10:15:00 +0000] "POST /a\"b?app_id=id1&app_key=k1 HTTP/2.0" 201 0 "http://x/?q=\"1\"" "Mozilla \"quoted\" [x]""#).unwrap();
+        assert_eq!(r.method, b"POST");
+        assert_eq!(r.path, br#"/a\"b"#);
+        assert_eq!(r.status, 201);
+        assert_eq!(
+            r.credential,
+            Credential::AppId {
+                app_id: Cow::Borrowed("id1"),
+                app_key: Some(Cow::Borrowed("k1"))
+            }
+        );
+        // NGINX's own escaping, HTTP/0.9 (no protocol), a 499, nothing after the status.
+        let r =
+            parse(r#"::1 - - [24/Nov/2026:10:15:00 +0000] "GET /x\x22y?user_key=k" 499"#).unwrap();
+        assert_eq!((r.status, r.path), (499, &br"/x\x22y"[..]));
+        // Extra fields after the user agent ($request_time and friends).
+        let r = parse(r#"10.0.0.1 - - [24/Nov/2026:10:15:00 +0000] "DELETE /?app_id=a HTTP/1.1" 503 1 "-" "ua" 0.002 "x""#).unwrap();
+        assert_eq!(r.status, 503);
+        assert_eq!(
+            r.credential,
+            Credential::AppId {
+                app_id: Cow::Borrowed("a"),
+                app_key: None
+            }
+        );
+    }
+
+    #[test]
+    fn credentials_are_decoded() {
+        let line = |q: &str| {
+            format!(r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /p?{q} HTTP/1.1" 200 1 "-" "-""#)
+        };
+        let key = |q: &str| parse(&line(q)).map(|r| owned(r.credential));
+        assert_eq!(
+            key("user_key=a%2Bb+c"),
+            Ok(Credential::UserKey("a+b c".into()))
+        );
+        assert_eq!(
+            key("user_key=caf%C3%A9"),
+            Ok(Credential::UserKey("café".into()))
+        );
+        assert_eq!(
+            key(r"user_key=caf\xC3\xA9"),
+            Ok(Credential::UserKey("café".into()))
+        );
+        assert_eq!(key("user_key=%ZZ"), Ok(Credential::UserKey("%ZZ".into())));
+        assert_eq!(key("user_key=%FF"), Err(Skip::InvalidCredential));
+        assert_eq!(
+            key("user_key=first&user_key=second"),
+            Ok(Credential::UserKey("first".into()))
+        );
+        assert_eq!(
+            key("user_key=&app_id=x"),
+            Ok(Credential::AppId {
+                app_id: "x".into(),
+                app_key: None
+            })
+        );
+        assert_eq!(key("app_key=only"), Err(Skip::NoCredential));
+        assert_eq!(key("foo=bar"), Err(Skip::NoCredential));
+        assert_eq!(key("xuser_key=a"), Err(Skip::NoCredential));
+    }
+
+    #[test]
+    fn credential_mode_picks_the_parameter() {
+        let line = br#"h - - [24/Nov/2026:10:15:00 +0000] "GET /p?user_key=u&app_id=i HTTP/1.1" 200 1 "-" "-""#;
+        let with = |mode| {
+            Parser::new(LogFormat::Combined, mode)
+                .parse(line)
+                .map(|r| r.credential.clone())
+        };
+        assert_eq!(
+            with(CredentialMode::Auto),
+            Ok(Credential::UserKey("u".into()))
+        );
+        assert_eq!(
+            with(CredentialMode::UserKey),
+            Ok(Credential::UserKey("u".into()))
+        );
+        assert_eq!(
+            with(CredentialMode::AppId),
+            Ok(Credential::AppId {
+                app_id: "i".into(),
+                app_key: None
+            })
+        );
+    }
+
+    #[test]
+    fn missing_fields_and_garbage_are_malformed() {
+        for line in [
+            "",
+            "garbage",
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /?user_key=k HTTP/1.1""#,
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /?user_key=k HTTP/1.1" 20"#,
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /?user_key=k HTTP/1.1" 2000 1"#,
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /?user_key=k"#,
+            r#"h - - [24/Nov/2026:10:15 +0000] "GET /?user_key=k HTTP/1.1" 200 1"#,
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "-" 400 0 "-" "-""#,
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "\x16\x03\x01" 400 0 "-" "-""#,
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "GET " 400 0 "-" "-""#,
+            "h - - [24/Nov/2026:10:15:00 +0000] \"GET /?user_key=k\\",
+        ] {
+            assert_eq!(parse(line), Err(Skip::Malformed), "{line}");
+        }
+        // Bytes that are not UTF-8 around the fields do not matter.
+        let mut line =
+            br#"h - - [24/Nov/2026:10:15:00 +0000] "GET /?user_key=k HTTP/1.1" 200 1 "-" ""#
+                .to_vec();
+        line.extend_from_slice(&[0xff, 0xfe, b'"']);
+        let r = Parser::new(LogFormat::Combined, CredentialMode::Auto)
+            .parse(&line)
+            .unwrap();
+        assert_eq!(r.credential, user_key("k"));
+    }
+}

@@ -1,0 +1,172 @@
+//! Wires the stages for `tally run`: followers → per-service aggregation → per-service reporting,
+//! and the orderly stop on SIGTERM / SIGINT.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::aggregate::{self, Aggregator, ServiceLines};
+use crate::config::Config;
+use crate::parse::Parser;
+use crate::report::{self, ServiceReport, Sink};
+use crate::tail::{Follower, TailOptions};
+use crate::telemetry::Metrics;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Print each report call instead of sending it.
+    pub dry_run: bool,
+    /// Read the files as they are now, report, and exit.
+    pub once: bool,
+}
+
+/// How often the counters are logged while running.
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    // Sources that report to the same service share its batches.
+    let mut services: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, s) in config.sources.iter().enumerate() {
+        services.entry(s.service_id.as_str()).or_default().push(i);
+    }
+    let mut reporters = JoinSet::new();
+    let mut followers = Vec::new();
+    for (service_id, sources) in services {
+        let (chunk_tx, chunk_rx) = mpsc::channel(4);
+        let (batch_tx, batch_rx) = mpsc::channel(2);
+        let parsers = config
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                sources
+                    .contains(&i)
+                    .then(|| Parser::new(s.format, s.credential))
+            })
+            .collect();
+        let lines = ServiceLines {
+            service_id: service_id.to_string(),
+            parsers,
+            max_line_length: config.tail.max_line_length,
+            flush_interval: config.report.flush_interval,
+        };
+        let aggregator =
+            Aggregator::new(config.report.response_codes, config.report.max_transactions);
+        tokio::spawn(aggregate::run(
+            lines,
+            aggregator,
+            chunk_rx,
+            batch_tx,
+            metrics.clone(),
+        ));
+        let sink = if options.dry_run {
+            Sink::DryRun(config.backend.url.clone())
+        } else {
+            Sink::Backend(report::Client::new(
+                &config.backend.url,
+                config.backend.timeout,
+            )?)
+        };
+        let service = ServiceReport {
+            service_id: service_id.to_string(),
+            auth: config.backend.auth.clone(),
+            sink,
+            fail_on_rejection: options.once,
+        };
+        reporters.spawn(report::run(service, batch_rx, metrics.clone()));
+        for i in sources {
+            let source = &config.sources[i];
+            let tail = TailOptions {
+                read_from: source.read_from,
+                poll_interval: config.tail.poll_interval,
+                rotate_grace: config.tail.rotate_grace,
+                max_line_length: config.tail.max_line_length,
+                once: options.once,
+            };
+            let follower = Follower::spawn(
+                i,
+                source.path.clone(),
+                tail,
+                chunk_tx.clone(),
+                metrics.clone(),
+            )
+            .with_context(|| format!("cannot start following {}", source.path))?;
+            followers.push(follower);
+        }
+    }
+    tracing::info!(
+        sources = config.sources.len(),
+        dry_run = options.dry_run,
+        once = options.once,
+        "tally started"
+    );
+
+    let mut summary = tokio::time::interval(SUMMARY_EVERY);
+    summary.tick().await;
+    let stopped_by_signal = tokio::select! {
+        result = drain(&mut reporters) => {
+            // Only in --once mode do the reporters finish by themselves.
+            metrics.log_summary("done");
+            return result;
+        }
+        _ = stop_signal() => true,
+        _ = async { loop { summary.tick().await; metrics.log_summary("running"); } } => false,
+    };
+    tracing::info!(
+        grace = ?config.report.shutdown_grace,
+        "stopping: no more reading, sending what was read"
+    );
+    debug_assert!(stopped_by_signal);
+    let stop = async {
+        for f in &followers {
+            f.stop();
+        }
+        let joined =
+            tokio::task::spawn_blocking(move || followers.into_iter().for_each(Follower::join));
+        let _ = joined.await;
+        drain(&mut reporters).await
+    };
+    match tokio::time::timeout(config.report.shutdown_grace, stop).await {
+        Ok(result) => {
+            metrics.log_summary("stopped");
+            result
+        }
+        Err(_) => {
+            metrics.log_summary("stopped");
+            tracing::error!(
+                grace = ?config.report.shutdown_grace,
+                "the grace period ended before everything read was reported; unsent requests are lost"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Waits for every reporter; the first error wins.
+async fn drain(reporters: &mut JoinSet<Result<(), report::ReportError>>) -> anyhow::Result<()> {
+    while let Some(done) = reporters.join_next().await {
+        done.context("a report task failed")??;
+    }
+    Ok(())
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops tally");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
