@@ -84,6 +84,24 @@ pub enum ReportError {
     Transient(String),
 }
 
+impl ReportError {
+    /// The backend echoes a bad service token in its message: mask it before it is logged.
+    fn redact(self, secret: &str) -> ReportError {
+        match self {
+            ReportError::Rejected {
+                status,
+                code,
+                message,
+            } => ReportError::Rejected {
+                status,
+                code,
+                message: message.replace(secret, MASK),
+            },
+            other => other,
+        }
+    }
+}
+
 /// Sends report calls over one keep-alive connection pool.
 pub struct Client {
     http: reqwest::Client,
@@ -258,7 +276,10 @@ pub async fn run(
                     print_dry_run(url, &report.service_id, batch.transactions.len(), &body);
                     Ok(())
                 }
-                Sink::Backend(client) => client.report(&body).await,
+                Sink::Backend(client) => client
+                    .report(&body)
+                    .await
+                    .map_err(|e| e.redact(report.auth.field().1.expose())),
             };
             Metrics::add(&metrics.report_calls, 1);
             match result {

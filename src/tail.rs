@@ -391,6 +391,7 @@ impl Tail {
                 end_offset: r.offset - r.partial.len() as u64,
                 data,
             };
+            tracing::debug!(path = ?r.path, end_offset = chunk.end_offset, bytes = chunk.data.len(), "read lines");
             // Blocks while the pipeline is behind: the file is the buffer.
             if out.blocking_send(chunk).is_err() {
                 return false;

@@ -1,0 +1,341 @@
+//! tally as a process, following real files and reporting to the test backend.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use support::backend::Backend;
+use support::{combined_line, now, write_config, Tally};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn append(path: &Path, text: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+/// (credential, code) → count, of what the backend accepted.
+fn by_credential_and_code(b: &Backend) -> BTreeMap<(String, String), u64> {
+    let mut m = BTreeMap::new();
+    for t in b.transactions() {
+        *m.entry((t.credential(), t.code.clone().unwrap_or_default()))
+            .or_default() += t.hits();
+    }
+    m
+}
+
+fn key(c: &str, code: &str) -> (String, String) {
+    (c.to_string(), code.to_string())
+}
+
+#[test]
+fn every_request_is_reported_once_with_its_code_and_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("42", "tok-42")]);
+    let log = dir.path().join("access.log");
+    let t0 = now() - 60;
+    let mut text = String::new();
+    text += &combined_line(t0, "GET", "/a?user_key=alpha", 200);
+    text += &combined_line(t0, "GET", "/a?user_key=alpha", 200);
+    text += &combined_line(t0 + 1, "POST", "/b?app_id=app1&app_key=secret", 201);
+    text += &combined_line(t0 + 1, "GET", "/c?user_key=beta", 404);
+    text += &combined_line(t0 + 2, "GET", "/no-credential", 200);
+    text += "garbage that is not a log line\n";
+    append(&log, &text);
+    let config = write_config(
+        dir.path(),
+        &backend.url(),
+        "tok-42",
+        &[(&log, "42")],
+        "[report]\nflush_interval = \"200ms\"\n",
+    );
+    let mut tally = Tally::start(&config, &[]);
+    backend.wait_until(WAIT, "the first 4 transactions", |b| {
+        b.transactions().len() >= 4
+    });
+
+    // Lines appended while tally runs, one without its newline yet.
+    append(&log, &combined_line(t0 + 3, "GET", "/d?user_key=beta", 500));
+    append(
+        &log,
+        &combined_line(t0 + 3, "GET", "/d?user_key=a%2Bb", 503),
+    );
+    let last = combined_line(t0 + 4, "GET", "/e?app_id=app1", 403);
+    append(&log, &last[..20]);
+    backend.wait_until(WAIT, "6 transactions", |b| b.transactions().len() >= 6);
+    append(&log, &last[20..]);
+    backend.wait_until(WAIT, "7 transactions", |b| b.transactions().len() >= 7);
+
+    tally.signal("TERM");
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+
+    let expected: BTreeMap<_, _> = [
+        (key("alpha", "200"), 2),
+        (key("app1", "201"), 1),
+        (key("beta", "404"), 1),
+        (key("beta", "500"), 1),
+        (key("a+b", "503"), 1),
+        (key("app1", "403"), 1),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(by_credential_and_code(&backend), expected);
+    let txs = backend.transactions();
+    assert_eq!(txs.len(), 7);
+    let times: Vec<i64> = txs.iter().map(|t| t.timestamp()).collect();
+    assert_eq!(times, vec![t0, t0, t0 + 1, t0 + 1, t0 + 3, t0 + 3, t0 + 4]);
+    assert!(txs.iter().all(|t| t.usage.len() == 1 && t.hits() == 1));
+    assert_eq!(txs[2].app_id.as_deref(), Some("app1"));
+    assert_eq!(txs[2].user_key, None);
+    assert!(backend.reports().iter().all(|r| r.service_id == "42"));
+    assert!(backend.refusals().is_empty());
+    let logs = tally.logs();
+    assert!(
+        logs.contains("reason=\"no_credential\"") && logs.contains("reason=\"malformed\""),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("skipped_malformed=1") && logs.contains("skipped_no_credential=1"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("tok-42"),
+        "the token leaked into the log:\n{logs}"
+    );
+}
+
+#[test]
+fn without_response_codes_requests_fold_per_application_and_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("7", "t")]);
+    let log = dir.path().join("access.log");
+    let t0 = now() - 30;
+    let mut text = String::new();
+    for (offset, k, status) in [
+        (0, "k1", 200),
+        (0, "k1", 404),
+        (0, "k2", 200),
+        (1, "k1", 500),
+        (0, "k1", 200),
+    ] {
+        text += &combined_line(t0 + offset, "GET", &format!("/?user_key={k}"), status);
+    }
+    append(&log, &text);
+    let config = write_config(
+        dir.path(),
+        &backend.url(),
+        "t",
+        &[(&log, "7")],
+        "[report]\nresponse_codes = false\n",
+    );
+    let mut tally = Tally::start(&config, &["--once"]);
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let txs = backend.transactions();
+    let summary: Vec<(String, i64, u64, Option<String>)> = txs
+        .iter()
+        .map(|t| (t.credential(), t.timestamp(), t.hits(), t.code.clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("k1".into(), t0, 3, None),
+            ("k2".into(), t0, 1, None),
+            ("k1".into(), t0 + 1, 1, None),
+        ]
+    );
+}
+
+#[test]
+fn large_batches_are_split_within_the_backend_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("42", "tok")]);
+    let log = dir.path().join("access.log");
+    let t0 = now() - 100;
+    let text: String = (0..2500)
+        .map(|i| combined_line(t0 + i / 100, "GET", &format!("/?user_key=k{}", i % 37), 200))
+        .collect();
+    append(&log, &text);
+    let config = write_config(
+        dir.path(),
+        &backend.url(),
+        "tok",
+        &[(&log, "42")],
+        "[report]\nmax_transactions = 1023\nflush_interval = \"1h\"\n",
+    );
+    let mut tally = Tally::start(&config, &["--once"]);
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let sizes: Vec<usize> = backend
+        .reports()
+        .iter()
+        .map(|r| r.transactions.len())
+        .collect();
+    assert_eq!(sizes, vec![1023, 1023, 454]);
+    assert_eq!(backend.hits(), 2500);
+    assert!(backend.refusals().is_empty());
+}
+
+#[test]
+fn transient_failures_are_retried_without_loss_or_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("42", "tok")]);
+    backend.fail_next(3, 503);
+    backend.drop_next(2);
+    let log = dir.path().join("access.log");
+    let t0 = now() - 10;
+    let text: String = (0..50)
+        .map(|i| combined_line(t0, "GET", &format!("/?user_key=k{}", i % 5), 200))
+        .collect();
+    append(&log, &text);
+    let config = write_config(dir.path(), &backend.url(), "tok", &[(&log, "42")], "");
+    let mut tally = Tally::start(&config, &["--once"]);
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    assert_eq!(backend.hits(), 50);
+    assert_eq!(backend.reports().len(), 1);
+    assert_eq!(
+        backend.calls(),
+        6,
+        "2 drops and 3 failures, then the call that went through"
+    );
+    let logs = tally.logs();
+    assert!(logs.contains("HTTP 503"), "{logs}");
+    assert_eq!(logs.matches("report failed").count(), 5, "{logs}");
+}
+
+#[test]
+fn a_timeout_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("42", "tok")]);
+    backend.set_delay(Duration::from_secs(3));
+    let log = dir.path().join("access.log");
+    append(&log, &combined_line(now(), "GET", "/?user_key=slow", 200));
+    let config = write_config(dir.path(), &backend.url(), "tok", &[(&log, "42")], "");
+    let tally = Tally::start(&config, &["--once"]);
+    tally.wait_for_log("timed out", WAIT);
+    backend.set_delay(Duration::ZERO);
+    let mut tally = tally;
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    // The slow call may have been recorded after tally gave up on it: that is the duplicate risk of
+    // any timeout, which the README states. Here the backend answers only after the delay, so the
+    // first call is recorded too.
+    assert!((1..=2).contains(&backend.transactions().len()));
+}
+
+#[test]
+fn a_rejected_token_is_logged_with_the_backend_code_and_not_hammered() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("42", "right-token")]);
+    let log = dir.path().join("access.log");
+    append(&log, &combined_line(now(), "GET", "/?user_key=k", 200));
+    let config = write_config(
+        dir.path(),
+        &backend.url(),
+        "wrong-token",
+        &[(&log, "42")],
+        "[report]\nflush_interval = \"100ms\"\n",
+    );
+    let mut tally = Tally::start(&config, &[]);
+    tally.wait_for_log("service_token_invalid", WAIT);
+    let logs = tally.logs();
+    assert!(
+        logs.contains("ERROR") && logs.contains("HTTP 403"),
+        "{logs}"
+    );
+    assert!(!logs.contains("wrong-token"), "the token leaked:\n{logs}");
+    // Several flush intervals later it has still tried only once (it retries every minute).
+    tally.wait_for_log("retry_in=60s", WAIT);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(backend.calls(), 1);
+    assert!(backend.transactions().is_empty());
+    tally.signal("TERM");
+    tally.wait(WAIT);
+}
+
+#[test]
+fn sigterm_flushes_what_was_read_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("42", "tok")]);
+    let log = dir.path().join("access.log");
+    let text: String = (0..5)
+        .map(|i| combined_line(now(), "GET", &format!("/?user_key=k{i}"), 200))
+        .collect();
+    append(&log, &text);
+    let config = write_config(
+        dir.path(),
+        &backend.url(),
+        "tok",
+        &[(&log, "42")],
+        "[report]\nflush_interval = \"1h\"\n",
+    );
+    let mut tally = Tally::start(&config, &[]);
+    tally.wait_for_log(&format!("end_offset={}", text.len()), WAIT);
+    assert!(
+        backend.transactions().is_empty(),
+        "nothing is sent before the flush"
+    );
+    tally.signal("TERM");
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    assert_eq!(backend.hits(), 5);
+}
+
+#[test]
+fn sigint_with_the_backend_down_exits_within_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("42", "tok")]);
+    backend.fail_next(usize::MAX, 503);
+    let log = dir.path().join("access.log");
+    append(&log, &combined_line(now(), "GET", "/?user_key=k", 200));
+    let config = write_config(
+        dir.path(),
+        &backend.url(),
+        "tok",
+        &[(&log, "42")],
+        "[report]\nflush_interval = \"100ms\"\nshutdown_grace = \"1s\"\n",
+    );
+    let mut tally = Tally::start(&config, &[]);
+    tally.wait_for_log("report failed", WAIT);
+    tally.signal("INT");
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let logs = tally.logs();
+    assert!(logs.contains("grace period ended"), "{logs}");
+}
+
+#[test]
+fn several_services_are_reported_separately() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("1", "tok"), ("2", "tok")]);
+    let a = dir.path().join("a.log");
+    let b = dir.path().join("b.log");
+    append(
+        &a,
+        &combined_line(now(), "GET", "/?user_key=ka", 200).repeat(3),
+    );
+    append(
+        &b,
+        &combined_line(now(), "GET", "/?user_key=kb", 404).repeat(2),
+    );
+    let config = write_config(
+        dir.path(),
+        &backend.url(),
+        "tok",
+        &[(&a, "1"), (&b, "2")],
+        "",
+    );
+    let mut tally = Tally::start(&config, &["--once"]);
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let mut per_service: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in backend.reports() {
+        per_service
+            .entry(r.service_id.clone())
+            .or_default()
+            .extend(r.transactions.iter().map(|t| t.credential()));
+    }
+    assert_eq!(per_service["1"], vec!["ka"; 3]);
+    assert_eq!(per_service["2"], vec!["kb"; 2]);
+}

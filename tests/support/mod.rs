@@ -1,0 +1,169 @@
+//! Shared parts of the integration tests: the test 3scale backend and a tally process under test.
+#![allow(dead_code)] // each test binary uses its own subset
+
+pub mod backend;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A tally process, its stderr captured to a file for the assertions and for failure reports.
+pub struct Tally {
+    pub child: Child,
+    pub log: PathBuf,
+    pub stdout: PathBuf,
+}
+
+impl Tally {
+    /// Starts `tally run --config CONFIG EXTRA...`.
+    pub fn start(config: &Path, extra: &[&str]) -> Tally {
+        let dir = config.parent().expect("config in a folder");
+        let log = dir.join("tally.stderr");
+        let stdout = dir.join("tally.stdout");
+        let child = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["run", "--config"])
+            .arg(config)
+            .args(extra)
+            .env("RUST_LOG", "tally=debug")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&log).expect("stderr file"))
+            .spawn()
+            .expect("start tally");
+        Tally { child, log, stdout }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit, or panics after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "tally did not exit within {timeout:?}; its log:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// Polls the log until it contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.logs().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}` in tally's log within {timeout:?}:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tally configuration for tests: one source per `(path, service_id)`.
+pub fn write_config(
+    dir: &Path,
+    backend_url: &str,
+    token: &str,
+    sources: &[(&Path, &str)],
+    extra: &str,
+) -> PathBuf {
+    let mut text = format!(
+        "[backend]\nurl = \"{backend_url}\"\nservice_token = \"{token}\"\ntimeout = \"2s\"\n"
+    );
+    for (path, service_id) in sources {
+        text.push_str(&format!(
+            "\n[[sources]]\npath = \"{}\"\nservice_id = \"{service_id}\"\nread_from = \"beginning\"\n",
+            path.display()
+        ));
+    }
+    text.push_str(extra);
+    let config = dir.join("tally.toml");
+    std::fs::write(&config, text).expect("write config");
+    config
+}
+
+/// A combined-format line.
+pub fn combined_line(epoch: i64, method: &str, target: &str, status: u16) -> String {
+    format!("203.0.113.9 - - [{}] \"{method} {target} HTTP/1.1\" {status} 12 \"-\" \"test-agent/1.0\"\n", time_local(epoch))
+}
+
+/// Epoch seconds → `dd/Mon/yyyy:HH:MM:SS +0000`, written independently of tally's parser.
+pub fn time_local(epoch: i64) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = epoch.div_euclid(86_400);
+    let secs = epoch.rem_euclid(86_400);
+    // Walk the calendar from 1970: slow, obviously right.
+    let (mut year, mut day) = (1970, days);
+    let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    while day >= if leap(year) { 366 } else { 365 } {
+        day -= if leap(year) { 366 } else { 365 };
+        year += 1;
+    }
+    let lengths = [
+        31,
+        if leap(year) { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    let mut month = 0;
+    while day >= lengths[month] {
+        day -= lengths[month];
+        month += 1;
+    }
+    format!(
+        "{:02}/{}/{}:{:02}:{:02}:{:02} +0000",
+        day + 1,
+        MONTHS[month],
+        year,
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64
+}
