@@ -1,0 +1,171 @@
+//! `tally check` and `tally run --dry-run`, as a user runs them.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use support::Tally;
+
+fn tally(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run tally");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn example(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn check_prints_the_effective_config_with_the_secret_masked() {
+    let (code, out, err) = tally(&["check", "--config", &example("example.toml")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("service_token = \"<secret given in the configuration, 28 chars>\""),
+        "{out}"
+    );
+    assert!(!out.contains("example-token-not-a-real-one"), "{out}");
+    assert!(
+        out.contains("flush_interval = \"1s\"") && out.contains("max_transactions = 1000"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("path = \"{}\"", example("example-access.log"))),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_accepts_the_reference_config() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["check", "--config", &example("tally.toml")])
+        .env("THREESCALE_SERVICE_TOKEN", "reference-token")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("from environment variable THREESCALE_SERVICE_TOKEN, 15 chars"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("reference-token"));
+}
+
+#[test]
+fn check_names_the_bad_key_and_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[backend]\nservice_token = \"t\"\ntimeout = \"ten seconds\"\n[[sources]]\npath = \"a\"\nservice_id = \"1\"\n",
+            &["line 3", "timeout", "not a duration"][..],
+        ),
+        (
+            "[backend]\nservice_token = \"t\"\n[[sources]]\npath = \"a\"\nservice_id = \"1\"\nread_from = \"start\"\n",
+            &["line 6", "start", "beginning", "end"][..],
+        ),
+        (
+            "[backend]\nservice_token = \"t\"\n[[sources]]\npath = \"a\"\nservice_id = \"1\"\n[report]\nmax_transactions = 2000\n",
+            &["line 7", "at most 1023"][..],
+        ),
+        (
+            "[backend]\nservice_token_file = \"missing-token-file\"\n[[sources]]\npath = \"a\"\nservice_id = \"1\"\n",
+            &["tally.toml:2: backend.service_token_file: cannot read", "missing-token-file"][..],
+        ),
+        (
+            "[backend]\nurl = \"ftp://x\"\nservice_token = \"t\"\n[[sources]]\npath = \"a\"\nservice_id = \"1\"\n",
+            &["tally.toml:2: backend.url"][..],
+        ),
+        ("[backend\n", &["line 1", "unclosed table"][..]),
+        (
+            "[backend]\nservice_token = \"super-secret-value\"\n[[sources]]\npath = \"a\"\n",
+            &["missing field `service_id`"][..],
+        ),
+    ];
+    for (text, needles) in cases {
+        let config = dir.path().join("tally.toml");
+        std::fs::write(&config, text).unwrap();
+        let (code, out, err) = tally(&["check", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 2, "{text}: {out}{err}");
+        for needle in needles {
+            assert!(err.contains(needle), "`{needle}` not in:\n{err}");
+        }
+        assert!(!err.contains("super-secret-value"), "{err}");
+    }
+    let (code, _, err) = tally(&["check", "--config", "/nonexistent/tally.toml"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("/nonexistent/tally.toml: cannot read the configuration"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dry_run_prints_every_report_call_and_sends_nothing() {
+    let mut run = Tally::start(
+        Path::new(&example("example.toml")),
+        &["--dry-run", "--once"],
+    );
+    assert!(
+        run.wait(Duration::from_secs(30)).success(),
+        "{}",
+        run.logs()
+    );
+    let out = run.output();
+    let log = std::fs::read_to_string(example("example-access.log")).unwrap();
+    let with_credential = log
+        .lines()
+        .filter(|l| l.contains("?user_key=") || l.contains("?app_id="))
+        .count();
+    assert!(with_credential > 20);
+    let calls = out.lines().filter(|l| l.starts_with("POST ")).count();
+    let codes = out.lines().filter(|l| l.contains("][log][code]=")).count();
+    let credentials = out
+        .lines()
+        .filter(|l| l.contains("][user_key]=") || l.contains("][app_id]="))
+        .count();
+    assert_eq!(calls, 1, "{out}");
+    assert_eq!(
+        (codes, credentials),
+        (with_credential, with_credential),
+        "{out}"
+    );
+    assert!(
+        out.starts_with("POST https://su1.3scale.net/transactions.xml service_id=2555417777820"),
+        "{out}"
+    );
+    assert!(out.contains("  service_token=***\n"), "{out}");
+    assert!(
+        out.contains("  transactions[0][app_id]=app-mobile\n"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("example-token-not-a-real-one")
+            && !run.logs().contains("example-token-not-a-real-one")
+    );
+    let logs = run.logs();
+    assert!(logs.contains("skipped_malformed=1"), "{logs}");
+    assert!(
+        logs.contains(&format!(
+            "skipped_no_credential={}",
+            log.lines().count() - 1 - with_credential
+        )),
+        "{logs}"
+    );
+}

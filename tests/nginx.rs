@@ -1,0 +1,193 @@
+//! End to end with a real NGINX (Debian's package) serving on loopback and writing a real access log.
+//!
+//! Skipped with a message when nginx is not installed, unless TALLY_REQUIRE_NGINX is set (CI sets it),
+//! in which case a missing nginx fails the test.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::backend::Backend;
+use support::{now, write_config, Tally};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn nginx_binary() -> Option<PathBuf> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+struct Nginx {
+    child: Child,
+    port: u16,
+    access_log: PathBuf,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nginx {
+    fn start(binary: &Path, dir: &Path) -> Nginx {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let d = dir.display();
+        let access_log = dir.join("access.log");
+        let conf = format!(
+            r#"daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log {d}/access.log combined;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location /ok {{ return 200 "ok\n"; }}
+        location /created {{ return 201 "created\n"; }}
+        location /forbidden {{ return 403; }}
+        location /error {{ return 500; }}
+        location /unavailable {{ return 503; }}
+        location / {{ return 404; }}
+    }}
+}}
+"#
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("nginx.stderr")).unwrap())
+            .spawn()
+            .expect("start nginx");
+        let nginx = Nginx {
+            child,
+            port,
+            access_log,
+        };
+        let deadline = Instant::now() + WAIT;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not listen on {port}: {}",
+                std::fs::read_to_string(dir.join("nginx.stderr")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        nginx
+    }
+
+    /// Sends one GET and returns the status NGINX answered.
+    fn get(&self, target: &str) -> u16 {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(s, "GET {target} HTTP/1.1\r\nHost: api.test\r\nUser-Agent: tally-e2e \"quoted\"\r\nConnection: close\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer[9..12].parse().unwrap()
+    }
+}
+
+#[test]
+fn nginx_traffic_reaches_3scale_with_its_response_codes() {
+    let Some(binary) = nginx_binary() else {
+        assert!(
+            std::env::var_os("TALLY_REQUIRE_NGINX").is_none(),
+            "TALLY_REQUIRE_NGINX is set but nginx is not installed"
+        );
+        eprintln!("SKIPPED nginx_traffic_reaches_3scale_with_its_response_codes: nginx is not installed (apt-get install nginx)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("42", "tok")]);
+    let nginx = Nginx::start(&binary, dir.path());
+    let config = write_config(
+        dir.path(),
+        &backend.url(),
+        "tok",
+        &[(&nginx.access_log, "42")],
+        "[report]\nflush_interval = \"200ms\"\n",
+    );
+    let mut tally = Tally::start(&config, &[]);
+    tally.wait_for_log("following file", WAIT);
+
+    // (target, expected status, expected credential or None)
+    let requests: Vec<(&str, u16, Option<&str>)> = vec![
+        ("/ok?user_key=alpha", 200, Some("alpha")),
+        ("/ok?user_key=alpha&page=2", 200, Some("alpha")),
+        ("/created?user_key=beta", 201, Some("beta")),
+        ("/nothing-here?user_key=alpha", 404, Some("alpha")),
+        (
+            "/forbidden?app_id=mobile&app_key=s3cr3t",
+            403,
+            Some("mobile"),
+        ),
+        ("/error?app_id=mobile", 500, Some("mobile")),
+        ("/unavailable?user_key=beta", 503, Some("beta")),
+        ("/ok", 200, None),
+        ("/ok?foo=bar", 200, None),
+        ("/ok?app_id=web%20app", 200, Some("web app")),
+        ("/error?user_key=gamma", 500, Some("gamma")),
+        ("/unavailable?user_key=gamma", 503, Some("gamma")),
+        ("/created?app_id=mobile", 201, Some("mobile")),
+        ("/forbidden", 403, None),
+    ];
+    let mut expected = Vec::new();
+    for (target, status, credential) in &requests {
+        let before = now();
+        assert_eq!(nginx.get(target), *status, "{target}");
+        let after = now();
+        if let Some(c) = credential {
+            expected.push((c.to_string(), status.to_string(), before, after));
+        }
+    }
+    backend.wait_until(WAIT, "every credentialed request", |b| {
+        b.transactions().len() >= expected.len()
+    });
+    tally.signal("TERM");
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+
+    let got = backend.transactions();
+    assert_eq!(got.len(), expected.len(), "{got:?}");
+    for (t, (credential, code, before, after)) in got.iter().zip(&expected) {
+        assert_eq!(&t.credential(), credential);
+        assert_eq!(t.code.as_deref(), Some(code.as_str()));
+        assert_eq!(t.hits(), 1);
+        assert!(
+            (*before..=*after).contains(&t.timestamp()),
+            "timestamp {} outside [{before}, {after}] for {credential}",
+            t.timestamp()
+        );
+    }
+    assert!(backend.refusals().is_empty());
+    let logs = tally.logs();
+    assert!(logs.contains("skipped_no_credential=3"), "{logs}");
+    assert!(logs.contains("skipped_malformed=0"), "{logs}");
+    assert!(
+        logs.contains(&format!("lines_read={}", requests.len())),
+        "{logs}"
+    );
+}
