@@ -169,3 +169,30 @@ fn dry_run_prints_every_report_call_and_sends_nothing() {
         "{logs}"
     );
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let (code, out, err) = tally(&[
+        "run",
+        "--config",
+        &example("example.toml"),
+        "--dry-run",
+        "--once",
+        "--log-json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("POST "), "{out}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(lines.len() >= 3, "{err}");
+    for line in lines {
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "not a JSON object: {line}"
+        );
+        assert!(
+            line.contains("\"level\":\"") && line.contains("\"timestamp\":\""),
+            "{line}"
+        );
+    }
+    assert!(err.contains("\"reason\":\"malformed\""), "{err}");
+}
