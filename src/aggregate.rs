@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use crate::parse::{Credential, Parser, Request, Skip};
+use crate::state::Advance;
 use crate::tail::Chunk;
 use crate::telemetry::Metrics;
 
@@ -47,6 +48,8 @@ pub struct Batch {
     pub transactions: Vec<Transaction>,
     /// How many requests the batch counts (more than its transactions when folded).
     pub requests: u64,
+    /// Where each file stands once the batch, and every batch before it, is accepted.
+    pub advances: Vec<Advance>,
 }
 
 /// Shares one allocation per distinct credential. Bounded: an API hammered with random keys must not
@@ -93,8 +96,9 @@ impl Aggregator {
         }
     }
 
-    /// Adds one request; returns the batch it filled, if any.
-    pub fn add(&mut self, request: &Request<'_>) -> Option<Batch> {
+    /// Adds one request; true when the batch is full (then [`Aggregator::advance`] and
+    /// [`Aggregator::take`] it).
+    pub fn add(&mut self, request: &Request<'_>) -> bool {
         let application = match &request.credential {
             Credential::UserKey(k) => Application::UserKey(self.interner.get(k)),
             Credential::AppId { app_id, .. } => Application::AppId(self.interner.get(app_id)),
@@ -104,7 +108,7 @@ impl Aggregator {
             let key = (application, request.timestamp);
             if let Some(&i) = self.folded.get(&key) {
                 self.batch.transactions[i].hits += 1;
-                return None;
+                return false;
             }
             self.folded
                 .insert(key.clone(), self.batch.transactions.len());
@@ -122,15 +126,25 @@ impl Aggregator {
                 code: Some(request.status),
             });
         }
-        (self.batch.transactions.len() >= self.max_transactions)
-            .then(|| self.take())
-            .flatten()
+        self.batch.transactions.len() >= self.max_transactions
     }
 
-    /// Seals the open batch, if it counts anything.
+    /// Records how far the open batch takes a file (the latest position of a file wins).
+    pub fn advance(&mut self, advance: Advance) {
+        let advances = &mut self.batch.advances;
+        match advances
+            .iter_mut()
+            .find(|a| a.source == advance.source && a.key == advance.key)
+        {
+            Some(a) => *a = advance,
+            None => advances.push(advance),
+        }
+    }
+
+    /// Seals the open batch, if it counts anything or moves a file on.
     pub fn take(&mut self) -> Option<Batch> {
         self.folded.clear();
-        if self.batch.transactions.is_empty() {
+        if self.batch.transactions.is_empty() && self.batch.advances.is_empty() {
             return None;
         }
         Some(std::mem::take(&mut self.batch))
@@ -144,6 +158,65 @@ pub struct ServiceLines {
     pub parsers: Vec<Option<Parser>>,
     pub max_line_length: usize,
     pub flush_interval: std::time::Duration,
+}
+
+/// Parses one chunk's lines into the aggregator; returns the batches they filled.
+fn parse_chunk(
+    lines: &ServiceLines,
+    aggregator: &mut Aggregator,
+    chunk: &Chunk,
+    metrics: &Metrics,
+    warned: &mut std::collections::HashSet<Skip>,
+) -> Vec<Batch> {
+    let mut full = Vec::new();
+    let base = chunk.end_offset - chunk.data.len() as u64;
+    let mut pos = 0u64;
+    let mut line_time = 0;
+    let parser = lines.parsers.get(chunk.source).copied().flatten();
+    let at = |offset: u64, line_time: i64, closed: bool| Advance {
+        source: chunk.source,
+        key: chunk.file,
+        fingerprint: chunk.fingerprint,
+        offset,
+        line_time,
+        path: chunk.path.clone(),
+        closed,
+    };
+    for line in chunk.data.split_inclusive(|&b| b == b'\n') {
+        pos += line.len() as u64;
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            continue;
+        }
+        Metrics::add(&metrics.lines_read, 1);
+        let parsed = match parser {
+            _ if line.len() > lines.max_line_length => Err(Skip::TooLong),
+            Some(parser) => parser.parse(line),
+            None => Err(Skip::Malformed),
+        };
+        match parsed {
+            Ok(request) => {
+                line_time = request.timestamp;
+                if aggregator.add(&request) {
+                    aggregator.advance(at(base + pos, line_time, false));
+                    full.extend(aggregator.take());
+                }
+            }
+            Err(skip) => {
+                metrics.skipped(skip);
+                let excerpt = String::from_utf8_lossy(&line[..line.len().min(200)]);
+                if warned.insert(skip) {
+                    tracing::warn!(service_id = %lines.service_id, reason = skip.reason(), line = %excerpt,
+                        "line skipped (further skips for this reason are logged at debug level and counted)");
+                } else {
+                    tracing::debug!(service_id = %lines.service_id, reason = skip.reason(), line = %excerpt, "line skipped");
+                }
+            }
+        }
+    }
+    aggregator.advance(at(chunk.end_offset, line_time, chunk.closed));
+    full
 }
 
 /// Parses the chunks of one service's sources into batches, sealed when full or at each flush
@@ -162,35 +235,7 @@ pub async fn run(
     loop {
         let full = tokio::select! {
             chunk = chunks.recv() => match chunk {
-                Some(chunk) => {
-                    let mut full = Vec::new();
-                    for line in chunk.data.split(|&b| b == b'\n') {
-                        if line.is_empty() {
-                            continue; // the split after the last newline, or a blank line
-                        }
-                        let line = line.strip_suffix(b"\r").unwrap_or(line);
-                        Metrics::add(&metrics.lines_read, 1);
-                        let parsed = match lines.parsers.get(chunk.source).copied().flatten() {
-                            _ if line.len() > lines.max_line_length => Err(Skip::TooLong),
-                            Some(parser) => parser.parse(line),
-                            None => Err(Skip::Malformed),
-                        };
-                        match parsed {
-                            Ok(request) => full.extend(aggregator.add(&request)),
-                            Err(skip) => {
-                                metrics.skipped(skip);
-                                let excerpt = String::from_utf8_lossy(&line[..line.len().min(200)]);
-                                if warned.insert(skip) {
-                                    tracing::warn!(service_id = %lines.service_id, reason = skip.reason(), line = %excerpt,
-                                        "line skipped (further skips for this reason are logged at debug level and counted)");
-                                } else {
-                                    tracing::debug!(service_id = %lines.service_id, reason = skip.reason(), line = %excerpt, "line skipped");
-                                }
-                            }
-                        }
-                    }
-                    full
-                }
+                Some(chunk) => parse_chunk(&lines, &mut aggregator, &chunk, &metrics, &mut warned),
                 None => {
                     if let Some(last) = aggregator.take() {
                         let _ = batches.send(last).await;
@@ -235,9 +280,10 @@ mod tests {
     #[test]
     fn with_response_codes_each_request_is_a_transaction() {
         let mut a = Aggregator::new(true, 3);
-        assert!(a.add(&request("k", 10, 200)).is_none());
-        assert!(a.add(&request("k", 10, 200)).is_none());
-        let full = a.add(&request("j", 10, 404)).unwrap();
+        assert!(!a.add(&request("k", 10, 200)));
+        assert!(!a.add(&request("k", 10, 200)));
+        assert!(a.add(&request("j", 10, 404)));
+        let full = a.take().unwrap();
         assert_eq!(
             full.transactions,
             vec![
@@ -259,7 +305,7 @@ mod tests {
     fn without_response_codes_requests_fold_per_application_and_second() {
         let mut a = Aggregator::new(false, 1000);
         for (k, t) in [("k", 10), ("k", 10), ("j", 10), ("k", 11), ("k", 10)] {
-            assert!(a.add(&request(k, t, 200)).is_none());
+            assert!(!a.add(&request(k, t, 200)));
         }
         let b = a.take().unwrap();
         assert_eq!(

@@ -134,6 +134,8 @@ pub struct Report {
 #[derive(Debug, Clone)]
 pub struct Tail {
     pub poll_interval: Duration,
+    /// Wake on file-system events; off, the safety poll alone finds new lines.
+    pub watch: bool,
     pub rotate_grace: Duration,
     pub max_line_length: usize,
 }
@@ -155,6 +157,8 @@ pub enum LogOutput {
 pub struct Logging {
     pub format: LogOutput,
     pub level: String,
+    /// How often the counters and each file's lag are logged.
+    pub stats_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -230,6 +234,7 @@ struct RawTail {
     #[serde(default, deserialize_with = "duration::optional")]
     rotate_grace: Option<Duration>,
     max_line_length: Option<Spanned<i64>>,
+    watch: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -243,6 +248,8 @@ struct RawState {
 struct RawLog {
     format: Option<LogOutput>,
     level: Option<String>,
+    #[serde(default, deserialize_with = "duration::optional")]
+    stats_interval: Option<Duration>,
 }
 
 mod duration {
@@ -521,6 +528,7 @@ impl Config {
         };
         let tail = Tail {
             poll_interval: raw.tail.poll_interval.unwrap_or(Duration::from_secs(1)),
+            watch: raw.tail.watch.unwrap_or(true),
             rotate_grace: raw.tail.rotate_grace.unwrap_or(Duration::from_secs(5)),
             max_line_length,
         };
@@ -530,6 +538,7 @@ impl Config {
         let log = Logging {
             format: raw.log.format.unwrap_or_default(),
             level: raw.log.level.unwrap_or_else(|| "info".to_string()),
+            stats_interval: raw.log.stats_interval.unwrap_or(Duration::from_secs(60)),
         };
         tracing_subscriber::EnvFilter::try_new(&log.level).map_err(|e| {
             ctx.invalid(
@@ -609,9 +618,10 @@ impl Config {
         );
         let _ = writeln!(
             out,
-            "\n[log]\nformat = {:?}\nlevel = {:?}",
+            "\n[log]\nformat = {:?}\nlevel = {:?}\nstats_interval = {:?}",
             snake(&format!("{:?}", self.log.format)),
-            self.log.level
+            self.log.level,
+            humantime::format_duration(self.log.stats_interval).to_string()
         );
         out
     }

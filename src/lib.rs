@@ -9,5 +9,6 @@ pub mod config;
 pub mod parse;
 pub mod report;
 pub mod run;
+pub mod state;
 pub mod tail;
 pub mod telemetry;

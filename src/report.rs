@@ -238,6 +238,10 @@ pub struct ServiceReport {
     pub service_id: String,
     pub auth: BackendAuth,
     pub sink: Sink,
+    /// Where the checkpoints go once a call is accepted.
+    pub state: crate::state::ServiceState,
+    /// How often the lag of each file is logged.
+    pub lag_every: Duration,
     /// A rejected call (whole-request 4xx) ends the loop with an error instead of being retried
     /// slowly (for `--once`, where nobody would fix the configuration while tally waits).
     pub fail_on_rejection: bool,
@@ -247,71 +251,143 @@ pub struct ServiceReport {
 /// without a restart, without hammering the backend.
 const REJECTED_RETRY: Duration = Duration::from_secs(60);
 
-/// Sends each batch until the backend accepts it. Ends when the batch channel closes.
+/// Sends each batch until the backend accepts it, and moves the checkpoints on. Ends when the batch
+/// channel closes.
 pub async fn run(
-    report: ServiceReport,
+    mut report: ServiceReport,
     mut batches: tokio::sync::mpsc::Receiver<crate::aggregate::Batch>,
     metrics: std::sync::Arc<crate::telemetry::Metrics>,
 ) -> Result<(), ReportError> {
     use crate::telemetry::Metrics;
     let mut body = String::new();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    while let Some(batch) = batches.recv().await {
-        let form = ReportForm {
-            auth: &report.auth,
-            service_id: &report.service_id,
-            transactions: &batch.transactions,
-            masked: matches!(report.sink, Sink::DryRun(_)),
+    let mut lag = tokio::time::interval(report.lag_every);
+    lag.tick().await;
+    loop {
+        let batch = tokio::select! {
+            batch = batches.recv() => match batch {
+                Some(batch) => batch,
+                None => return Ok(()),
+            },
+            _ = lag.tick() => {
+                log_lag(&report.service_id, &report.state);
+                continue;
+            }
         };
-        if let Err(e) = encode(&form, &mut body) {
-            // Only a bug can get here: every value is a string or an integer.
-            tracing::error!(error = %e, "cannot encode a report; batch dropped");
-            continue;
-        }
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            let result = match &report.sink {
-                Sink::DryRun(url) => {
-                    print_dry_run(url, &report.service_id, batch.transactions.len(), &body);
-                    Ok(())
-                }
-                Sink::Backend(client) => client
-                    .report(&body)
-                    .await
-                    .map_err(|e| e.redact(report.auth.field().1.expose())),
+        if !batch.transactions.is_empty() {
+            let form = ReportForm {
+                auth: &report.auth,
+                service_id: &report.service_id,
+                transactions: &batch.transactions,
+                masked: matches!(report.sink, Sink::DryRun(_)),
             };
-            Metrics::add(&metrics.report_calls, 1);
-            match result {
-                Ok(()) => {
-                    Metrics::add(
-                        &metrics.transactions_reported,
-                        batch.transactions.len() as u64,
-                    );
-                    Metrics::add(&metrics.requests_reported, batch.requests);
-                    tracing::debug!(service_id = %report.service_id, transactions = batch.transactions.len(), attempt, "report accepted");
-                    backoff.reset();
-                    break;
+            if let Err(e) = encode(&form, &mut body) {
+                // Only a bug can get here: every value is a string or an integer.
+                tracing::error!(error = %e, "cannot encode a report; batch dropped");
+                continue;
+            }
+            persist(&report.service_id, &mut backoff, || {
+                report.state.begin(&batch.advances)
+            })
+            .await;
+            send(
+                &report,
+                &body,
+                batch.transactions.len(),
+                &mut backoff,
+                &metrics,
+            )
+            .await?;
+            Metrics::add(
+                &metrics.transactions_reported,
+                batch.transactions.len() as u64,
+            );
+            Metrics::add(&metrics.requests_reported, batch.requests);
+        }
+        persist(&report.service_id, &mut backoff, || {
+            report.state.commit(&batch.advances)
+        })
+        .await;
+    }
+}
+
+/// One call, retried until the backend accepts it.
+async fn send(
+    report: &ServiceReport,
+    body: &str,
+    transactions: usize,
+    backoff: &mut Backoff,
+    metrics: &crate::telemetry::Metrics,
+) -> Result<(), ReportError> {
+    use crate::telemetry::Metrics;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let result = match &report.sink {
+            Sink::DryRun(url) => {
+                print_dry_run(url, &report.service_id, transactions, body);
+                Ok(())
+            }
+            Sink::Backend(client) => client
+                .report(body)
+                .await
+                .map_err(|e| e.redact(report.auth.field().1.expose())),
+        };
+        Metrics::add(&metrics.report_calls, 1);
+        match result {
+            Ok(()) => {
+                tracing::debug!(service_id = %report.service_id, transactions, attempt, "report accepted");
+                backoff.reset();
+                return Ok(());
+            }
+            Err(e @ ReportError::Transient(_)) => {
+                Metrics::add(&metrics.report_failures, 1);
+                let wait = backoff.next_delay();
+                tracing::warn!(service_id = %report.service_id, error = %e, attempt, retry_in = ?wait, "report failed");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e @ ReportError::Rejected { .. }) => {
+                Metrics::add(&metrics.report_rejections, 1);
+                tracing::error!(service_id = %report.service_id, error = %e, attempt, retry_in = ?REJECTED_RETRY,
+                    "3scale rejected the report: check backend.service_token and the service_id; the batch is kept");
+                if report.fail_on_rejection {
+                    return Err(e);
                 }
-                Err(e @ ReportError::Transient(_)) => {
-                    Metrics::add(&metrics.report_failures, 1);
-                    let wait = backoff.next_delay();
-                    tracing::warn!(service_id = %report.service_id, error = %e, attempt, retry_in = ?wait, "report failed");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e @ ReportError::Rejected { .. }) => {
-                    Metrics::add(&metrics.report_rejections, 1);
-                    tracing::error!(service_id = %report.service_id, error = %e, attempt, retry_in = ?REJECTED_RETRY,
-                        "3scale rejected the report: check backend.service_token and the service_id; the batch is kept");
-                    if report.fail_on_rejection {
-                        return Err(e);
-                    }
-                    tokio::time::sleep(REJECTED_RETRY).await;
-                }
+                tokio::time::sleep(REJECTED_RETRY).await;
             }
         }
     }
-    Ok(())
+}
+
+/// Writes the state, retrying while the disk refuses: reporting on without recording it would
+/// report the same lines again after a restart.
+async fn persist(
+    service_id: &str,
+    backoff: &mut Backoff,
+    mut write: impl FnMut() -> Result<(), crate::state::StateError>,
+) {
+    while let Err(e) = write() {
+        let wait = backoff.next_delay();
+        tracing::error!(service_id, error = %e, retry_in = ?wait, "cannot write the state; reporting waits");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Logs how far behind each file is: bytes not yet accounted for, and the age of the last line that is.
+fn log_lag(service_id: &str, state: &crate::state::ServiceState) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for c in state.all_checkpoints() {
+        let size = std::fs::metadata(&c.path).map_or(c.offset, |m| m.len().max(c.offset));
+        let lag_bytes = size - c.offset;
+        let lag_seconds = if lag_bytes == 0 || c.line_time == 0 {
+            0
+        } else {
+            (now - c.line_time).max(0)
+        };
+        tracing::info!(service_id, path = %c.path.display(), offset = c.offset, lag_bytes, lag_seconds, "file progress");
+    }
 }
 
 /// One report call as `--dry-run` shows it: the request line, then the body decoded, one field per

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::mpsc;
@@ -11,8 +10,10 @@ use tokio::task::JoinSet;
 
 use crate::aggregate::{self, Aggregator, ServiceLines};
 use crate::config::Config;
+use crate::config::ReadFrom;
 use crate::parse::Parser;
 use crate::report::{self, ServiceReport, Sink};
+use crate::state::StateDir;
 use crate::tail::{Follower, TailOptions};
 use crate::telemetry::Metrics;
 
@@ -24,11 +25,11 @@ pub struct RunOptions {
     pub once: bool,
 }
 
-/// How often the counters are logged while running.
-const SUMMARY_EVERY: Duration = Duration::from_secs(60);
-
 pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
+    // --dry-run reads the checkpoints (it shows what would be sent next) but writes none.
+    let state_dir = StateDir::open(&config.state.dir, options.dry_run)?;
+    let patterns: Vec<String> = config.sources.iter().map(|s| s.path.clone()).collect();
     // Sources that report to the same service share its batches.
     let mut services: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, s) in config.sources.iter().enumerate() {
@@ -57,6 +58,23 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         };
         let aggregator =
             Aggregator::new(config.report.response_codes, config.report.max_transactions);
+        let mut state = state_dir.service(service_id, patterns.clone())?;
+        for f in state.in_flight() {
+            tracing::warn!(service_id, path = %f.path.display(), from = f.from, to = f.to,
+                "a report call was under way when tally stopped: its lines are sent again (if 3scale had \
+                 processed that call, they count twice)");
+        }
+        // read_from applies to a source's first run only.
+        let first_run: Vec<bool> = sources
+            .iter()
+            .map(|&i| !state.knows_source(&patterns[i]))
+            .collect();
+        let checkpoints: Vec<_> = sources
+            .iter()
+            .map(|&i| state.checkpoints(&patterns[i]))
+            .collect();
+        let started: Vec<String> = sources.iter().map(|&i| patterns[i].clone()).collect();
+        state.start_sources(&started)?;
         tokio::spawn(aggregate::run(
             lines,
             aggregator,
@@ -76,14 +94,18 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             service_id: service_id.to_string(),
             auth: config.backend.auth.clone(),
             sink,
+            state,
+            lag_every: config.log.stats_interval,
             fail_on_rejection: options.once,
         };
         reporters.spawn(report::run(service, batch_rx, metrics.clone()));
-        for i in sources {
+        for ((i, first_run), checkpoints) in sources.into_iter().zip(first_run).zip(checkpoints) {
             let source = &config.sources[i];
             let tail = TailOptions {
-                read_from: source.read_from,
+                start_at_end: first_run && source.read_from == ReadFrom::End,
+                checkpoints,
                 poll_interval: config.tail.poll_interval,
+                watch: config.tail.watch,
                 rotate_grace: config.tail.rotate_grace,
                 max_line_length: config.tail.max_line_length,
                 once: options.once,
@@ -106,7 +128,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         "tally started"
     );
 
-    let mut summary = tokio::time::interval(SUMMARY_EVERY);
+    let mut summary = tokio::time::interval(config.log.stats_interval);
     summary.tick().await;
     let stopped_by_signal = tokio::select! {
         result = drain(&mut reporters) => {

@@ -2,14 +2,14 @@
 //!
 //! One follower thread per `[[sources]]` entry. It keeps every matching file open, wakes on
 //! file-system events (notify) and on a slow safety poll, and decides what happened by comparing each
-//! path's identity (device + inode) and size with what it knows: grown (read on), shrunk (truncated:
-//! read again from the start), another identity (rotated: finish the old file, then read the new one
-//! from its start), gone (deleted: finish it, then close it).
+//! path's identity (device + inode, confirmed by a fingerprint of the first bytes) and size with what it
+//! knows: grown (read on), shrunk or other first bytes (truncated or replaced: read again from the
+//! start), another identity under the path (rotated: finish the old file, then read the new one from
+//! its start), gone (deleted: finish it, then close it).
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 use notify::Watcher;
 use tokio::sync::mpsc;
 
-use crate::config::ReadFrom;
+use crate::state::FileCheckpoint;
 use crate::telemetry::Metrics;
 
 /// A file's identity: the same file under whatever name it has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FileKey {
     pub dev: u64,
     pub ino: u64,
@@ -39,22 +39,70 @@ impl FileKey {
     }
 }
 
-/// Complete lines read from one file, each ending with `\n`.
+/// A hash of a file's first bytes (up to [`Fingerprint::MAX`]), which tells a file from another that
+/// got the same inode number, or from its own content replaced in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fingerprint {
+    /// How many bytes it covers.
+    pub len: u64,
+    pub hash: u64,
+}
+
+impl Fingerprint {
+    pub const MAX: u64 = 256;
+
+    /// The fingerprint of the first `len` bytes of `file` (fewer if it is shorter).
+    fn read(file: &File, len: u64) -> std::io::Result<Fingerprint> {
+        let mut buf = [0u8; Fingerprint::MAX as usize];
+        let want = len.min(Fingerprint::MAX) as usize;
+        let mut got = 0;
+        while got < want {
+            match file.read_at(&mut buf[got..want], got as u64)? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        Ok(Fingerprint::of(&buf[..got]))
+    }
+
+    fn of(bytes: &[u8]) -> Fingerprint {
+        // FNV-1a: stable across Rust versions, unlike the standard hasher.
+        let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        Fingerprint {
+            len: bytes.len() as u64,
+            hash,
+        }
+    }
+}
+
+/// Complete lines read from one file, each ending with `\n`; or, with `closed`, the news that the
+/// file is finished.
 #[derive(Debug)]
 pub struct Chunk {
     pub source: usize,
     pub file: FileKey,
+    pub fingerprint: Fingerprint,
+    pub path: Arc<Path>,
     /// The file offset just past the last line of `data`.
     pub end_offset: u64,
     pub data: Vec<u8>,
+    /// The file was rotated away or deleted and is now read to its end and closed.
+    pub closed: bool,
 }
 
 #[derive(Debug, Clone)]
 pub struct TailOptions {
-    /// Where to start in a file seen at start-up (files that appear later are read from their start).
-    pub read_from: ReadFrom,
+    /// Start at the end of files found at start-up (else at their start). Only for a source never
+    /// read before; files with a checkpoint resume there, files that appear later start at 0.
+    pub start_at_end: bool,
+    /// Where earlier runs stopped, in the files of this source.
+    pub checkpoints: Vec<FileCheckpoint>,
     /// The safety poll, for file systems where notify is silent.
     pub poll_interval: Duration,
+    /// Wake on file-system events too (else the poll only).
+    pub watch: bool,
     /// How long a rotated or deleted file is still read after it was replaced, since the writer keeps
     /// writing to it until it reopens its log.
     pub rotate_grace: Duration,
@@ -86,12 +134,12 @@ impl Follower {
     ) -> std::io::Result<Follower> {
         let (wake, wakes) = std_mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let watcher = if options.once {
+        let watcher = if options.once || !options.watch {
             None
         } else {
             watch(&pattern, wake.clone())
         };
-        let mut state = Tail {
+        let mut tail = Tail {
             source,
             pattern,
             options,
@@ -104,7 +152,7 @@ impl Follower {
         };
         let thread = std::thread::Builder::new()
             .name(format!("tail-{source}"))
-            .spawn(move || state.run(wakes))?;
+            .spawn(move || tail.run(wakes))?;
         Ok(Follower {
             stop,
             wake,
@@ -151,16 +199,10 @@ fn watch(pattern: &str, wake: std_mpsc::Sender<Wake>) -> Option<notify::Recommen
         (literal, notify::RecursiveMode::Recursive)
     };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        use notify::event::{EventKind, ModifyKind};
         let kind = match event {
-            Ok(e)
-                if matches!(
-                    e.kind,
-                    notify::EventKind::Modify(notify::event::ModifyKind::Data(_))
-                ) =>
-            {
-                Wake::Data
-            }
-            Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => return,
+            Ok(e) if matches!(e.kind, EventKind::Modify(ModifyKind::Data(_))) => Wake::Data,
+            Ok(e) if matches!(e.kind, EventKind::Access(_)) => return,
             _ => Wake::Scan,
         };
         let _ = wake.send(kind);
@@ -180,8 +222,11 @@ fn watch(pattern: &str, wake: std_mpsc::Sender<Wake>) -> Option<notify::Recommen
 struct Reader {
     /// The path it is known by; None once it was rotated away or deleted.
     path: Option<PathBuf>,
+    /// The path its chunks carry (the last one it had).
+    shown: Arc<Path>,
     file: File,
     key: FileKey,
+    fingerprint: Fingerprint,
     /// Where the next read starts.
     offset: u64,
     /// The start of a line whose newline has not arrived yet.
@@ -200,7 +245,7 @@ struct Tail {
     out: mpsc::Sender<Chunk>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
-    /// Whether the first scan is done (read_from applies to files found by it only).
+    /// Whether the first scan is done.
     started: bool,
     buf: Vec<u8>,
 }
@@ -213,10 +258,9 @@ impl Tail {
                 self.scan();
                 next_scan = Instant::now() + self.options.poll_interval;
             }
-            if !self.read_all() {
+            if !self.read_all() || !self.retire() {
                 return; // the pipeline is gone
             }
-            self.retire();
             if self.options.once || self.stop.load(Ordering::SeqCst) {
                 return;
             }
@@ -237,7 +281,7 @@ impl Tail {
         }
     }
 
-    /// The paths the pattern names now, with their identities.
+    /// The paths the pattern names now, with their identities and sizes.
     fn current_paths(&self) -> HashMap<PathBuf, (FileKey, u64)> {
         let paths: Vec<PathBuf> = if self.pattern.contains(['*', '?', '[']) {
             match glob::glob(&self.pattern) {
@@ -260,66 +304,129 @@ impl Tail {
         let mut current = self.current_paths();
         for r in &mut self.readers {
             let Some(path) = r.path.clone() else { continue };
-            match current.get(&path) {
-                Some((key, _)) if *key == r.key => {
-                    current.remove(&path);
-                }
-                _ => {
-                    // Renamed to another matching name (access.log → access.log.1 under a glob)?
-                    if let Some(new_path) = current
-                        .iter()
-                        .find(|(_, (key, _))| *key == r.key)
-                        .map(|(p, _)| p.clone())
-                    {
-                        current.remove(&new_path);
-                        r.path = Some(new_path);
-                    } else {
-                        tracing::info!(path = %path.display(), "file rotated or deleted: reading it to its end");
-                        Metrics::add(&self.metrics.rotations, 1);
-                        r.path = None;
-                        r.orphaned = Some(Instant::now());
-                    }
-                }
+            if current.get(&path).is_some_and(|(key, _)| *key == r.key) {
+                current.remove(&path);
+                continue;
             }
+            // Renamed to another matching name (access.log → access.log.1 under a glob)?
+            if let Some(new_path) = current
+                .iter()
+                .find(|(_, (key, _))| *key == r.key)
+                .map(|(p, _)| p.clone())
+            {
+                current.remove(&new_path);
+                r.shown = Arc::from(new_path.as_path());
+                r.path = Some(new_path);
+            } else {
+                tracing::info!(path = %path.display(), "file rotated or deleted: reading it to its end");
+                Metrics::add(&self.metrics.rotations, 1);
+                r.path = None;
+                r.orphaned = Some(Instant::now());
+            }
+        }
+        if !self.started {
+            self.resume(&mut current);
         }
         for (path, (key, len)) in current {
             if self.readers.iter().any(|r| r.key == key) {
-                continue; // an orphan we still read: already open
+                continue; // an orphan still being read: already open
             }
-            let start = if !self.started && self.options.read_from == ReadFrom::End {
+            let start = if !self.started && self.options.start_at_end {
                 len
             } else {
                 0
             };
-            match open(&path, key) {
-                Ok(file) => {
-                    tracing::info!(path = %path.display(), offset = start, "following file");
-                    self.readers.push(Reader {
-                        path: Some(path),
-                        file,
-                        key,
-                        offset: start,
-                        partial: Vec::new(),
-                        discarding: false,
-                        orphaned: None,
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot open log file")
-                }
-            }
+            self.open(path, key, start, None);
         }
         self.started = true;
     }
 
-    /// Reads every open file to its end. False when the receiving side is gone.
-    fn read_all(&mut self) -> bool {
-        for i in 0..self.readers.len() {
-            if !self.read(i) {
-                return false;
+    /// At start-up: reopens the files of the checkpoints, under their path or, if they were rotated
+    /// while tally was down, under their new name in the same folder.
+    fn resume(&mut self, current: &mut HashMap<PathBuf, (FileKey, u64)>) {
+        for c in std::mem::take(&mut self.options.checkpoints) {
+            let found = current
+                .iter()
+                .find(|(_, (key, _))| *key == c.key)
+                .map(|(p, _)| (p.clone(), true))
+                .or_else(|| find_in_folder(&c.path, c.key).map(|p| (p, false)));
+            let Some((path, matched)) = found else {
+                tracing::warn!(path = %c.path.display(), offset = c.offset,
+                    "a file read before is gone: lines written to it after the checkpoint, if any, are lost");
+                self.send_closed(&c);
+                continue;
+            };
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot reopen a file read before");
+                    continue;
+                }
+            };
+            let same = Fingerprint::read(&file, c.fingerprint.len).ok() == Some(c.fingerprint);
+            if !same {
+                if matched {
+                    // The inode number was reused by another file: it is a new file.
+                    tracing::info!(path = %path.display(), "a different file has the inode of one read before: reading it from its start");
+                }
+                self.send_closed(&c);
+                continue;
+            }
+            if matched {
+                current.remove(&path);
+            }
+            tracing::info!(path = %path.display(), offset = c.offset, "resuming at the checkpoint");
+            self.open(path, c.key, c.offset, Some(file));
+            if !matched {
+                // Rotated away while tally was down: finish it.
+                let r = self.readers.last_mut().expect("just opened");
+                r.path = None;
+                r.orphaned = Some(Instant::now());
             }
         }
-        true
+    }
+
+    /// Tells the pipeline to forget a checkpointed file that will not be read again.
+    fn send_closed(&self, c: &FileCheckpoint) {
+        let _ = self.out.blocking_send(Chunk {
+            source: self.source,
+            file: c.key,
+            fingerprint: c.fingerprint,
+            path: Arc::from(c.path.as_path()),
+            end_offset: c.offset,
+            data: Vec::new(),
+            closed: true,
+        });
+    }
+
+    fn open(&mut self, path: PathBuf, key: FileKey, offset: u64, file: Option<File>) {
+        let file = match file.map_or_else(|| File::open(&path), Ok) {
+            // The path may have been replaced between the stat and the open.
+            Ok(f) if f.metadata().is_ok_and(|m| FileKey::of(&m) == key) => f,
+            Ok(_) => return, // the next scan sees the new file
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot open log file");
+                return;
+            }
+        };
+        let fingerprint = Fingerprint::read(&file, Fingerprint::MAX).unwrap_or_default();
+        tracing::info!(path = %path.display(), offset, "following file");
+        self.readers.push(Reader {
+            shown: Arc::from(path.as_path()),
+            path: Some(path),
+            file,
+            key,
+            fingerprint,
+            offset,
+            partial: Vec::new(),
+            discarding: false,
+            orphaned: None,
+        });
+    }
+
+    /// Reads every open file to its end. False when the receiving side is gone.
+    fn read_all(&mut self) -> bool {
+        (0..self.readers.len()).all(|i| self.read(i))
     }
 
     fn read(&mut self, i: usize) -> bool {
@@ -334,32 +441,24 @@ impl Tail {
             ..
         } = self;
         let r = &mut readers[i];
-        if let Ok(m) = r.file.metadata() {
-            if m.len() < r.offset {
-                tracing::warn!(path = ?r.path, size = m.len(), offset = r.offset, "file truncated: reading it again from its start");
-                Metrics::add(&metrics.truncations, 1);
-                r.offset = 0;
-                r.partial.clear();
-                r.discarding = false;
-            }
-        }
+        check_still_same(r, metrics);
         loop {
             if stop.load(Ordering::SeqCst) {
                 return true;
             }
-            let n = match r
-                .file
-                .seek(SeekFrom::Start(r.offset))
-                .and_then(|_| r.file.read(buf))
-            {
+            let n = match r.file.read_at(buf, r.offset) {
                 Ok(0) => return true,
                 Ok(n) => n,
                 Err(e) => {
-                    tracing::warn!(path = ?r.path, error = %e, "read failed; will try again");
+                    tracing::warn!(path = %r.shown.display(), error = %e, "read failed; will try again");
                     return true;
                 }
             };
             r.offset += n as u64;
+            if r.fingerprint.len < Fingerprint::MAX {
+                r.fingerprint =
+                    Fingerprint::read(&r.file, Fingerprint::MAX).unwrap_or(r.fingerprint);
+            }
             let mut new = &buf[..n];
             if r.discarding {
                 match memchr::memchr(b'\n', new) {
@@ -373,9 +472,9 @@ impl Tail {
             let Some(last_nl) = memchr::memrchr(b'\n', new) else {
                 r.partial.extend_from_slice(new);
                 if r.partial.len() > options.max_line_length {
-                    tracing::warn!(path = ?r.path, limit = options.max_line_length, "line too long: skipped");
+                    tracing::warn!(path = %r.shown.display(), limit = options.max_line_length, "line too long: skipped");
                     metrics.skipped(crate::parse::Skip::TooLong);
-                    metrics.lines_read.fetch_add(1, Ordering::Relaxed);
+                    Metrics::add(&metrics.lines_read, 1);
                     r.partial = Vec::new();
                     r.discarding = true;
                 }
@@ -388,10 +487,13 @@ impl Tail {
             let chunk = Chunk {
                 source: *source,
                 file: r.key,
+                fingerprint: r.fingerprint,
+                path: r.shown.clone(),
                 end_offset: r.offset - r.partial.len() as u64,
                 data,
+                closed: false,
             };
-            tracing::debug!(path = ?r.path, end_offset = chunk.end_offset, bytes = chunk.data.len(), "read lines");
+            tracing::debug!(path = %r.shown.display(), end_offset = chunk.end_offset, bytes = chunk.data.len(), "read lines");
             // Blocks while the pipeline is behind: the file is the buffer.
             if out.blocking_send(chunk).is_err() {
                 return false;
@@ -400,39 +502,70 @@ impl Tail {
     }
 
     /// Closes rotated or deleted files once their grace period is over and they are read to the end.
-    fn retire(&mut self) {
+    /// False when the receiving side is gone.
+    fn retire(&mut self) -> bool {
         let grace = self.options.rotate_grace;
         let once = self.options.once;
         let mut i = 0;
         while i < self.readers.len() {
-            let r = &self.readers[i];
-            let expired = r.orphaned.is_some_and(|t| once || t.elapsed() >= grace);
+            let expired = self.readers[i]
+                .orphaned
+                .is_some_and(|t| once || t.elapsed() >= grace);
             if !expired {
                 i += 1;
                 continue;
             }
             let mut r = self.readers.swap_remove(i);
-            if !r.partial.is_empty() && !r.discarding {
+            let mut data = std::mem::take(&mut r.partial);
+            if !data.is_empty() && !r.discarding {
                 // The file will not grow any more: its last line is complete.
-                r.partial.push(b'\n');
-                let chunk = Chunk {
-                    source: self.source,
-                    file: r.key,
-                    end_offset: r.offset,
-                    data: std::mem::take(&mut r.partial),
-                };
-                let _ = self.out.blocking_send(chunk);
+                data.push(b'\n');
+            } else {
+                data.clear();
             }
-            tracing::info!(offset = r.offset, "closed rotated file");
+            let chunk = Chunk {
+                source: self.source,
+                file: r.key,
+                fingerprint: r.fingerprint,
+                path: r.shown.clone(),
+                end_offset: r.offset,
+                data,
+                closed: true,
+            };
+            tracing::info!(path = %r.shown.display(), offset = r.offset, "finished a rotated or deleted file");
+            if self.out.blocking_send(chunk).is_err() {
+                return false;
+            }
         }
+        true
     }
 }
 
-fn open(path: &Path, key: FileKey) -> std::io::Result<File> {
-    let file = File::open(path)?;
-    // The path may have been replaced between the stat and the open.
-    if FileKey::of(&file.metadata()?) != key {
-        return Err(std::io::Error::other("file replaced while opening"));
+/// Detects a file truncated (copytruncate) or whose first bytes changed under the same identity
+/// (truncated and regrown between two looks, or an inode reused): it is read again from the start.
+fn check_still_same(r: &mut Reader, metrics: &Metrics) {
+    let Ok(m) = r.file.metadata() else { return };
+    let shrunk = m.len() < r.offset;
+    let replaced = !shrunk
+        && r.fingerprint.len > 0
+        && Fingerprint::read(&r.file, r.fingerprint.len).is_ok_and(|f| f != r.fingerprint);
+    if shrunk || replaced {
+        tracing::warn!(path = %r.shown.display(), size = m.len(), offset = r.offset,
+            "file truncated or replaced in place: reading it again from its start");
+        Metrics::add(&metrics.truncations, 1);
+        r.offset = 0;
+        r.partial.clear();
+        r.discarding = false;
+        r.fingerprint = Fingerprint::read(&r.file, Fingerprint::MAX).unwrap_or_default();
     }
-    Ok(file)
+}
+
+/// A file with identity `key` in the folder of `path` (where logrotate puts `access.log.1`).
+fn find_in_folder(path: &Path, key: FileKey) -> Option<PathBuf> {
+    let dir = path.parent()?;
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && FileKey::of(&m) == key))
 }

@@ -107,6 +107,12 @@ pub fn write_config(
         ));
     }
     text.push_str(extra);
+    if !extra.contains("[state]") {
+        text.push_str(&format!(
+            "\n[state]\ndir = \"{}\"\n",
+            dir.join("state").display()
+        ));
+    }
     let config = dir.join("tally.toml");
     std::fs::write(&config, text).expect("write config");
     config

@@ -1,0 +1,552 @@
+//! What tally must remember across restarts: per service, per file, the offset just past the last line
+//! whose report 3scale accepted (or that needed no report), and the report call in flight.
+//!
+//! One state file per service in `[state] dir`, rewritten whole (temp file, rename) before each report
+//! call (marking it in flight) and after each acceptance (advancing the offsets). The rename makes each
+//! write atomic for a process crash or kill -9; an fsync of the file and the folder, at most once a
+//! second, makes it durable against a power loss. A lock file keeps a second tally off the folder.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::tail::{FileKey, Fingerprint};
+
+const HEADER: &str = "tally-state 1";
+/// How often the state is made durable against a power loss (a crash loses nothing written).
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state folder {dir}: {message}: {source}")]
+    Io {
+        dir: PathBuf,
+        message: String,
+        source: std::io::Error,
+    },
+    #[error("state folder {0}: another tally is using it (a second tally would report the same lines twice)")]
+    Locked(PathBuf),
+    #[error(
+        "state file {path} is corrupt ({reason}); tally will not guess where to resume. Move the file \
+         away to start over: its sources are then read again according to read_from"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// Where one file stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileCheckpoint {
+    /// The `[[sources]]` path pattern the file was read for.
+    pub source: String,
+    pub key: FileKey,
+    pub fingerprint: Fingerprint,
+    /// Just past the last line accounted for.
+    pub offset: u64,
+    /// The log time of the last reported line (for the lag), or 0.
+    pub line_time: i64,
+    /// The path it was last read under.
+    pub path: PathBuf,
+}
+
+/// How far a batch takes one file: its checkpoint once the batch is accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advance {
+    /// The index of the `[[sources]]` entry.
+    pub source: usize,
+    pub key: FileKey,
+    pub fingerprint: Fingerprint,
+    pub offset: u64,
+    /// The log time of the last line parsed up to `offset`, or 0 if unknown.
+    pub line_time: i64,
+    pub path: Arc<Path>,
+    /// The file was closed for good (rotated away and finished, or deleted): forget it.
+    pub closed: bool,
+}
+
+/// A report call that was under way when tally stopped: its lines are read and sent again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlight {
+    pub path: PathBuf,
+    pub from: u64,
+    pub to: u64,
+}
+
+/// The state folder, locked for this process.
+pub struct StateDir {
+    dir: PathBuf,
+    _lock: Option<File>,
+}
+
+impl StateDir {
+    /// Opens (creating it) and locks the folder. Read-only (`--dry-run`) neither creates nor locks.
+    pub fn open(dir: &Path, read_only: bool) -> Result<StateDir, StateError> {
+        let io = |message: &str| {
+            let message = message.to_string();
+            move |source| StateError::Io {
+                dir: dir.to_path_buf(),
+                message,
+                source,
+            }
+        };
+        if read_only {
+            return Ok(StateDir {
+                dir: dir.to_path_buf(),
+                _lock: None,
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(io("cannot create it"))?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))
+            .map_err(io("cannot open its lock file"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StateError::Locked(dir.to_path_buf()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("cannot lock it")(e)),
+        }
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+            _lock: Some(lock),
+        })
+    }
+
+    /// Loads one service's state (empty if it has none yet). `patterns` are the path patterns of all
+    /// `[[sources]]`, by index.
+    pub fn service(
+        &self,
+        service_id: &str,
+        patterns: Vec<String>,
+    ) -> Result<ServiceState, StateError> {
+        let path = self
+            .dir
+            .join(format!("service-{}.state", escape(service_id)));
+        let mut state = ServiceState {
+            dir: self.dir.clone(),
+            path: path.clone(),
+            read_only: self._lock.is_none(),
+            patterns,
+            sources: Vec::new(),
+            files: BTreeMap::new(),
+            in_flight: Vec::new(),
+            last_sync: None,
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => state.parse(&text).map_err(|reason| StateError::Corrupt {
+                path: path.clone(),
+                reason,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(StateError::Io {
+                    dir: self.dir.clone(),
+                    message: format!("cannot read {}", path.display()),
+                    source: e,
+                })
+            }
+        }
+        // A temp file is what a crash during a write leaves: the state file itself is intact.
+        let _ = std::fs::remove_file(state.temp_path());
+        Ok(state)
+    }
+}
+
+/// One service's checkpoints.
+pub struct ServiceState {
+    dir: PathBuf,
+    path: PathBuf,
+    read_only: bool,
+    /// The path pattern of each `[[sources]]` entry, by index.
+    patterns: Vec<String>,
+    /// Sources that have been read before: read_from no longer applies to them.
+    sources: Vec<String>,
+    files: BTreeMap<(String, FileKey), FileCheckpoint>,
+    in_flight: Vec<InFlight>,
+    last_sync: Option<Instant>,
+}
+
+impl ServiceState {
+    /// Whether the source was read in an earlier run.
+    pub fn knows_source(&self, source: &str) -> bool {
+        self.sources.iter().any(|s| s == source)
+    }
+
+    pub fn checkpoints(&self, source: &str) -> Vec<FileCheckpoint> {
+        self.files
+            .values()
+            .filter(|c| c.source == source)
+            .cloned()
+            .collect()
+    }
+
+    /// The report call that was under way when tally last stopped, if one was.
+    pub fn in_flight(&self) -> &[InFlight] {
+        &self.in_flight
+    }
+
+    /// Records that these sources are being read, so read_from never applies to them again.
+    pub fn start_sources(&mut self, sources: &[String]) -> Result<(), StateError> {
+        let before = self.sources.len();
+        for s in sources {
+            if !self.knows_source(s) {
+                self.sources.push(s.clone());
+            }
+        }
+        if self.sources.len() != before {
+            self.write()?;
+        }
+        Ok(())
+    }
+
+    fn pattern(&self, source: usize) -> String {
+        self.patterns.get(source).cloned().unwrap_or_default()
+    }
+
+    /// Marks a report call covering `advances` as in flight, before it is sent.
+    pub fn begin(&mut self, advances: &[Advance]) -> Result<(), StateError> {
+        self.in_flight = advances
+            .iter()
+            .map(|a| {
+                let from = self
+                    .files
+                    .get(&(self.pattern(a.source), a.key))
+                    .filter(|old| old.offset <= a.offset)
+                    .map_or(0, |old| old.offset);
+                InFlight {
+                    path: a.path.to_path_buf(),
+                    from,
+                    to: a.offset,
+                }
+            })
+            .collect();
+        self.write()
+    }
+
+    /// The call was accepted (or there was nothing to send): advance the offsets.
+    pub fn commit(&mut self, advances: &[Advance]) -> Result<(), StateError> {
+        for a in advances {
+            let key = (self.pattern(a.source), a.key);
+            if a.closed {
+                self.files.remove(&key);
+                continue;
+            }
+            let line_time = match (a.line_time, self.files.get(&key)) {
+                (0, Some(old)) => old.line_time,
+                (t, _) => t,
+            };
+            let checkpoint = FileCheckpoint {
+                source: key.0.clone(),
+                key: a.key,
+                fingerprint: a.fingerprint,
+                offset: a.offset,
+                line_time,
+                path: a.path.to_path_buf(),
+            };
+            self.files.insert(key, checkpoint);
+        }
+        self.in_flight.clear();
+        self.write()
+    }
+
+    /// Every file's checkpoint, for the lag report.
+    pub fn all_checkpoints(&self) -> impl Iterator<Item = &FileCheckpoint> {
+        self.files.values()
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        self.path.with_extension("state.tmp")
+    }
+
+    fn write(&mut self) -> Result<(), StateError> {
+        if self.read_only {
+            return Ok(());
+        }
+        let text = self.render();
+        let temp = self.temp_path();
+        let sync = self.last_sync.is_none_or(|t| t.elapsed() >= SYNC_EVERY);
+        let io = |message: &str, source| StateError::Io {
+            dir: self.dir.clone(),
+            message: message.to_string(),
+            source,
+        };
+        let mut file = File::create(&temp).map_err(|e| io("cannot write its temp file", e))?;
+        file.write_all(text.as_bytes())
+            .map_err(|e| io("cannot write its temp file", e))?;
+        if sync {
+            file.sync_data()
+                .map_err(|e| io("cannot sync its temp file", e))?;
+        }
+        drop(file);
+        std::fs::rename(&temp, &self.path).map_err(|e| io("cannot replace the state file", e))?;
+        if sync {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io("cannot sync the folder", e))?;
+            self.last_sync = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// The file format: a header, one line per known source, file and in-flight range, each field
+    /// escaped, and a final line with the length of what precedes it, which catches a truncated file.
+    fn render(&self) -> String {
+        let mut out = format!("{HEADER}\n");
+        for s in &self.sources {
+            let _ = writeln!(out, "source {}", escape(s));
+        }
+        for c in self.files.values() {
+            let _ = writeln!(
+                out,
+                "file {} {} {} {} {} {} {} {}",
+                escape(&c.source),
+                c.key.dev,
+                c.key.ino,
+                c.fingerprint.len,
+                c.fingerprint.hash,
+                c.offset,
+                c.line_time,
+                escape(&c.path.to_string_lossy())
+            );
+        }
+        for f in &self.in_flight {
+            let _ = writeln!(
+                out,
+                "in_flight {} {} {}",
+                f.from,
+                f.to,
+                escape(&f.path.to_string_lossy())
+            );
+        }
+        let len = out.len();
+        let _ = writeln!(out, "end {len}");
+        out
+    }
+
+    fn parse(&mut self, text: &str) -> Result<(), String> {
+        let body_len = text
+            .trim_end_matches('\n')
+            .rfind('\n')
+            .map(|i| i + 1)
+            .ok_or("no end line")?;
+        let end = text[body_len..].trim_end();
+        if end != format!("end {body_len}") {
+            return Err(format!(
+                "it ends with `{end}` instead of `end {body_len}`: truncated?"
+            ));
+        }
+        let mut lines = text[..body_len].lines();
+        if lines.next() != Some(HEADER) {
+            return Err(format!("the first line is not `{HEADER}`"));
+        }
+        for (n, line) in lines.enumerate() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let bad = || format!("line {}: `{line}`", n + 2);
+            let num = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse::<u64>().ok())
+                    .ok_or_else(bad)
+            };
+            match fields.first().copied() {
+                Some("source") if fields.len() == 2 => {
+                    self.sources.push(unescape(fields[1]).ok_or_else(bad)?)
+                }
+                Some("file") if fields.len() == 9 => {
+                    let c = FileCheckpoint {
+                        source: unescape(fields[1]).ok_or_else(bad)?,
+                        key: FileKey {
+                            dev: num(2)?,
+                            ino: num(3)?,
+                        },
+                        fingerprint: Fingerprint {
+                            len: num(4)?,
+                            hash: num(5)?,
+                        },
+                        offset: num(6)?,
+                        line_time: fields[7].parse().map_err(|_| bad())?,
+                        path: PathBuf::from(unescape(fields[8]).ok_or_else(bad)?),
+                    };
+                    self.files.insert((c.source.clone(), c.key), c);
+                }
+                Some("in_flight") if fields.len() == 4 => self.in_flight.push(InFlight {
+                    from: num(1)?,
+                    to: num(2)?,
+                    path: PathBuf::from(unescape(fields[3]).ok_or_else(bad)?),
+                }),
+                _ => return Err(bad()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Percent-escapes what would break the space-separated format (and the `%` itself); `%` alone
+/// stands for the empty string.
+fn escape(s: &str) -> String {
+    if s.is_empty() {
+        return "%".to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c <= ' ' || c == '%' || c == '\u{7f}' {
+            let _ = write!(out, "%{:02X}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn unescape(s: &str) -> Option<String> {
+    if s == "%" {
+        return Some(String::new());
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn advance(source: usize, ino: u64, offset: u64, closed: bool) -> Advance {
+        Advance {
+            source,
+            key: FileKey { dev: 1, ino },
+            fingerprint: Fingerprint { len: 10, hash: 99 },
+            offset,
+            line_time: 1_700_000_000,
+            path: Arc::from(Path::new("/logs/a b%.log")),
+            closed,
+        }
+    }
+
+    fn patterns() -> Vec<String> {
+        vec!["/logs/*.log".into(), "/other dir/x.log".into()]
+    }
+
+    #[test]
+    fn checkpoints_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let d = StateDir::open(dir.path(), false).unwrap();
+            let mut s = d.service("42", patterns()).unwrap();
+            assert!(!s.knows_source("/logs/*.log"));
+            s.start_sources(&patterns()).unwrap();
+            s.begin(&[advance(0, 7, 100, false)]).unwrap();
+            s.commit(&[advance(0, 7, 100, false), advance(1, 8, 5, false)])
+                .unwrap();
+            s.begin(&[advance(0, 7, 250, false)]).unwrap();
+        }
+        let d = StateDir::open(dir.path(), false).unwrap();
+        let s = d.service("42", patterns()).unwrap();
+        assert!(s.knows_source("/logs/*.log") && s.knows_source("/other dir/x.log"));
+        let c = s.checkpoints("/logs/*.log");
+        assert_eq!(c.len(), 1);
+        assert_eq!(
+            (c[0].offset, c[0].key.ino, c[0].path.to_str()),
+            (100, 7, Some("/logs/a b%.log"))
+        );
+        assert_eq!(c[0].fingerprint, Fingerprint { len: 10, hash: 99 });
+        assert_eq!(s.checkpoints("/other dir/x.log")[0].offset, 5);
+        assert_eq!(
+            s.in_flight(),
+            &[InFlight {
+                path: "/logs/a b%.log".into(),
+                from: 100,
+                to: 250
+            }]
+        );
+    }
+
+    #[test]
+    fn closed_files_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = StateDir::open(dir.path(), false).unwrap();
+        let mut s = d.service("42", patterns()).unwrap();
+        s.commit(&[advance(0, 7, 100, false)]).unwrap();
+        s.commit(&[advance(0, 7, 120, true)]).unwrap();
+        assert!(s.checkpoints("/logs/*.log").is_empty());
+        assert!(d
+            .service("42", patterns())
+            .unwrap()
+            .checkpoints("/logs/*.log")
+            .is_empty());
+    }
+
+    #[test]
+    fn a_second_tally_cannot_use_the_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = StateDir::open(dir.path(), false).unwrap();
+        let second = StateDir::open(dir.path(), false).err().unwrap();
+        assert!(
+            second.to_string().contains("another tally is using it"),
+            "{second}"
+        );
+        // --dry-run only reads.
+        assert!(StateDir::open(dir.path(), true).is_ok());
+    }
+
+    #[test]
+    fn corrupt_or_truncated_state_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = StateDir::open(dir.path(), false).unwrap();
+        let mut s = d.service("42", patterns()).unwrap();
+        s.commit(&[advance(0, 7, 100, false)]).unwrap();
+        let path = dir.path().join("service-42.state");
+        let good = std::fs::read_to_string(&path).unwrap();
+        for bad in [
+            good[..good.len() - 5].to_string(),
+            good[..good.len() / 2].to_string(),
+            good.replace("file ", "flie "),
+            good.replace(" 100 ", " 1x0 "),
+            String::new(),
+            "\u{0}\u{1}garbage".to_string(),
+        ] {
+            std::fs::write(&path, &bad).unwrap();
+            let e = d.service("42", patterns()).err().expect(&bad).to_string();
+            assert!(
+                e.contains("is corrupt") && e.contains("Move the file away"),
+                "{e}"
+            );
+        }
+        // A temp file left by a crash mid-write is ignored and removed.
+        std::fs::write(&path, &good).unwrap();
+        std::fs::write(dir.path().join("service-42.state.tmp"), "half").unwrap();
+        assert_eq!(
+            d.service("42", patterns())
+                .unwrap()
+                .checkpoints("/logs/*.log")[0]
+                .offset,
+            100
+        );
+        assert!(!dir.path().join("service-42.state.tmp").exists());
+    }
+
+    #[test]
+    fn escaping_round_trips() {
+        for s in ["", "plain", "a b\tc\nd%e", "café ü", "%", "%25"] {
+            assert_eq!(unescape(&escape(s)).as_deref(), Some(s));
+            assert!(!escape(s).contains([' ', '\n', '\t']));
+        }
+    }
+}
