@@ -240,8 +240,6 @@ pub struct ServiceReport {
     pub sink: Sink,
     /// Where the checkpoints go once a call is accepted.
     pub state: crate::state::ServiceState,
-    /// How often the lag of each file is logged.
-    pub lag_every: Duration,
     /// A rejected call (whole-request 4xx) ends the loop with an error instead of being retried
     /// slowly (for `--once`, where nobody would fix the configuration while tally waits).
     pub fail_on_rejection: bool,
@@ -261,19 +259,7 @@ pub async fn run(
     use crate::telemetry::Metrics;
     let mut body = String::new();
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-    let mut lag = tokio::time::interval(report.lag_every);
-    lag.tick().await;
-    loop {
-        let batch = tokio::select! {
-            batch = batches.recv() => match batch {
-                Some(batch) => batch,
-                None => return Ok(()),
-            },
-            _ = lag.tick() => {
-                log_lag(&report.service_id, &report.state);
-                continue;
-            }
-        };
+    while let Some(batch) = batches.recv().await {
         if !batch.transactions.is_empty() {
             let form = ReportForm {
                 auth: &report.auth,
@@ -308,7 +294,17 @@ pub async fn run(
             report.state.commit(&batch.advances)
         })
         .await;
+        for a in &batch.advances {
+            if a.closed {
+                metrics.files.closed(a.source, a.key);
+            } else {
+                metrics
+                    .files
+                    .committed(a.source, a.key, a.offset, a.line_time);
+            }
+        }
     }
+    Ok(())
 }
 
 /// One call, retried until the backend accepts it.
@@ -370,23 +366,6 @@ async fn persist(
         let wait = backoff.next_delay();
         tracing::error!(service_id, error = %e, retry_in = ?wait, "cannot write the state; reporting waits");
         tokio::time::sleep(wait).await;
-    }
-}
-
-/// Logs how far behind each file is: bytes not yet accounted for, and the age of the last line that is.
-fn log_lag(service_id: &str, state: &crate::state::ServiceState) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    for c in state.all_checkpoints() {
-        let size = std::fs::metadata(&c.path).map_or(c.offset, |m| m.len().max(c.offset));
-        let lag_bytes = size - c.offset;
-        let lag_seconds = if lag_bytes == 0 || c.line_time == 0 {
-            0
-        } else {
-            (now - c.line_time).max(0)
-        };
-        tracing::info!(service_id, path = %c.path.display(), offset = c.offset, lag_bytes, lag_seconds, "file progress");
     }
 }
 

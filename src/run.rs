@@ -95,7 +95,6 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             auth: config.backend.auth.clone(),
             sink,
             state,
-            lag_every: config.log.stats_interval,
             fail_on_rejection: options.once,
         };
         reporters.spawn(report::run(service, batch_rx, metrics.clone()));
@@ -137,7 +136,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             return result;
         }
         _ = stop_signal() => true,
-        _ = async { loop { summary.tick().await; metrics.log_summary("running"); } } => false,
+        _ = async { loop { summary.tick().await; metrics.log_summary("running"); metrics.files.log(); } } => false,
     };
     tracing::info!(
         grace = ?config.report.shutdown_grace,

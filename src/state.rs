@@ -255,11 +255,6 @@ impl ServiceState {
         self.write()
     }
 
-    /// Every file's checkpoint, for the lag report.
-    pub fn all_checkpoints(&self) -> impl Iterator<Item = &FileCheckpoint> {
-        self.files.values()
-    }
-
     fn temp_path(&self) -> PathBuf {
         self.path.with_extension("state.tmp")
     }

@@ -494,6 +494,7 @@ impl Tail {
                 closed: false,
             };
             tracing::debug!(path = %r.shown.display(), end_offset = chunk.end_offset, bytes = chunk.data.len(), "read lines");
+            metrics.files.read(*source, r.key, &r.shown, r.offset);
             // Blocks while the pipeline is behind: the file is the buffer.
             if out.blocking_send(chunk).is_err() {
                 return false;

@@ -1,8 +1,12 @@
 //! Counters of everything tally reads, skips and reports, and the log setup.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use crate::parse::Skip;
+use crate::tail::FileKey;
 
 /// Process-wide counters. Every line read ends up counted as reported or as skipped under a reason.
 #[derive(Debug, Default)]
@@ -19,6 +23,8 @@ pub struct Metrics {
     pub report_rejections: AtomicU64,
     pub truncations: AtomicU64,
     pub rotations: AtomicU64,
+    /// Where each followed file stands.
+    pub files: Progress,
 }
 
 impl Metrics {
@@ -54,6 +60,95 @@ impl Metrics {
             truncations = g(&self.truncations),
             "{message}"
         );
+    }
+}
+
+/// Where each followed file stands, for the lag report. The tail updates what it has read, the
+/// reporter what 3scale has accepted; the summary, which neither of them can block, logs it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    files: Mutex<BTreeMap<(usize, FileKey), FileProgress>>,
+}
+
+#[derive(Debug, Clone)]
+struct FileProgress {
+    path: Arc<Path>,
+    read: u64,
+    committed: u64,
+    /// The log time of the last accepted line, 0 if none yet.
+    line_time: i64,
+}
+
+impl Progress {
+    fn with(&self, f: impl FnOnce(&mut BTreeMap<(usize, FileKey), FileProgress>)) {
+        if let Ok(mut files) = self.files.lock() {
+            f(&mut files);
+        }
+    }
+
+    pub fn read(&self, source: usize, key: FileKey, path: &Arc<Path>, offset: u64) {
+        self.with(|files| {
+            let entry = files.entry((source, key)).or_insert_with(|| FileProgress {
+                path: path.clone(),
+                read: 0,
+                committed: 0,
+                line_time: 0,
+            });
+            entry.path = path.clone();
+            entry.read = offset;
+        });
+    }
+
+    pub fn committed(&self, source: usize, key: FileKey, offset: u64, line_time: i64) {
+        self.with(|files| {
+            if let Some(entry) = files.get_mut(&(source, key)) {
+                entry.committed = offset;
+                if line_time != 0 {
+                    entry.line_time = line_time;
+                }
+            }
+        });
+    }
+
+    pub fn closed(&self, source: usize, key: FileKey) {
+        self.with(|files| {
+            files.remove(&(source, key));
+        });
+    }
+
+    /// Logs, per file, the bytes not yet accepted by 3scale (`lag_bytes`, of which `unread_bytes`
+    /// are not even read: backpressure) and the age of the last accepted line when behind.
+    pub fn log(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let files = match self.files.lock() {
+            Ok(files) => files.clone(),
+            Err(_) => return,
+        };
+        for ((_, key), f) in files {
+            use std::os::unix::fs::MetadataExt;
+            let size = std::fs::metadata(&f.path)
+                .ok()
+                .filter(|m| m.dev() == key.dev && m.ino() == key.ino)
+                .map_or(f.read, |m| m.len());
+            let lag_bytes = size.saturating_sub(f.committed);
+            let lag_seconds = if lag_bytes > 0 && f.line_time > 0 {
+                (now - f.line_time).max(0)
+            } else {
+                0
+            };
+            tracing::info!(
+                path = %f.path.display(),
+                size,
+                read = f.read,
+                committed = f.committed,
+                lag_bytes,
+                unread_bytes = size.saturating_sub(f.read),
+                lag_seconds,
+                "file progress"
+            );
+        }
     }
 }
 

@@ -15,11 +15,13 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Starts `tally run --config CONFIG EXTRA...`.
+    /// Starts `tally run --config CONFIG EXTRA...`. Each start logs to files of its own.
     pub fn start(config: &Path, extra: &[&str]) -> Tally {
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let dir = config.parent().expect("config in a folder");
-        let log = dir.join("tally.stderr");
-        let stdout = dir.join("tally.stdout");
+        let log = dir.join(format!("tally-{n}.stderr"));
+        let stdout = dir.join(format!("tally-{n}.stdout"));
         let child = Command::new(env!("CARGO_BIN_EXE_tally"))
             .args(["run", "--config"])
             .arg(config)
@@ -70,11 +72,16 @@ impl Tally {
 
     /// Polls the log until it contains `needle`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        self.wait_for_logs(needle, 1, timeout);
+    }
+
+    /// Polls the log until it contains `needle` `times` times.
+    pub fn wait_for_logs(&self, needle: &str, times: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while !self.logs().contains(needle) {
+        while self.logs().matches(needle).count() < times {
             assert!(
                 Instant::now() < deadline,
-                "no `{needle}` in tally's log within {timeout:?}:\n{}",
+                "not {times} times `{needle}` in tally's log within {timeout:?}:\n{}",
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(20));
