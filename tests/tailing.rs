@@ -185,7 +185,9 @@ fn rename_and_create_rotation(watch: bool) {
         w.write(20);
         // A last line still without its newline when the writer reopens.
         let last = w.line();
-        w.file.write_all(&last.as_bytes()[..last.len() - 1]).unwrap();
+        w.file
+            .write_all(&last.as_bytes()[..last.len() - 1])
+            .unwrap();
         w.reopen();
         w.write(10 + round as u64);
     }
