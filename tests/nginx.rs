@@ -111,14 +111,22 @@ http {{
     }
 }
 
-#[test]
-fn nginx_traffic_reaches_3scale_with_its_response_codes() {
-    let Some(binary) = nginx_binary() else {
+/// The nginx binary, or None (and a message) when the test should be skipped.
+fn nginx_or_skip(test: &str) -> Option<PathBuf> {
+    let binary = nginx_binary();
+    if binary.is_none() {
         assert!(
             std::env::var_os("TALLY_REQUIRE_NGINX").is_none(),
             "TALLY_REQUIRE_NGINX is set but nginx is not installed"
         );
-        eprintln!("SKIPPED nginx_traffic_reaches_3scale_with_its_response_codes: nginx is not installed (apt-get install nginx)");
+        eprintln!("SKIPPED {test}: nginx is not installed (apt-get install nginx)");
+    }
+    binary
+}
+
+#[test]
+fn nginx_traffic_reaches_3scale_with_its_response_codes() {
+    let Some(binary) = nginx_or_skip("nginx_traffic_reaches_3scale_with_its_response_codes") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -190,4 +198,60 @@ fn nginx_traffic_reaches_3scale_with_its_response_codes() {
         logs.contains(&format!("lines_read={}", requests.len())),
         "{logs}"
     );
+}
+
+/// logrotate's default with NGINX: rename the log, NGINX writes on to the renamed file until it gets
+/// USR1 (`nginx -s reopen`), then to a new file. Requests in all three phases arrive, once.
+#[test]
+fn nginx_log_rotation_with_reopen_loses_and_duplicates_nothing() {
+    let Some(binary) = nginx_or_skip("nginx_log_rotation_with_reopen_loses_and_duplicates_nothing")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("42", "tok")]);
+    let nginx = Nginx::start(&binary, dir.path());
+    let config = write_config(
+        dir.path(),
+        &backend.url(),
+        "tok",
+        &[(&nginx.access_log, "42")],
+        "[report]\nflush_interval = \"200ms\"\n[tail]\nrotate_grace = \"2s\"\n",
+    );
+    let mut tally = Tally::start(&config, &[]);
+    tally.wait_for_log("following file", WAIT);
+    let mut sent = 0;
+    let mut send = |n: usize| {
+        for _ in 0..n {
+            assert_eq!(nginx.get(&format!("/ok?user_key=k{sent}")), 200);
+            sent += 1;
+        }
+    };
+    send(30);
+    std::fs::rename(&nginx.access_log, dir.path().join("access.log.1")).unwrap();
+    send(20); // still written to the renamed file
+    let reopened = Command::new("kill")
+        .args(["-USR1", &nginx.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(reopened.success());
+    let deadline = Instant::now() + WAIT;
+    while !nginx.access_log.exists() {
+        assert!(Instant::now() < deadline, "nginx did not reopen its log");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    send(25);
+    backend.wait_until(WAIT, "75 transactions", |b| b.transactions().len() >= 75);
+    tally.signal("TERM");
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let mut keys: Vec<String> = backend
+        .transactions()
+        .iter()
+        .map(|t| t.credential())
+        .collect();
+    keys.sort();
+    let mut expected: Vec<String> = (0..75).map(|i| format!("k{i}")).collect();
+    expected.sort();
+    assert_eq!(keys, expected);
+    assert!(tally.logs().contains("rotations=1"), "{}", tally.logs());
 }
