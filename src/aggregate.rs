@@ -46,8 +46,6 @@ pub struct Transaction {
 #[derive(Debug, Default)]
 pub struct Batch {
     pub transactions: Vec<Transaction>,
-    /// How many requests the batch counts (more than its transactions when folded).
-    pub requests: u64,
     /// Where each file stands once the batch, and every batch before it, is accepted.
     pub advances: Vec<Advance>,
 }
@@ -103,7 +101,6 @@ impl Aggregator {
             Credential::UserKey(k) => Application::UserKey(self.interner.get(k)),
             Credential::AppId { app_id, .. } => Application::AppId(self.interner.get(app_id)),
         };
-        self.batch.requests += 1;
         if !self.response_codes {
             let key = (application, request.timestamp);
             if let Some(&i) = self.folded.get(&key) {
@@ -292,7 +289,6 @@ mod tests {
                 tx("j", 10, 1, Some(404))
             ]
         );
-        assert_eq!(full.requests, 3);
         assert!(a.take().is_none());
         a.add(&request("k", 11, 500));
         assert_eq!(
@@ -316,7 +312,7 @@ mod tests {
                 tx("k", 11, 1, None)
             ]
         );
-        assert_eq!(b.requests, 5);
+        assert_eq!(b.transactions.iter().map(|t| t.hits).sum::<u64>(), 5);
         // A new batch starts a new fold.
         a.add(&request("k", 10, 200));
         assert_eq!(a.take().unwrap().transactions, vec![tx("k", 10, 1, None)]);

@@ -37,11 +37,23 @@ pub enum ConfigError {
 pub struct Secret {
     value: String,
     origin: String,
+    /// The file it was read from, read again when 3scale rejects it (a rotated Kubernetes Secret).
+    file: Option<PathBuf>,
 }
 
 impl Secret {
     pub fn expose(&self) -> &str {
         &self.value
+    }
+
+    /// The secret as its file holds it now, if it comes from a file and changed.
+    pub fn reread(&self) -> Option<Secret> {
+        let file = self.file.as_ref()?;
+        let value = std::fs::read_to_string(file).ok()?.trim_end().to_string();
+        (!value.is_empty() && value != self.value).then(|| Secret {
+            value,
+            ..self.clone()
+        })
     }
 }
 
@@ -71,6 +83,14 @@ pub enum BackendAuth {
 }
 
 impl BackendAuth {
+    /// The credentials as their file holds them now, if they come from a file and changed.
+    pub fn reread(&self) -> Option<BackendAuth> {
+        match self {
+            BackendAuth::ServiceToken(s) => s.reread().map(BackendAuth::ServiceToken),
+            BackendAuth::ProviderKey(s) => s.reread().map(BackendAuth::ProviderKey),
+        }
+    }
+
     /// The form field name and the secret.
     pub fn field(&self) -> (&'static str, &Secret) {
         match self {
@@ -85,6 +105,15 @@ pub struct Backend {
     pub url: reqwest::Url,
     pub auth: BackendAuth,
     pub timeout: Duration,
+    /// Extra root certificates (PEM) to trust, beside the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Check each new credential with an authorize call before reporting it.
+    pub validate_credentials: bool,
+    /// How long an authorize answer is trusted: an application that exists, one that does not.
+    pub valid_credential_ttl: Duration,
+    pub invalid_credential_ttl: Duration,
+    /// How often a call that 3scale rejected (bad token...) is tried again.
+    pub rejected_retry: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -120,6 +149,8 @@ pub struct Source {
     pub format: LogFormat,
     pub read_from: ReadFrom,
     pub credential: CredentialMode,
+    /// This source's own service token (or provider key), instead of `[backend]`'s.
+    pub auth: Option<BackendAuth>,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +160,10 @@ pub struct Report {
     pub response_codes: bool,
     /// How long a stopping tally may take to send what it has read.
     pub shutdown_grace: Duration,
+    /// Report calls under way at once, per service.
+    pub concurrency: usize,
+    /// Transactions older than this when their call is sent are dropped (3scale's window is 24 h).
+    pub max_age: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -162,8 +197,15 @@ pub struct Logging {
 }
 
 #[derive(Debug, Clone)]
+pub struct Telemetry {
+    /// Where /metrics, /healthz and /livez are served; None: nowhere.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
 pub struct Config {
     pub backend: Backend,
+    pub telemetry: Telemetry,
     pub sources: Vec<Source>,
     pub report: Report,
     pub tail: Tail,
@@ -187,6 +229,14 @@ struct RawConfig {
     state: RawState,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    telemetry: RawTelemetry,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -201,6 +251,14 @@ struct RawBackend {
     provider_key_file: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "duration::optional")]
     timeout: Option<Duration>,
+    ca_file: Option<Spanned<String>>,
+    validate_credentials: Option<bool>,
+    #[serde(default, deserialize_with = "duration::optional")]
+    valid_credential_ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::optional")]
+    invalid_credential_ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::optional")]
+    rejected_retry: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -212,6 +270,12 @@ struct RawSource {
     read_from: Option<ReadFrom>,
     #[serde(default)]
     credential: CredentialMode,
+    service_token: Option<Spanned<String>>,
+    service_token_env: Option<Spanned<String>>,
+    service_token_file: Option<Spanned<String>>,
+    provider_key: Option<Spanned<String>>,
+    provider_key_env: Option<Spanned<String>>,
+    provider_key_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -224,6 +288,9 @@ struct RawReport {
     response_codes: Option<bool>,
     #[serde(default, deserialize_with = "duration::optional")]
     shutdown_grace: Option<Duration>,
+    concurrency: Option<Spanned<i64>>,
+    #[serde(default, deserialize_with = "duration::optional")]
+    max_age: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -317,12 +384,11 @@ impl Ctx<'_> {
     /// A secret given one of three ways: literally, by environment variable name, or by file.
     fn secret(
         &self,
+        table: &str,
         name: &str,
-        literal: Option<&Spanned<String>>,
-        env: Option<&Spanned<String>>,
-        file: Option<&Spanned<String>>,
+        [literal, env, file]: [Option<&Spanned<String>>; 3],
     ) -> Result<Option<Secret>, ConfigError> {
-        let key = |suffix: &str| format!("backend.{name}{suffix}");
+        let key = |suffix: &str| format!("{table}.{name}{suffix}");
         let given: Vec<(&str, &Spanned<String>)> = [("", literal), ("_env", env), ("_file", file)]
             .into_iter()
             .filter_map(|(s, v)| v.map(|v| (s, v)))
@@ -343,6 +409,7 @@ impl Ctx<'_> {
             "" => Secret {
                 value: value.get_ref().clone(),
                 origin: "given in the configuration".into(),
+                file: None,
             },
             "_env" => {
                 let var = value.get_ref();
@@ -352,6 +419,7 @@ impl Ctx<'_> {
                 Secret {
                     value: v,
                     origin: format!("from environment variable {var}"),
+                    file: None,
                 }
             }
             _ => {
@@ -367,6 +435,7 @@ impl Ctx<'_> {
                     // Kubernetes Secret files and `echo` leave a trailing newline.
                     value: v.trim_end().to_string(),
                     origin: format!("from file {}", file.display()),
+                    file: Some(file),
                 }
             }
         };
@@ -398,41 +467,76 @@ impl Ctx<'_> {
                 parsed
             }
         };
-        let token = self.secret(
-            "service_token",
-            b.service_token.as_ref(),
-            b.service_token_env.as_ref(),
-            b.service_token_file.as_ref(),
-        )?;
-        let key = self.secret(
-            "provider_key",
-            b.provider_key.as_ref(),
-            b.provider_key_env.as_ref(),
-            b.provider_key_file.as_ref(),
-        )?;
-        let auth = match (token, key) {
-            (Some(t), None) => BackendAuth::ServiceToken(t),
-            (None, Some(k)) => BackendAuth::ProviderKey(k),
-            (Some(_), Some(_)) => {
-                return Err(self.invalid(
-                    "backend",
-                    raw.span().start,
-                    "give a service_token or a provider_key, not both",
-                ))
-            }
-            (None, None) => {
-                return Err(self.invalid(
-                    "backend",
-                    raw.span().start,
-                    "no credentials for 3scale: set service_token, service_token_env or service_token_file",
-                ))
+        let fields = [
+            [
+                &b.service_token,
+                &b.service_token_env,
+                &b.service_token_file,
+            ],
+            [&b.provider_key, &b.provider_key_env, &b.provider_key_file],
+        ];
+        let auth = self.auth("backend", raw.span().start, fields)?.ok_or_else(|| {
+            self.invalid(
+                "backend",
+                raw.span().start,
+                "no credentials for 3scale: set service_token, service_token_env or service_token_file",
+            )
+        })?;
+        let ca_file = match &b.ca_file {
+            None => None,
+            Some(f) => {
+                let path = self.resolve(f.get_ref());
+                let pem = std::fs::read(&path).map_err(|e| {
+                    self.invalid(
+                        "backend.ca_file",
+                        f.span().start,
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                reqwest::Certificate::from_pem_bundle(&pem)
+                    .ok()
+                    .filter(|certs| !certs.is_empty())
+                    .ok_or_else(|| {
+                        self.invalid(
+                            "backend.ca_file",
+                            f.span().start,
+                            format!("{} holds no PEM certificate", path.display()),
+                        )
+                    })?;
+                Some(path)
             }
         };
         Ok(Backend {
             url,
             auth,
             timeout: b.timeout.unwrap_or(Duration::from_secs(10)),
+            ca_file,
+            validate_credentials: b.validate_credentials.unwrap_or(true),
+            valid_credential_ttl: b.valid_credential_ttl.unwrap_or(Duration::from_secs(3600)),
+            invalid_credential_ttl: b.invalid_credential_ttl.unwrap_or(Duration::from_secs(300)),
+            rejected_retry: b.rejected_retry.unwrap_or(Duration::from_secs(60)),
         })
+    }
+
+    /// A service token or a provider key, each given one of three ways; None when neither is given.
+    fn auth(
+        &self,
+        table: &str,
+        at: usize,
+        [token, key]: [[&Option<Spanned<String>>; 3]; 2],
+    ) -> Result<Option<BackendAuth>, ConfigError> {
+        let token = self.secret(table, "service_token", token.map(Option::as_ref))?;
+        let key = self.secret(table, "provider_key", key.map(Option::as_ref))?;
+        match (token, key) {
+            (Some(t), None) => Ok(Some(BackendAuth::ServiceToken(t))),
+            (None, Some(k)) => Ok(Some(BackendAuth::ProviderKey(k))),
+            (Some(_), Some(_)) => Err(self.invalid(
+                table,
+                at,
+                "give a service_token or a provider_key, not both",
+            )),
+            (None, None) => Ok(None),
+        }
     }
 
     fn source(&self, i: usize, raw: &Spanned<RawSource>) -> Result<Source, ConfigError> {
@@ -458,12 +562,22 @@ impl Ctx<'_> {
                 "the service id is empty; copy it from the 3scale admin portal (Integration page)",
             ));
         }
+        let fields = [
+            [
+                &s.service_token,
+                &s.service_token_env,
+                &s.service_token_file,
+            ],
+            [&s.provider_key, &s.provider_key_env, &s.provider_key_file],
+        ];
+        let auth = self.auth(&format!("sources[{i}]"), raw.span().start, fields)?;
         Ok(Source {
             path,
             service_id: service_id.to_string(),
             format: s.format.unwrap_or(LogFormat::Combined),
             read_from: s.read_from.unwrap_or(ReadFrom::End),
             credential: s.credential,
+            auth,
         })
     }
 }
@@ -514,6 +628,57 @@ impl Config {
             max_transactions: raw.report.max_transactions.unwrap_or(1000),
             response_codes: raw.report.response_codes.unwrap_or(true),
             shutdown_grace: raw.report.shutdown_grace.unwrap_or(Duration::from_secs(20)),
+            concurrency: match &raw.report.concurrency {
+                None => 2,
+                Some(n) if (1..=16).contains(n.get_ref()) => *n.get_ref() as usize,
+                Some(n) => {
+                    return Err(ctx.invalid(
+                        "report.concurrency",
+                        n.span().start,
+                        "give 1 to 16 calls under way at once",
+                    ))
+                }
+            },
+            max_age: raw
+                .report
+                .max_age
+                .unwrap_or(Duration::from_secs(24 * 3600 - 300)),
+        };
+        if report.max_age > Duration::from_secs(24 * 3600) {
+            return Err(ctx.invalid(
+                "report.max_age",
+                text.find("max_age").unwrap_or(0),
+                "3scale drops whole calls holding transactions older than 24h: use at most 24h (default 23h 55m)",
+            ));
+        }
+        // Sources of one service must agree on its credentials.
+        for (i, s) in sources.iter().enumerate() {
+            let other = sources[..i]
+                .iter()
+                .find(|o| o.service_id == s.service_id && o.auth != s.auth);
+            if other.is_some() {
+                return Err(ctx.invalid(
+                    &format!("sources[{i}]"),
+                    raw.sources[i].span().start,
+                    format!(
+                        "another source of service {} gives other credentials for it",
+                        s.service_id
+                    ),
+                ));
+            }
+        }
+        let telemetry = Telemetry {
+            listen: match &raw.telemetry.listen {
+                None => None,
+                Some(l) if l.get_ref().is_empty() => None,
+                Some(l) => Some(l.get_ref().parse().map_err(|e| {
+                    ctx.invalid(
+                        "telemetry.listen",
+                        l.span().start,
+                        format!("`{}` is not an address:port ({e})", l.get_ref()),
+                    )
+                })?),
+            },
         };
         let max_line_length = match &raw.tail.max_line_length {
             None => 64 * 1024,
@@ -549,6 +714,7 @@ impl Config {
         })?;
         Ok(Config {
             backend,
+            telemetry,
             sources,
             report,
             tail,
@@ -561,70 +727,86 @@ impl Config {
     pub fn effective(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        let (field, secret) = self.backend.auth.field();
-        let _ = writeln!(out, "[backend]");
-        let _ = writeln!(out, "url = {:?}", self.backend.url.as_str());
-        let _ = writeln!(out, "{field} = {:?}", secret.to_string());
-        let _ = writeln!(
-            out,
-            "timeout = {:?}",
-            humantime::format_duration(self.backend.timeout).to_string()
-        );
+        let mut line = |text: String| {
+            let _ = writeln!(out, "{text}");
+        };
+        let b = &self.backend;
+        let (field, secret) = b.auth.field();
+        line("[backend]".into());
+        line(format!("url = {:?}", b.url.as_str()));
+        line(format!("{field} = {:?}", secret.to_string()));
+        line(format!("timeout = {:?}", dur(b.timeout)));
+        if let Some(ca) = &b.ca_file {
+            line(format!("ca_file = {:?}", ca.display().to_string()));
+        }
+        line(format!("validate_credentials = {}", b.validate_credentials));
+        line(format!(
+            "valid_credential_ttl = {:?}",
+            dur(b.valid_credential_ttl)
+        ));
+        line(format!(
+            "invalid_credential_ttl = {:?}",
+            dur(b.invalid_credential_ttl)
+        ));
+        line(format!("rejected_retry = {:?}", dur(b.rejected_retry)));
         for s in &self.sources {
-            let _ = writeln!(out, "\n[[sources]]");
-            let _ = writeln!(out, "path = {:?}", s.path);
-            let _ = writeln!(out, "service_id = {:?}", s.service_id);
-            let _ = writeln!(out, "format = {:?}", snake(&format!("{:?}", s.format)));
-            let _ = writeln!(
-                out,
+            line("\n[[sources]]".into());
+            line(format!("path = {:?}", s.path));
+            line(format!("service_id = {:?}", s.service_id));
+            line(format!("format = {:?}", snake(&format!("{:?}", s.format))));
+            line(format!(
                 "read_from = {:?}",
                 snake(&format!("{:?}", s.read_from))
-            );
-            let _ = writeln!(
-                out,
+            ));
+            line(format!(
                 "credential = {:?}",
                 snake(&format!("{:?}", s.credential))
-            );
+            ));
+            if let Some(auth) = &s.auth {
+                let (field, secret) = auth.field();
+                line(format!("{field} = {:?}", secret.to_string()));
+            }
         }
-        let _ = writeln!(out, "\n[report]");
-        let _ = writeln!(
-            out,
-            "flush_interval = {:?}",
-            humantime::format_duration(self.report.flush_interval).to_string()
-        );
-        let _ = writeln!(out, "max_transactions = {}", self.report.max_transactions);
-        let _ = writeln!(out, "response_codes = {}", self.report.response_codes);
-        let _ = writeln!(
-            out,
-            "shutdown_grace = {:?}",
-            humantime::format_duration(self.report.shutdown_grace).to_string()
-        );
-        let _ = writeln!(out, "\n[tail]");
-        let _ = writeln!(
-            out,
-            "poll_interval = {:?}",
-            humantime::format_duration(self.tail.poll_interval).to_string()
-        );
-        let _ = writeln!(
-            out,
-            "rotate_grace = {:?}",
-            humantime::format_duration(self.tail.rotate_grace).to_string()
-        );
-        let _ = writeln!(out, "max_line_length = {}", self.tail.max_line_length);
-        let _ = writeln!(
-            out,
+        let r = &self.report;
+        line("\n[report]".into());
+        line(format!("flush_interval = {:?}", dur(r.flush_interval)));
+        line(format!("max_transactions = {}", r.max_transactions));
+        line(format!("response_codes = {}", r.response_codes));
+        line(format!("shutdown_grace = {:?}", dur(r.shutdown_grace)));
+        line(format!("concurrency = {}", r.concurrency));
+        line(format!("max_age = {:?}", dur(r.max_age)));
+        let t = &self.tail;
+        line("\n[tail]".into());
+        line(format!("poll_interval = {:?}", dur(t.poll_interval)));
+        line(format!("watch = {}", t.watch));
+        line(format!("rotate_grace = {:?}", dur(t.rotate_grace)));
+        line(format!("max_line_length = {}", t.max_line_length));
+        line(format!(
             "\n[state]\ndir = {:?}",
             self.state.dir.display().to_string()
-        );
-        let _ = writeln!(
-            out,
-            "\n[log]\nformat = {:?}\nlevel = {:?}\nstats_interval = {:?}",
-            snake(&format!("{:?}", self.log.format)),
-            self.log.level,
-            humantime::format_duration(self.log.stats_interval).to_string()
-        );
+        ));
+        line("\n[log]".into());
+        line(format!(
+            "format = {:?}",
+            snake(&format!("{:?}", self.log.format))
+        ));
+        line(format!("level = {:?}", self.log.level));
+        line(format!(
+            "stats_interval = {:?}",
+            dur(self.log.stats_interval)
+        ));
+        let listen = self
+            .telemetry
+            .listen
+            .map(|l| l.to_string())
+            .unwrap_or_default();
+        line(format!("\n[telemetry]\nlisten = {listen:?}"));
         out
     }
+}
+
+fn dur(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
 }
 
 /// `UserKey` → `user_key`, the spelling the configuration uses.

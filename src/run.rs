@@ -15,7 +15,7 @@ use crate::parse::Parser;
 use crate::report::{self, ServiceReport, Sink};
 use crate::state::StateDir;
 use crate::tail::{Follower, TailOptions};
-use crate::telemetry::Metrics;
+use crate::telemetry::{self, Metrics};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunOptions {
@@ -34,6 +34,17 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let mut services: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, s) in config.sources.iter().enumerate() {
         services.entry(s.service_id.as_str()).or_default().push(i);
+    }
+    // One client, so one keep-alive connection pool, for every service.
+    let client = Arc::new(report::Client::new(
+        &config.backend.url,
+        config.backend.timeout,
+        config.backend.ca_file.as_deref(),
+    )?);
+    if let Some(listen) = config.telemetry.listen {
+        telemetry::serve(listen, metrics.clone())
+            .await
+            .with_context(|| format!("telemetry.listen {listen}"))?;
     }
     let mut reporters = JoinSet::new();
     let mut followers = Vec::new();
@@ -85,17 +96,29 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         let sink = if options.dry_run {
             Sink::DryRun(config.backend.url.clone())
         } else {
-            Sink::Backend(report::Client::new(
-                &config.backend.url,
-                config.backend.timeout,
-            )?)
+            Sink::Backend(client.clone())
         };
+        // A source's own credentials win over [backend]'s (the configuration checked that the
+        // sources of one service agree).
+        let auth = sources
+            .iter()
+            .find_map(|&i| config.sources[i].auth.clone())
+            .unwrap_or_else(|| config.backend.auth.clone());
         let service = ServiceReport {
             service_id: service_id.to_string(),
-            auth: config.backend.auth.clone(),
+            auth,
             sink,
             state,
-            fail_on_rejection: options.once,
+            settings: report::Settings {
+                concurrency: config.report.concurrency,
+                max_age: config.report.max_age,
+                rejected_retry: config.backend.rejected_retry,
+                fail_on_rejection: options.once,
+                validation: config.backend.validate_credentials.then_some((
+                    config.backend.valid_credential_ttl,
+                    config.backend.invalid_credential_ttl,
+                )),
+            },
         };
         reporters.spawn(report::run(service, batch_rx, metrics.clone()));
         for ((i, first_run), checkpoints) in sources.into_iter().zip(first_run).zip(checkpoints) {

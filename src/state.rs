@@ -135,7 +135,8 @@ impl StateDir {
             patterns,
             sources: Vec::new(),
             files: BTreeMap::new(),
-            in_flight: Vec::new(),
+            in_flight: BTreeMap::new(),
+            dispatched: BTreeMap::new(),
             last_sync: None,
         };
         match std::fs::read_to_string(&path) {
@@ -168,7 +169,10 @@ pub struct ServiceState {
     /// Sources that have been read before: read_from no longer applies to them.
     sources: Vec<String>,
     files: BTreeMap<(String, FileKey), FileCheckpoint>,
-    in_flight: Vec<InFlight>,
+    /// The report calls under way, by batch number (those of an earlier run under 0).
+    in_flight: BTreeMap<u64, Vec<InFlight>>,
+    /// How far each file's batches were sent (not yet accepted), for the in-flight ranges.
+    dispatched: BTreeMap<(String, FileKey), u64>,
     last_sync: Option<Instant>,
 }
 
@@ -186,9 +190,9 @@ impl ServiceState {
             .collect()
     }
 
-    /// The report call that was under way when tally last stopped, if one was.
-    pub fn in_flight(&self) -> &[InFlight] {
-        &self.in_flight
+    /// The report calls under way (at start-up: those under way when tally last stopped).
+    pub fn in_flight(&self) -> Vec<InFlight> {
+        self.in_flight.values().flatten().cloned().collect()
     }
 
     /// Records that these sources are being read, so read_from never applies to them again.
@@ -209,32 +213,38 @@ impl ServiceState {
         self.patterns.get(source).cloned().unwrap_or_default()
     }
 
-    /// Marks a report call covering `advances` as in flight, before it is sent.
-    pub fn begin(&mut self, advances: &[Advance]) -> Result<(), StateError> {
-        self.in_flight = advances
+    /// Marks report call `seq`, covering `advances`, as under way, before it is sent.
+    pub fn begin(&mut self, seq: u64, advances: &[Advance]) -> Result<(), StateError> {
+        let ranges = advances
             .iter()
             .map(|a| {
-                let from = self
-                    .files
-                    .get(&(self.pattern(a.source), a.key))
-                    .filter(|old| old.offset <= a.offset)
-                    .map_or(0, |old| old.offset);
+                let key = (self.pattern(a.source), a.key);
+                let sent = self
+                    .dispatched
+                    .get(&key)
+                    .copied()
+                    .or_else(|| self.files.get(&key).map(|c| c.offset));
+                self.dispatched.insert(key, a.offset);
                 InFlight {
                     path: a.path.to_path_buf(),
-                    from,
+                    // A file truncated since then starts again at 0.
+                    from: sent.filter(|&from| from <= a.offset).unwrap_or(0),
                     to: a.offset,
                 }
             })
             .collect();
+        self.in_flight.insert(seq, ranges);
         self.write()
     }
 
-    /// The call was accepted (or there was nothing to send): advance the offsets.
-    pub fn commit(&mut self, advances: &[Advance]) -> Result<(), StateError> {
+    /// Batch `seq`, and every batch before it, is accepted (or had nothing to send): advance the
+    /// offsets.
+    pub fn commit(&mut self, seq: u64, advances: &[Advance]) -> Result<(), StateError> {
         for a in advances {
             let key = (self.pattern(a.source), a.key);
             if a.closed {
                 self.files.remove(&key);
+                self.dispatched.remove(&key);
                 continue;
             }
             let line_time = match (a.line_time, self.files.get(&key)) {
@@ -251,7 +261,9 @@ impl ServiceState {
             };
             self.files.insert(key, checkpoint);
         }
-        self.in_flight.clear();
+        self.in_flight.remove(&seq);
+        // What was under way when tally last stopped is settled by the first commit.
+        self.in_flight.remove(&0);
         self.write()
     }
 
@@ -310,7 +322,7 @@ impl ServiceState {
                 escape(&c.path.to_string_lossy())
             );
         }
-        for f in &self.in_flight {
+        for f in self.in_flight.values().flatten() {
             let _ = writeln!(
                 out,
                 "in_flight {} {} {}",
@@ -370,11 +382,13 @@ impl ServiceState {
                     };
                     self.files.insert((c.source.clone(), c.key), c);
                 }
-                Some("in_flight") if fields.len() == 4 => self.in_flight.push(InFlight {
-                    from: num(1)?,
-                    to: num(2)?,
-                    path: PathBuf::from(unescape(fields[3]).ok_or_else(bad)?),
-                }),
+                Some("in_flight") if fields.len() == 4 => {
+                    self.in_flight.entry(0).or_default().push(InFlight {
+                        from: num(1)?,
+                        to: num(2)?,
+                        path: PathBuf::from(unescape(fields[3]).ok_or_else(bad)?),
+                    })
+                }
                 _ => return Err(bad()),
             }
         }
@@ -447,10 +461,11 @@ mod tests {
             let mut s = d.service("42", patterns()).unwrap();
             assert!(!s.knows_source("/logs/*.log"));
             s.start_sources(&patterns()).unwrap();
-            s.begin(&[advance(0, 7, 100, false)]).unwrap();
-            s.commit(&[advance(0, 7, 100, false), advance(1, 8, 5, false)])
+            s.begin(1, &[advance(0, 7, 100, false)]).unwrap();
+            s.commit(1, &[advance(0, 7, 100, false), advance(1, 8, 5, false)])
                 .unwrap();
-            s.begin(&[advance(0, 7, 250, false)]).unwrap();
+            s.begin(2, &[advance(0, 7, 250, false)]).unwrap();
+            s.begin(3, &[advance(0, 7, 300, false)]).unwrap();
         }
         let d = StateDir::open(dir.path(), false).unwrap();
         let s = d.service("42", patterns()).unwrap();
@@ -463,14 +478,12 @@ mod tests {
         );
         assert_eq!(c[0].fingerprint, Fingerprint { len: 10, hash: 99 });
         assert_eq!(s.checkpoints("/other dir/x.log")[0].offset, 5);
-        assert_eq!(
-            s.in_flight(),
-            &[InFlight {
-                path: "/logs/a b%.log".into(),
-                from: 100,
-                to: 250
-            }]
-        );
+        let range = |from, to| InFlight {
+            path: "/logs/a b%.log".into(),
+            from,
+            to,
+        };
+        assert_eq!(s.in_flight(), vec![range(100, 250), range(250, 300)]);
     }
 
     #[test]
@@ -478,8 +491,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = StateDir::open(dir.path(), false).unwrap();
         let mut s = d.service("42", patterns()).unwrap();
-        s.commit(&[advance(0, 7, 100, false)]).unwrap();
-        s.commit(&[advance(0, 7, 120, true)]).unwrap();
+        s.commit(1, &[advance(0, 7, 100, false)]).unwrap();
+        s.commit(2, &[advance(0, 7, 120, true)]).unwrap();
         assert!(s.checkpoints("/logs/*.log").is_empty());
         assert!(d
             .service("42", patterns())
@@ -506,7 +519,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = StateDir::open(dir.path(), false).unwrap();
         let mut s = d.service("42", patterns()).unwrap();
-        s.commit(&[advance(0, 7, 100, false)]).unwrap();
+        s.commit(1, &[advance(0, 7, 100, false)]).unwrap();
         let path = dir.path().join("service-42.state");
         let good = std::fs::read_to_string(&path).unwrap();
         for bad in [

@@ -23,8 +23,17 @@ pub struct Metrics {
     pub report_rejections: AtomicU64,
     pub truncations: AtomicU64,
     pub rotations: AtomicU64,
+    /// Transactions not sent because 3scale would drop their whole call, by reason.
+    pub dropped_too_old: AtomicU64,
+    pub dropped_too_new: AtomicU64,
+    pub dropped_invalid_credential: AtomicU64,
+    pub authorize_calls: AtomicU64,
     /// Where each followed file stands.
     pub files: Progress,
+    /// Transactions not sent per (masked) credential that 3scale does not know.
+    pub invalid_credentials: Mutex<BTreeMap<String, u64>>,
+    /// Services whose calls 3scale rejects as a whole, with why.
+    pub rejected_services: Mutex<BTreeMap<String, String>>,
 }
 
 impl Metrics {
@@ -42,6 +51,44 @@ impl Metrics {
         counter.fetch_add(n, Relaxed);
     }
 
+    /// Counts transactions of a credential 3scale does not know (labels capped, the rest as "other").
+    pub fn invalid_credential(&self, credential: &str, n: u64) {
+        Metrics::add(&self.dropped_invalid_credential, n);
+        if let Ok(mut m) = self.invalid_credentials.lock() {
+            let label = mask(credential);
+            let label = if m.len() < 1000 || m.contains_key(&label) {
+                label
+            } else {
+                "other".to_string()
+            };
+            *m.entry(label).or_default() += n;
+        }
+    }
+
+    /// Marks a service as rejected by 3scale (None: accepted again).
+    pub fn set_rejected(&self, service_id: &str, why: Option<String>) {
+        if let Ok(mut m) = self.rejected_services.lock() {
+            match why {
+                Some(why) => m.insert(service_id.to_string(), why),
+                None => m.remove(service_id),
+            };
+        }
+    }
+
+    /// Why the process is unhealthy, if it is.
+    pub fn problems(&self) -> Vec<String> {
+        self.rejected_services
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(service, why)| {
+                        format!("service {service}: 3scale rejects its reports: {why}")
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Logs the counters in one structured line.
     pub fn log_summary(&self, message: &str) {
         let g = |c: &AtomicU64| c.load(Relaxed);
@@ -56,6 +103,9 @@ impl Metrics {
             report_calls = g(&self.report_calls),
             report_failures = g(&self.report_failures),
             report_rejections = g(&self.report_rejections),
+            dropped_too_old = g(&self.dropped_too_old),
+            dropped_too_new = g(&self.dropped_too_new),
+            dropped_invalid_credential = g(&self.dropped_invalid_credential),
             rotations = g(&self.rotations),
             truncations = g(&self.truncations),
             "{message}"
@@ -116,40 +166,78 @@ impl Progress {
         });
     }
 
-    /// Logs, per file, the bytes not yet accepted by 3scale (`lag_bytes`, of which `unread_bytes`
-    /// are not even read: backpressure) and the age of the last accepted line when behind.
-    pub fn log(&self) {
+    /// Where each file stands now.
+    fn snapshot(&self) -> Vec<FileStatus> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
         let files = match self.files.lock() {
             Ok(files) => files.clone(),
-            Err(_) => return,
+            Err(_) => return Vec::new(),
         };
-        for ((_, key), f) in files {
-            use std::os::unix::fs::MetadataExt;
-            let size = std::fs::metadata(&f.path)
-                .ok()
-                .filter(|m| m.dev() == key.dev && m.ino() == key.ino)
-                .map_or(f.read, |m| m.len());
-            let lag_bytes = size.saturating_sub(f.committed);
-            let lag_seconds = if lag_bytes > 0 && f.line_time > 0 {
-                (now - f.line_time).max(0)
-            } else {
-                0
-            };
+        files
+            .into_iter()
+            .map(|((_, key), f)| {
+                use std::os::unix::fs::MetadataExt;
+                let size = std::fs::metadata(&f.path)
+                    .ok()
+                    .filter(|m| m.dev() == key.dev && m.ino() == key.ino)
+                    .map_or(f.read, |m| m.len());
+                let lag_bytes = size.saturating_sub(f.committed);
+                FileStatus {
+                    path: f.path.display().to_string(),
+                    size,
+                    read: f.read,
+                    committed: f.committed,
+                    lag_bytes,
+                    unread_bytes: size.saturating_sub(f.read),
+                    lag_seconds: if lag_bytes > 0 && f.line_time > 0 {
+                        (now - f.line_time).max(0)
+                    } else {
+                        0
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// Logs, per file, the bytes not yet accepted by 3scale (`lag_bytes`, of which `unread_bytes`
+    /// are not even read: backpressure) and the age of the last accepted line when behind.
+    pub fn log(&self) {
+        for f in self.snapshot() {
             tracing::info!(
-                path = %f.path.display(),
-                size,
+                path = %f.path,
+                size = f.size,
                 read = f.read,
                 committed = f.committed,
-                lag_bytes,
-                unread_bytes = size.saturating_sub(f.read),
-                lag_seconds,
+                lag_bytes = f.lag_bytes,
+                unread_bytes = f.unread_bytes,
+                lag_seconds = f.lag_seconds,
                 "file progress"
             );
         }
     }
+}
+
+struct FileStatus {
+    path: String,
+    size: u64,
+    read: u64,
+    committed: u64,
+    lag_bytes: u64,
+    unread_bytes: u64,
+    lag_seconds: i64,
+}
+
+/// A credential as logs and metrics show it: its ends only (`abcd…wxyz`).
+pub fn mask(credential: &str) -> String {
+    let chars: Vec<char> = credential.chars().collect();
+    if chars.len() <= 8 {
+        return "***".to_string();
+    }
+    let head: String = chars[..4].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}…{tail}")
 }
 
 /// Sets up logging to stderr, human-readable or JSON lines. `RUST_LOG`, when set, overrides `level`.
@@ -168,4 +256,233 @@ pub fn init_logging(json: bool, level: &str) {
     } else {
         builder.init();
     }
+}
+
+/// Serves `/metrics` (Prometheus), `/healthz` (503 with the reasons while 3scale rejects a service's
+/// reports) and `/livez` (200 while tally runs) on `listen`, in the background.
+pub async fn serve(listen: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!(%listen, "serving /metrics, /healthz and /livez");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let deadline = std::time::Duration::from_secs(5);
+                let _ = tokio::time::timeout(deadline, answer(stream, &metrics)).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// One HTTP/1.x exchange: reads the request head (8 KiB at most), answers, closes.
+async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, target) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    let (status, content_type, body) = match (method, path) {
+        (b"GET", b"/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            prometheus(metrics),
+        ),
+        (b"GET", b"/livez") => ("200 OK", "text/plain", "ok\n".to_string()),
+        (b"GET", b"/healthz") => match metrics.problems() {
+            problems if problems.is_empty() => ("200 OK", "text/plain", "ok\n".to_string()),
+            problems => (
+                "503 Service Unavailable",
+                "text/plain",
+                problems.join("\n") + "\n",
+            ),
+        },
+        (b"GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /healthz or /livez\n".to_string(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The Prometheus text exposition of every counter, each file's progress and the health.
+fn prometheus(m: &Metrics) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(4096);
+    let g = |c: &AtomicU64| c.load(Relaxed);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(
+            out,
+            "# HELP tally_{name} {help}\n# TYPE tally_{name} {kind}"
+        );
+        for (labels, value) in samples {
+            let _ = writeln!(out, "tally_{name}{labels} {value}");
+        }
+    };
+    let one = |v: u64| vec![(String::new(), v)];
+    metric(
+        "lines_read_total",
+        "counter",
+        "Log lines read.",
+        &one(g(&m.lines_read)),
+    );
+    metric(
+        "lines_skipped_total",
+        "counter",
+        "Log lines not reported, by reason.",
+        &[
+            ("malformed", &m.skipped_malformed),
+            ("no_credential", &m.skipped_no_credential),
+            ("invalid_credential", &m.skipped_invalid_credential),
+            ("too_long", &m.skipped_too_long),
+        ]
+        .map(|(r, c)| (format!("{{reason=\"{r}\"}}"), g(c))),
+    );
+    metric(
+        "requests_reported_total",
+        "counter",
+        "Requests 3scale accepted.",
+        &one(g(&m.requests_reported)),
+    );
+    metric(
+        "transactions_reported_total",
+        "counter",
+        "Transactions 3scale accepted.",
+        &one(g(&m.transactions_reported)),
+    );
+    metric(
+        "requests_dropped_total",
+        "counter",
+        "Requests not sent because 3scale would drop their whole call, by reason.",
+        &[
+            ("too_old", &m.dropped_too_old),
+            ("too_new", &m.dropped_too_new),
+            ("invalid_credential", &m.dropped_invalid_credential),
+        ]
+        .map(|(r, c)| (format!("{{reason=\"{r}\"}}"), g(c))),
+    );
+    metric(
+        "report_calls_total",
+        "counter",
+        "Report calls made.",
+        &one(g(&m.report_calls)),
+    );
+    metric(
+        "report_failures_total",
+        "counter",
+        "Report calls that failed and are retried (5xx, timeout, connection).",
+        &one(g(&m.report_failures)),
+    );
+    metric(
+        "report_rejections_total",
+        "counter",
+        "Calls 3scale rejected as a whole (bad token, unknown service).",
+        &one(g(&m.report_rejections)),
+    );
+    metric(
+        "authorize_calls_total",
+        "counter",
+        "Authorize calls checking new credentials.",
+        &one(g(&m.authorize_calls)),
+    );
+    metric(
+        "rotations_total",
+        "counter",
+        "Log files rotated or deleted.",
+        &one(g(&m.rotations)),
+    );
+    metric(
+        "truncations_total",
+        "counter",
+        "Log files truncated or replaced in place.",
+        &one(g(&m.truncations)),
+    );
+    let invalid: Vec<(String, u64)> = m
+        .invalid_credentials
+        .lock()
+        .map(|c| {
+            c.iter()
+                .map(|(k, v)| (format!("{{credential=\"{}\"}}", label(k)), *v))
+                .collect()
+        })
+        .unwrap_or_default();
+    metric(
+        "invalid_credential_requests_total",
+        "counter",
+        "Requests not reported because 3scale does not know their credential (masked).",
+        &invalid,
+    );
+    let files = m.files.snapshot();
+    let per_file = |f: fn(&FileStatus) -> u64| -> Vec<(String, u64)> {
+        files
+            .iter()
+            .map(|s| (format!("{{path=\"{}\"}}", label(&s.path)), f(s)))
+            .collect()
+    };
+    metric(
+        "file_size_bytes",
+        "gauge",
+        "Size of each followed file.",
+        &per_file(|f| f.size),
+    );
+    metric(
+        "file_lag_bytes",
+        "gauge",
+        "Bytes of each file not yet accepted by 3scale.",
+        &per_file(|f| f.lag_bytes),
+    );
+    metric(
+        "file_unread_bytes",
+        "gauge",
+        "Bytes of each file not yet read.",
+        &per_file(|f| f.unread_bytes),
+    );
+    metric(
+        "file_lag_seconds",
+        "gauge",
+        "Age of the last accepted line of each file, while behind.",
+        &per_file(|f| f.lag_seconds as u64),
+    );
+    let healthy = u64::from(m.problems().is_empty());
+    metric(
+        "healthy",
+        "gauge",
+        "1 unless 3scale rejects a service's reports.",
+        &one(healthy),
+    );
+    out
+}
+
+/// A Prometheus label value, escaped.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

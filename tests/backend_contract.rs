@@ -85,3 +85,81 @@ fn the_backend_enforces_the_contract() {
     assert_eq!(b.reports().len(), 1);
     assert_eq!(b.refusals().len(), 8);
 }
+
+fn get(b: &Backend, target: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(b.addr).unwrap();
+    write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    (out[9..12].parse().unwrap(), out)
+}
+
+#[test]
+fn authorize_tells_existing_applications_from_missing_ones() {
+    let b = Backend::start(&[("42", "tok")]);
+    b.set_applications(&["known", "app1"]);
+    let base = "/transactions/authorize.xml?service_token=tok&service_id=42";
+    assert_eq!(get(&b, &format!("{base}&user_key=known")).0, 200);
+    assert_eq!(get(&b, &format!("{base}&app_id=app1")).0, 200);
+    let (status, body) = get(&b, &format!("{base}&user_key=nope"));
+    assert!(status == 403 && body.contains("user_key_invalid"), "{body}");
+    let (status, body) = get(&b, &format!("{base}&app_id=nope"));
+    assert!(
+        status == 404 && body.contains("application_not_found"),
+        "{body}"
+    );
+    let (status, body) = get(
+        &b,
+        "/transactions/authorize.xml?service_token=bad&service_id=42&user_key=known",
+    );
+    assert!(
+        status == 403 && body.contains("service_token_invalid"),
+        "{body}"
+    );
+    assert_eq!(b.authorizations(), vec!["known", "app1", "nope", "nope"]);
+}
+
+#[test]
+fn one_bad_transaction_drops_the_whole_call_after_the_202() {
+    let b = Backend::start(&[("42", "tok")]);
+    b.set_applications(&["known"]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let call = |txs: &[(&str, &str, u64)]| {
+        let body: String = txs
+            .iter()
+            .enumerate()
+            .map(|(i, (key, metric, ts))| {
+                format!("&transactions[{i}][user_key]={key}&transactions[{i}][usage][{metric}]=1&transactions[{i}][timestamp]={ts}")
+            })
+            .collect();
+        post(
+            &b,
+            FORM,
+            format!("service_token=tok&service_id=42{body}").as_bytes(),
+        )
+        .0
+    };
+    assert_eq!(
+        call(&[("known", "hits", now), ("unknown", "hits", now)]),
+        202
+    );
+    assert_eq!(call(&[("known", "hits", now), ("known", "nope", now)]), 202);
+    assert_eq!(call(&[("known", "hits", now - 90_000)]), 202);
+    assert_eq!(call(&[("known", "hits", now + 7200)]), 202);
+    assert_eq!(
+        call(&[("known", "hits", now), ("known", "hits", now - 3600)]),
+        202
+    );
+    assert_eq!(b.dropped().len(), 4);
+    assert!(b.dropped()[0].reason.contains("not found"));
+    assert!(b.dropped()[2].reason.contains("older than"));
+    assert_eq!(b.hits(), 2);
+}

@@ -118,55 +118,77 @@ fn check_names_the_bad_key_and_its_line() {
 
 #[test]
 fn dry_run_prints_every_report_call_and_sends_nothing() {
-    let mut run = Tally::start(
-        Path::new(&example("example.toml")),
-        &["--dry-run", "--once"],
+    // The README's first command: the sample log moved to the last minutes, then a dry run.
+    let out = Command::new("bash")
+        .arg(example("example.sh"))
+        .env("TALLY_BIN", env!("CARGO_BIN_EXE_tally"))
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
     );
-    assert!(
-        run.wait(Duration::from_secs(30)).success(),
-        "{}",
-        run.logs()
-    );
-    let out = run.output();
+    assert!(out.status.success(), "{stderr}");
     let log = std::fs::read_to_string(example("example-access.log")).unwrap();
     let with_credential = log
         .lines()
         .filter(|l| l.contains("?user_key=") || l.contains("?app_id="))
         .count();
     assert!(with_credential > 20);
-    let calls = out.lines().filter(|l| l.starts_with("POST ")).count();
-    let codes = out.lines().filter(|l| l.contains("][log][code]=")).count();
-    let credentials = out
-        .lines()
-        .filter(|l| l.contains("][user_key]=") || l.contains("][app_id]="))
-        .count();
-    assert_eq!(calls, 1, "{out}");
+    let count = |needle: &str| stdout.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(count("POST "), 1, "{stdout}");
+    assert_eq!(count("][log][code]="), with_credential, "{stdout}");
     assert_eq!(
-        (codes, credentials),
-        (with_credential, with_credential),
-        "{out}"
+        count("][user_key]=") + count("][app_id]="),
+        with_credential,
+        "{stdout}"
+    );
+    assert_eq!(count("NOT SENT"), 0, "{stdout}");
+    assert!(
+        stdout.starts_with("POST https://su1.3scale.net/transactions.xml service_id=2555417777820"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("  service_token=***\n"), "{stdout}");
+    assert!(
+        stdout.contains("  transactions[0][app_id]=app-mobile\n"),
+        "{stdout}"
     );
     assert!(
-        out.starts_with("POST https://su1.3scale.net/transactions.xml service_id=2555417777820"),
-        "{out}"
+        !stdout.contains("example-token-not-a-real-one")
+            && !stderr.contains("example-token-not-a-real-one")
     );
-    assert!(out.contains("  service_token=***\n"), "{out}");
+    assert!(stderr.contains("skipped_malformed=1"), "{stderr}");
     assert!(
-        out.contains("  transactions[0][app_id]=app-mobile\n"),
-        "{out}"
-    );
-    assert!(
-        !out.contains("example-token-not-a-real-one")
-            && !run.logs().contains("example-token-not-a-real-one")
-    );
-    let logs = run.logs();
-    assert!(logs.contains("skipped_malformed=1"), "{logs}");
-    assert!(
-        logs.contains(&format!(
+        stderr.contains(&format!(
             "skipped_no_credential={}",
             log.lines().count() - 1 - with_credential
         )),
-        "{logs}"
+        "{stderr}"
+    );
+
+    // The sample as shipped is older than 3scale's 24 hours: the dry run says it would send none.
+    let mut old = Tally::start(
+        Path::new(&example("example.toml")),
+        &["--dry-run", "--once"],
+    );
+    assert!(
+        old.wait(Duration::from_secs(30)).success(),
+        "{}",
+        old.logs()
+    );
+    let printed = old.output();
+    assert_eq!(
+        printed.matches("NOT SENT (older than max_age)").count(),
+        with_credential,
+        "{printed}"
+    );
+    assert!(!printed.contains("POST "), "{printed}");
+    assert!(
+        old.logs()
+            .contains(&format!("dropped_too_old={with_credential}")),
+        "{}",
+        old.logs()
     );
 }
 
@@ -181,7 +203,7 @@ fn json_logs_are_one_object_per_line() {
         "--log-json",
     ]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.starts_with("POST "), "{out}");
+    assert!(out.starts_with("NOT SENT "), "{out}");
     let lines: Vec<&str> = err.lines().collect();
     assert!(lines.len() >= 3, "{err}");
     for line in lines {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response};
 
 /// The backend's limits on one report call.
 pub const MAX_PAIRS: usize = 4096;
@@ -56,6 +56,14 @@ pub struct Report {
     pub transactions: Vec<Transaction>,
 }
 
+/// A call answered 202 and then dropped whole while processing, as 3scale does when one of its
+/// transactions is bad.
+#[derive(Debug, Clone)]
+pub struct Dropped {
+    pub reason: String,
+    pub transactions: Vec<Transaction>,
+}
+
 /// A call the backend answered with an error.
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -67,7 +75,13 @@ pub struct Refusal {
 struct State {
     /// service_id → its valid service token.
     tokens: HashMap<String, String>,
+    /// The applications that exist (user_keys and app_ids alike); None: every credential exists.
+    applications: Option<std::collections::HashSet<String>>,
+    /// The metrics that exist.
+    metrics: std::collections::HashSet<String>,
     reports: Vec<Report>,
+    dropped: Vec<Dropped>,
+    authorizations: Vec<String>,
     refusals: Vec<Refusal>,
     /// Answer the next N calls with this status (and a plain body).
     fail_next: Option<(usize, u16)>,
@@ -93,6 +107,7 @@ impl Backend {
                 .iter()
                 .map(|(s, t)| (s.to_string(), t.to_string()))
                 .collect(),
+            metrics: ["hits".to_string()].into_iter().collect(),
             ..State::default()
         }));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the test backend");
@@ -133,6 +148,21 @@ impl Backend {
 
     pub fn set_token(&self, service_id: &str, token: &str) {
         self.with(|s| s.tokens.insert(service_id.to_string(), token.to_string()));
+    }
+
+    /// Only these applications (user_keys or app_ids) exist from now on.
+    pub fn set_applications(&self, credentials: &[&str]) {
+        self.with(|s| s.applications = Some(credentials.iter().map(|c| c.to_string()).collect()));
+    }
+
+    /// Calls accepted with 202 and then dropped whole.
+    pub fn dropped(&self) -> Vec<Dropped> {
+        self.with(|s| s.dropped.clone())
+    }
+
+    /// The credentials of every authorize call, in order.
+    pub fn authorizations(&self) -> Vec<String> {
+        self.with(|s| s.authorizations.clone())
     }
 
     /// Every call that reached the backend, answered or not.
@@ -239,7 +269,7 @@ async fn handle(
         return Ok(plain(status, "injected failure"));
     }
     let answer = report(req, &state).await;
-    if answer.status() != StatusCode::ACCEPTED {
+    if answer.status().is_client_error() || answer.status().is_server_error() {
         let body = answer.body().clone();
         let text = body
             .collect()
@@ -311,7 +341,158 @@ fn decode_form(body: &[u8]) -> Result<Vec<(String, String)>, ()> {
         .collect()
 }
 
+/// Checks service_token + service_id (or provider_key) as the backend does; the service id, or the
+/// error answer.
+fn authenticate(
+    pairs: &[(String, String)],
+    state: &Arc<Mutex<State>>,
+) -> Result<String, Box<Answer>> {
+    let get = |k: &str| {
+        pairs
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    match (get("service_token"), get("provider_key")) {
+        (None, None) => Err(Box::new(xml_error(
+            403,
+            "provider_key_or_service_token_required",
+            "Provider key or service token are required",
+        ))),
+        (Some(token), _) => {
+            let Some(service_id) = get("service_id") else {
+                return Err(Box::new(xml_error(
+                    422,
+                    "service_id_missing",
+                    "Service ID is missing",
+                )));
+            };
+            let valid = state.lock().unwrap().tokens.get(&service_id) == Some(&token);
+            if !valid {
+                return Err(Box::new(xml_error(
+                    403,
+                    "service_token_invalid",
+                    &format!("service token \"{token}\" is invalid"),
+                )));
+            }
+            Ok(service_id)
+        }
+        (None, Some(_)) => Err(Box::new(xml_error(
+            403,
+            "provider_key_invalid",
+            "provider key is invalid",
+        ))),
+    }
+}
+
+/// `GET /transactions/authorize.xml`: 200 for an application that exists, 403 `user_key_invalid` or
+/// 404 `application_not_found` for one that does not.
+fn authorize(req: &Request<Incoming>, state: &Arc<Mutex<State>>) -> Answer {
+    let query = req.uri().query().unwrap_or("");
+    let Ok(pairs) = decode_form(query.as_bytes()) else {
+        return xml_error(422, "not_valid_data", "all data must be valid UTF8");
+    };
+    if let Err(answer) = authenticate(&pairs, state) {
+        return *answer;
+    }
+    let get = |k: &str| {
+        pairs
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    let (credential, missing) = match (get("user_key"), get("app_id")) {
+        (Some(k), None) => (
+            k.clone(),
+            xml_error(
+                403,
+                "user_key_invalid",
+                &format!("user key \"{k}\" is invalid"),
+            ),
+        ),
+        (None, Some(id)) => (
+            id.clone(),
+            xml_error(
+                404,
+                "application_not_found",
+                &format!("application with id=\"{id}\" was not found"),
+            ),
+        ),
+        _ => {
+            return xml_error(
+                403,
+                "authentication_error",
+                "either app_id or user_key is allowed, not both",
+            )
+        }
+    };
+    let mut s = state.lock().unwrap();
+    s.authorizations.push(credential.clone());
+    let exists = s
+        .applications
+        .as_ref()
+        .is_none_or(|apps| apps.contains(&credential));
+    if !exists {
+        return missing;
+    }
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/vnd.3scale-v2.0+xml")
+        .body(Full::new(Bytes::from(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><status><authorized>true</authorized><plan>Basic</plan></status>",
+        )))
+        .expect("response")
+}
+
+/// What 3scale checks while processing an accepted call: the first bad transaction drops it whole.
+fn processing_error(s: &State, transactions: &[Transaction]) -> Option<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for t in transactions {
+        let credential = t.credential();
+        if s.applications
+            .as_ref()
+            .is_some_and(|apps| !apps.contains(&credential))
+        {
+            return Some(format!("application {credential} not found"));
+        }
+        if t.user_key.is_some() == t.app_id.is_some() {
+            return Some("exactly one of user_key and app_id".into());
+        }
+        for (metric, value) in &t.usage {
+            if !s.metrics.contains(metric) {
+                return Some(format!("metric {metric} is invalid"));
+            }
+            if value.parse::<u64>().is_err() {
+                return Some(format!("usage value {value} is invalid"));
+            }
+        }
+        if let Some(ts) = &t.timestamp {
+            let Ok(ts) = ts.parse::<i64>() else {
+                return Some(format!("timestamp {ts} is not an integer"));
+            };
+            if ts < now - 24 * 3600 {
+                return Some(
+                    "reporting transactions older than 86400 seconds is not allowed".into(),
+                );
+            }
+            if ts > now + 3600 {
+                return Some(
+                    "reporting transactions more than 3600 seconds in the future is not allowed"
+                        .into(),
+                );
+            }
+        }
+    }
+    None
+}
+
 async fn report(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Answer {
+    if req.method() == hyper::Method::GET && req.uri().path() == "/transactions/authorize.xml" {
+        return authorize(&req, state);
+    }
     if req.method() != hyper::Method::POST || req.uri().path() != "/transactions.xml" {
         return plain(404, "not found");
     }
@@ -334,38 +515,9 @@ async fn report(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Answer {
     if pairs.len() > MAX_PAIRS {
         return xml_error(400, "bad_request", "too many parameters");
     }
-    let get = |k: &str| {
-        pairs
-            .iter()
-            .find(|(key, _)| key == k)
-            .map(|(_, v)| v.clone())
-    };
-    let service_id = get("service_id");
-    let service_id = match (get("service_token"), get("provider_key")) {
-        (None, None) => {
-            return xml_error(
-                403,
-                "provider_key_or_service_token_required",
-                "Provider key or service token are required",
-            )
-        }
-        (Some(token), _) => {
-            let Some(service_id) = service_id else {
-                return xml_error(422, "service_id_missing", "Service ID is missing");
-            };
-            let valid = state.lock().unwrap().tokens.get(&service_id) == Some(&token);
-            if !valid {
-                return xml_error(
-                    403,
-                    "service_token_invalid",
-                    &format!("service token \"{token}\" is invalid"),
-                );
-            }
-            service_id
-        }
-        (None, Some(_)) => {
-            return xml_error(403, "provider_key_invalid", "provider key is invalid")
-        }
+    let service_id = match authenticate(&pairs, state) {
+        Ok(id) => id,
+        Err(answer) => return *answer,
     };
     let mut transactions: BTreeMap<usize, Transaction> = BTreeMap::new();
     for (key, value) in &pairs {
@@ -404,10 +556,18 @@ async fn report(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Answer {
     if transactions.is_empty() {
         return xml_error(400, "transactions_is_blank", "transactions are blank");
     }
-    state.lock().unwrap().reports.push(Report {
-        service_id,
-        transactions: transactions.into_values().collect(),
-    });
+    let transactions: Vec<Transaction> = transactions.into_values().collect();
+    let mut s = state.lock().unwrap();
+    match processing_error(&s, &transactions) {
+        Some(reason) => s.dropped.push(Dropped {
+            reason,
+            transactions,
+        }),
+        None => s.reports.push(Report {
+            service_id,
+            transactions,
+        }),
+    }
     Response::builder()
         .status(202)
         .body(Full::new(Bytes::new()))

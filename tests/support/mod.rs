@@ -96,7 +96,7 @@ impl Drop for Tally {
     }
 }
 
-/// A tally configuration for tests: one source per `(path, service_id)`.
+/// A tally configuration for tests: one source per `(path, service_id)`; `extra` adds tables.
 pub fn write_config(
     dir: &Path,
     backend_url: &str,
@@ -104,8 +104,20 @@ pub fn write_config(
     sources: &[(&Path, &str)],
     extra: &str,
 ) -> PathBuf {
+    write_config_with(dir, backend_url, token, "", sources, extra)
+}
+
+/// The same, with `backend_extra` keys in the [backend] table.
+pub fn write_config_with(
+    dir: &Path,
+    backend_url: &str,
+    token: &str,
+    backend_extra: &str,
+    sources: &[(&Path, &str)],
+    extra: &str,
+) -> PathBuf {
     let mut text = format!(
-        "[backend]\nurl = \"{backend_url}\"\nservice_token = \"{token}\"\ntimeout = \"2s\"\n"
+        "[backend]\nurl = \"{backend_url}\"\nservice_token = \"{token}\"\ntimeout = \"2s\"\n{backend_extra}"
     );
     for (path, service_id) in sources {
         text.push_str(&format!(

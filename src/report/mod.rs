@@ -1,0 +1,511 @@
+//! Transaction batches → `POST /transactions.xml` calls to the 3scale Service Management API, and
+//! the checkpoints moved on once 3scale accepts them.
+//!
+//! A batch is never sent when part of it is known to be bad, since 3scale answers 202 and then drops
+//! the whole call: transactions outside 3scale's time window and those of credentials 3scale does not
+//! know are taken out (and counted). Up to `concurrency` calls are under way at once; checkpoints
+//! advance in batch order, so a slow call never lets a later one skip it.
+
+mod client;
+mod credentials;
+mod form;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+pub use client::{xml_error, Client, Existence, ReportError};
+pub use credentials::Credentials;
+pub use form::{encode, ReportForm};
+
+use crate::aggregate::{Batch, Transaction};
+use crate::config::BackendAuth;
+use crate::state::{Advance, ServiceState, StateError};
+use crate::telemetry::{mask, Metrics};
+
+/// What masks the service token or provider key wherever a report body is shown.
+pub const MASK: &str = "***";
+
+/// How far in the future 3scale accepts a timestamp (1 h), less a margin for clock skew.
+const MAX_AHEAD: i64 = 3600 - 300;
+/// Authorize calls under way at once when a batch brings many new credentials.
+const AUTHORIZE_CONCURRENCY: usize = 8;
+
+/// Exponential backoff with full jitter, capped.
+pub struct Backoff {
+    next: Duration,
+    first: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, cap: Duration) -> Backoff {
+        Backoff {
+            next: first,
+            first,
+            cap,
+        }
+    }
+
+    /// The standard one for calls to 3scale: 0.5 s doubling to 30 s.
+    fn for_calls() -> Backoff {
+        Backoff::new(Duration::from_millis(500), Duration::from_secs(30))
+    }
+
+    /// The wait before the next try: uniform in [half, full] of the current step, which then doubles.
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        let half = step / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// Where batches go.
+pub enum Sink {
+    /// The Service Management API.
+    Backend(Arc<Client>),
+    /// Standard output, with the secret masked (`--dry-run`).
+    DryRun(reqwest::Url),
+}
+
+/// How one service reports.
+pub struct Settings {
+    /// Report calls under way at once.
+    pub concurrency: usize,
+    /// Transactions older than this when sent are dropped.
+    pub max_age: Duration,
+    /// How often a rejected call is tried again.
+    pub rejected_retry: Duration,
+    /// A rejected call ends the loop with an error instead of being retried slowly (for `--once`,
+    /// where nobody would fix the configuration while tally waits).
+    pub fail_on_rejection: bool,
+    /// Check new credentials with authorize, caching the answers for (valid, invalid) TTLs.
+    pub validation: Option<(Duration, Duration)>,
+}
+
+/// What one service's report loop needs.
+pub struct ServiceReport {
+    pub service_id: String,
+    pub auth: BackendAuth,
+    pub sink: Sink,
+    /// Where the checkpoints go once a call is accepted.
+    pub state: ServiceState,
+    pub settings: Settings,
+}
+
+/// What the calls of one service share.
+struct Shared {
+    service_id: String,
+    /// Read again from its file when 3scale rejects it, so a fixed Secret resumes reporting.
+    auth: Mutex<BackendAuth>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn auth(&self) -> BackendAuth {
+        self.auth
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// After a rejection: marks the service unhealthy, waits, and picks up a changed secret.
+    async fn after_rejection(&self, e: &ReportError) {
+        Metrics::add(&self.metrics.report_rejections, 1);
+        self.metrics
+            .set_rejected(&self.service_id, Some(e.to_string()));
+        tracing::error!(service_id = %self.service_id, error = %e, retry_in = ?self.settings.rejected_retry,
+            "3scale rejected the call: check the service token and the service_id; nothing is lost, reporting waits");
+        tokio::time::sleep(self.settings.rejected_retry).await;
+        let changed = self.auth().reread();
+        if let Some(new) = changed {
+            tracing::info!(service_id = %self.service_id, "the secret's file changed: using it");
+            if let Ok(mut auth) = self.auth.lock() {
+                *auth = new;
+            }
+        }
+    }
+}
+
+/// A batch dispatched, waiting for its call (and every call before it) to finish.
+struct Pending {
+    seq: u64,
+    advances: Vec<Advance>,
+    done: bool,
+}
+
+/// Sends each batch until the backend accepts it, and moves the checkpoints on. Ends when the batch
+/// channel closes and every call is finished.
+pub async fn run(
+    report: ServiceReport,
+    mut batches: mpsc::Receiver<Batch>,
+    metrics: Arc<Metrics>,
+) -> Result<(), ReportError> {
+    let ServiceReport {
+        service_id,
+        auth,
+        sink,
+        mut state,
+        settings,
+    } = report;
+    let mut credentials = settings
+        .validation
+        .map(|(valid, invalid)| Credentials::new(valid, invalid));
+    let concurrency = match sink {
+        Sink::DryRun(_) => 1, // keeps the printed calls in order
+        Sink::Backend(_) => settings.concurrency,
+    };
+    let shared = Arc::new(Shared {
+        service_id,
+        auth: Mutex::new(auth),
+        settings,
+        metrics,
+    });
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut calls: JoinSet<(u64, Result<(), ReportError>)> = JoinSet::new();
+    let mut seq = 0u64;
+    let mut open = true;
+    let mut backoff = Backoff::for_calls();
+    while open || !pending.is_empty() {
+        tokio::select! {
+            batch = batches.recv(), if open && calls.len() < concurrency => {
+                let Some(mut batch) = batch else {
+                    open = false;
+                    continue;
+                };
+                seq += 1;
+                keep_sendable(&shared, &mut batch.transactions, &sink, credentials.as_mut()).await?;
+                let done = batch.transactions.is_empty();
+                if !done {
+                    persist(&shared, &mut backoff, || state.begin(seq, &batch.advances)).await;
+                    match &sink {
+                        Sink::DryRun(url) => {
+                            print_dry_run(url, &shared, &batch.transactions);
+                            count_reported(&shared.metrics, &batch.transactions);
+                            calls.spawn(async move { (seq, Ok(())) });
+                        }
+                        Sink::Backend(client) => {
+                            let (client, shared, transactions) = (client.clone(), shared.clone(), batch.transactions);
+                            calls.spawn(async move { (seq, send(&client, &shared, transactions).await) });
+                        }
+                    }
+                }
+                pending.push_back(Pending { seq, advances: batch.advances, done });
+            }
+            Some(finished) = calls.join_next() => {
+                let (finished_seq, result) = finished.map_err(|e| ReportError::Transient(format!("a report task failed: {e}")))?;
+                result?;
+                if let Some(p) = pending.iter_mut().find(|p| p.seq == finished_seq) {
+                    p.done = true;
+                }
+            }
+        }
+        while pending.front().is_some_and(|p| p.done) {
+            let p = pending.pop_front().expect("checked");
+            persist(&shared, &mut backoff, || state.commit(p.seq, &p.advances)).await;
+            for a in &p.advances {
+                if a.closed {
+                    shared.metrics.files.closed(a.source, a.key);
+                } else {
+                    shared
+                        .metrics
+                        .files
+                        .committed(a.source, a.key, a.offset, a.line_time);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One call, retried until 3scale accepts it: transient failures with backoff, rejections slowly.
+/// Before each try, transactions that have left 3scale's time window meanwhile are taken out.
+async fn send(
+    client: &Client,
+    shared: &Shared,
+    mut transactions: Vec<Transaction>,
+) -> Result<(), ReportError> {
+    let mut backoff = Backoff::for_calls();
+    let mut body = String::new();
+    let mut attempt = 0u32;
+    loop {
+        drop_outside_window(shared, &mut transactions);
+        if transactions.is_empty() {
+            return Ok(());
+        }
+        attempt += 1;
+        let auth = shared.auth();
+        let form = ReportForm {
+            auth: &auth,
+            service_id: &shared.service_id,
+            transactions: &transactions,
+            masked: false,
+        };
+        if let Err(e) = encode(&form, &mut body) {
+            // Only a bug can get here: every value is a string or an integer.
+            tracing::error!(error = %e, "cannot encode a report; its transactions are dropped");
+            return Ok(());
+        }
+        Metrics::add(&shared.metrics.report_calls, 1);
+        match client.report(&body, &auth).await {
+            Ok(()) => {
+                tracing::debug!(service_id = %shared.service_id, transactions = transactions.len(), attempt, "report accepted");
+                shared.metrics.set_rejected(&shared.service_id, None);
+                count_reported(&shared.metrics, &transactions);
+                return Ok(());
+            }
+            Err(e @ ReportError::Transient(_)) => {
+                Metrics::add(&shared.metrics.report_failures, 1);
+                let wait = backoff.next_delay();
+                tracing::warn!(service_id = %shared.service_id, error = %e, attempt, retry_in = ?wait, "report failed");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e @ ReportError::Rejected { .. }) => {
+                if shared.settings.fail_on_rejection {
+                    Metrics::add(&shared.metrics.report_rejections, 1);
+                    return Err(e);
+                }
+                shared.after_rejection(&e).await;
+            }
+        }
+    }
+}
+
+fn count_reported(metrics: &Metrics, transactions: &[Transaction]) {
+    Metrics::add(&metrics.transactions_reported, transactions.len() as u64);
+    Metrics::add(
+        &metrics.requests_reported,
+        transactions.iter().map(|t| t.hits).sum(),
+    );
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Takes out transactions 3scale would refuse for their time (older than `max_age`, or more than an
+/// hour ahead), counting them loudly: one of them would make 3scale drop the whole call. Returns
+/// them, with why.
+fn drop_outside_window(
+    shared: &Shared,
+    transactions: &mut Vec<Transaction>,
+) -> Vec<(Transaction, &'static str)> {
+    let now = unix_now();
+    let oldest = now - shared.settings.max_age.as_secs() as i64;
+    let (mut old, mut ahead) = (0u64, 0u64);
+    let mut dropped = Vec::new();
+    transactions.retain(|t| {
+        let why = if t.timestamp < oldest {
+            old += t.hits;
+            "older than max_age"
+        } else if t.timestamp > now + MAX_AHEAD {
+            ahead += t.hits;
+            "more than an hour ahead"
+        } else {
+            return true;
+        };
+        dropped.push((t.clone(), why));
+        false
+    });
+    if old > 0 {
+        Metrics::add(&shared.metrics.dropped_too_old, old);
+        tracing::warn!(service_id = %shared.service_id, requests = old, max_age = ?shared.settings.max_age,
+            "requests too old for 3scale (its window is 24 h) are dropped, not reported");
+    }
+    if ahead > 0 {
+        Metrics::add(&shared.metrics.dropped_too_new, ahead);
+        tracing::warn!(service_id = %shared.service_id, requests = ahead,
+            "requests timestamped more than an hour ahead are dropped, not reported: check the clocks");
+    }
+    dropped
+}
+
+/// Takes out what must not be sent: transactions outside the time window, and those of credentials
+/// 3scale does not know (checked with authorize when new). If an authorize call fails, the batch
+/// waits and tries again: nothing is dropped for want of an answer.
+async fn keep_sendable(
+    shared: &Arc<Shared>,
+    transactions: &mut Vec<Transaction>,
+    sink: &Sink,
+    credentials: Option<&mut Credentials>,
+) -> Result<(), ReportError> {
+    let dropped = drop_outside_window(shared, transactions);
+    let client = match sink {
+        Sink::DryRun(_) => {
+            print_dropped(&dropped);
+            return Ok(());
+        }
+        Sink::Backend(client) => client,
+    };
+    let Some(credentials) = credentials else {
+        return Ok(());
+    };
+    let mut backoff = Backoff::for_calls();
+    loop {
+        let unknown = credentials.unknown(transactions);
+        if unknown.is_empty() {
+            break;
+        }
+        match authorize_all(client, shared, unknown).await {
+            Ok(answers) => {
+                for (application, existence) in answers {
+                    if existence == Existence::Missing {
+                        tracing::warn!(service_id = %shared.service_id, credential = %mask(application.field().1),
+                            "3scale does not know this credential: its requests are counted, not reported");
+                    }
+                    credentials.record(application, existence == Existence::Exists);
+                }
+                shared.metrics.set_rejected(&shared.service_id, None);
+            }
+            Err(e @ ReportError::Transient(_)) => {
+                let wait = backoff.next_delay();
+                tracing::warn!(service_id = %shared.service_id, error = %e, retry_in = ?wait,
+                    "cannot check new credentials; the batch waits");
+                tokio::time::sleep(wait).await;
+                drop_outside_window(shared, transactions);
+            }
+            Err(e @ ReportError::Rejected { .. }) => {
+                if shared.settings.fail_on_rejection {
+                    return Err(e);
+                }
+                shared.after_rejection(&e).await;
+                drop_outside_window(shared, transactions);
+            }
+        }
+    }
+    transactions.retain(|t| {
+        if credentials.is_missing(&t.application) {
+            shared
+                .metrics
+                .invalid_credential(t.application.field().1, t.hits);
+            false
+        } else {
+            true
+        }
+    });
+    Ok(())
+}
+
+/// Authorize calls for `applications`, a few at a time; the first failure fails them all.
+async fn authorize_all(
+    client: &Arc<Client>,
+    shared: &Arc<Shared>,
+    applications: Vec<crate::aggregate::Application>,
+) -> Result<Vec<(crate::aggregate::Application, Existence)>, ReportError> {
+    let mut answers = Vec::with_capacity(applications.len());
+    let mut todo = applications.into_iter();
+    let mut calls = JoinSet::new();
+    loop {
+        while calls.len() < AUTHORIZE_CONCURRENCY {
+            let Some(application) = todo.next() else {
+                break;
+            };
+            let (client, shared) = (client.clone(), shared.clone());
+            calls.spawn(async move {
+                Metrics::add(&shared.metrics.authorize_calls, 1);
+                let auth = shared.auth();
+                let existence = client
+                    .authorize(&auth, &shared.service_id, &application)
+                    .await;
+                (application, existence)
+            });
+        }
+        let Some(done) = calls.join_next().await else {
+            return Ok(answers);
+        };
+        let (application, existence) =
+            done.map_err(|e| ReportError::Transient(format!("an authorize task failed: {e}")))?;
+        answers.push((application, existence?));
+    }
+}
+
+/// Writes the state, retrying while the disk refuses: reporting on without recording it would
+/// report the same lines again after a restart.
+async fn persist(
+    shared: &Shared,
+    backoff: &mut Backoff,
+    mut write: impl FnMut() -> Result<(), StateError>,
+) {
+    while let Err(e) = write() {
+        let wait = backoff.next_delay();
+        tracing::error!(service_id = %shared.service_id, error = %e, retry_in = ?wait, "cannot write the state; reporting waits");
+        tokio::time::sleep(wait).await;
+    }
+    backoff.reset();
+}
+
+/// One report call as `--dry-run` shows it: the request line, then the body decoded, one field per
+/// line, the secret masked.
+fn print_dry_run(url: &reqwest::Url, shared: &Shared, transactions: &[Transaction]) {
+    use std::io::Write;
+    let auth = shared.auth();
+    let form = ReportForm {
+        auth: &auth,
+        service_id: &shared.service_id,
+        transactions,
+        masked: true,
+    };
+    let mut body = String::new();
+    if encode(&form, &mut body).is_err() {
+        return;
+    }
+    let endpoint = url
+        .join("transactions.xml")
+        .map(|u| u.to_string())
+        .unwrap_or_default();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "POST {endpoint} service_id={} transactions={}",
+        shared.service_id,
+        transactions.len()
+    );
+    for (key, value) in form_urlencoded::parse(body.as_bytes()) {
+        let _ = writeln!(out, "  {key}={value}");
+    }
+    let _ = writeln!(out);
+}
+
+/// What `--dry-run` would not send for its time.
+fn print_dropped(dropped: &[(Transaction, &str)]) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for (t, why) in dropped {
+        let (field, value) = t.application.field();
+        let code = t
+            .code
+            .map(|c| format!(" log[code]={c}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "NOT SENT ({why}): {field}={value} usage[hits]={} timestamp={}{code}",
+            t.hits, t.timestamp
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        assert!(delays[7] >= Duration::from_millis(500) && delays[7] <= Duration::from_secs(1));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}
