@@ -89,7 +89,12 @@ struct State {
     drop_next: usize,
     /// Wait this long before answering each call.
     delay: Duration,
+    /// Answer every other call with 503.
+    flapping: bool,
     calls: usize,
+    /// Report calls being answered now, and the most there were at once.
+    concurrent: usize,
+    max_concurrent: usize,
 }
 
 /// A running test backend. It stops when the test process ends.
@@ -144,6 +149,15 @@ impl Backend {
 
     pub fn set_delay(&self, delay: Duration) {
         self.with(|s| s.delay = delay);
+    }
+
+    pub fn set_flapping(&self, on: bool) {
+        self.with(|s| s.flapping = on);
+    }
+
+    /// The most report calls that were under way at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.with(|s| s.max_concurrent)
     }
 
     pub fn set_token(&self, service_id: &str, token: &str) {
@@ -250,15 +264,31 @@ async fn handle(
         if drop {
             s.drop_next -= 1;
         }
+        let flap = s.flapping && s.calls % 2 == 0;
         let failure = match &mut s.fail_next {
             Some((n, status)) if *n > 0 && !drop => {
                 *n -= 1;
                 Some(*status)
             }
+            _ if flap => Some(503),
             _ => None,
         };
+        s.concurrent += 1;
+        s.max_concurrent = s.max_concurrent.max(s.concurrent);
         (s.delay, failure, drop)
     };
+    let answer = answer(req, &state, delay, failure, drop).await;
+    state.lock().unwrap().concurrent -= 1;
+    answer
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    state: &Arc<Mutex<State>>,
+    delay: Duration,
+    failure: Option<u16>,
+    drop: bool,
+) -> Result<Answer, DropConnection> {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -268,7 +298,7 @@ async fn handle(
     if let Some(status) = failure {
         return Ok(plain(status, "injected failure"));
     }
-    let answer = report(req, &state).await;
+    let answer = report(req, state).await;
     if answer.status().is_client_error() || answer.status().is_server_error() {
         let body = answer.body().clone();
         let text = body

@@ -1,0 +1,426 @@
+//! Delivery against the test backend's after-202 behaviour: no poisoned call, outages, rejections,
+//! time window, credential checks, concurrency, telemetry.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use support::backend::Backend;
+use support::{combined_line, now, write_config_with, Tally};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Setup {
+    dir: tempfile::TempDir,
+    backend: Backend,
+    log: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("access.log");
+        Setup {
+            dir,
+            backend: Backend::start(&[("42", "tok")]),
+            log,
+        }
+    }
+
+    fn append(&self, lines: &[(i64, &str, u16)]) {
+        let text: String = lines
+            .iter()
+            .map(|(t, target, status)| combined_line(*t, "GET", target, *status))
+            .collect();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    }
+
+    fn config(&self, backend_extra: &str, extra: &str) -> PathBuf {
+        write_config_with(
+            self.dir.path(),
+            &self.backend.url(),
+            "tok",
+            backend_extra,
+            &[(&self.log, "42")],
+            extra,
+        )
+    }
+
+    /// credential → hits accepted.
+    fn hits(&self) -> BTreeMap<String, u64> {
+        let mut m = BTreeMap::new();
+        for t in self.backend.transactions() {
+            *m.entry(t.credential()).or_default() += t.hits();
+        }
+        m
+    }
+}
+
+fn expect(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET on tally's telemetry port: (status, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    (status, body)
+}
+
+fn stop(mut tally: Tally) -> String {
+    tally.signal("TERM");
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    tally.logs()
+}
+
+#[test]
+fn an_unknown_credential_never_reaches_3scale_and_the_rest_of_its_batch_does() {
+    let s = Setup::new();
+    s.backend.set_applications(&["good-key-1234", "app-ok"]);
+    let t = now();
+    s.append(&[
+        (t, "/?user_key=good-key-1234", 200),
+        (t, "/?user_key=unknown-key-5678", 200),
+        (t, "/?app_id=app-ok", 404),
+        (t, "/?user_key=unknown-key-5678", 500),
+        (t, "/?app_id=missing-app-999", 200),
+        (t, "/?user_key=good-key-1234", 201),
+    ]);
+    let port = free_port();
+    let tally = Tally::start(
+        &s.config("", &format!("[telemetry]\nlisten = \"127.0.0.1:{port}\"\n")),
+        &[],
+    );
+    s.backend.wait_until(WAIT, "the known credentials", |b| {
+        b.transactions().len() >= 3
+    });
+    let (_, metrics) = http_get(port, "/metrics");
+    let logs = stop(tally);
+    assert_eq!(s.hits(), expect(&[("good-key-1234", 2), ("app-ok", 1)]));
+    assert!(
+        s.backend.dropped().is_empty(),
+        "a call was poisoned: {:?}",
+        s.backend.dropped()
+    );
+    // Each credential is checked once, then cached.
+    let mut asked = s.backend.authorizations();
+    asked.sort();
+    assert_eq!(
+        asked,
+        vec![
+            "app-ok",
+            "good-key-1234",
+            "missing-app-999",
+            "unknown-key-5678"
+        ]
+    );
+    assert!(
+        logs.contains("credential=unkn…5678") && logs.contains("3scale does not know"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("unknown-key-5678"),
+        "credentials are masked in logs:\n{logs}"
+    );
+    assert!(logs.contains("dropped_invalid_credential=3"), "{logs}");
+    assert!(
+        metrics.contains("tally_invalid_credential_requests_total{credential=\"unkn…5678\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tally_invalid_credential_requests_total{credential=\"miss…-999\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tally_requests_dropped_total{reason=\"invalid_credential\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_failing_credential_check_holds_the_batch_without_dropping_it() {
+    let s = Setup::new();
+    s.backend.set_applications(&["k1", "k2"]);
+    s.backend.fail_next(3, 503);
+    let t = now();
+    s.append(&[
+        (t, "/?user_key=k1", 200),
+        (t, "/?user_key=k2", 200),
+        (t, "/?user_key=k1", 503),
+    ]);
+    let mut tally = Tally::start(&s.config("", ""), &["--once"]);
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    assert_eq!(s.hits(), expect(&[("k1", 2), ("k2", 1)]));
+    assert!(
+        tally
+            .logs()
+            .contains("cannot check new credentials; the batch waits"),
+        "{}",
+        tally.logs()
+    );
+}
+
+#[test]
+fn lines_older_than_the_window_are_dropped_loudly_and_never_sent() {
+    let s = Setup::new();
+    let t = now();
+    s.append(&[
+        (t - 25 * 3600, "/?user_key=old", 200),
+        (t - 3600, "/?user_key=recent", 200),
+        (t - 24 * 3600 + 60, "/?user_key=edge", 200), // inside 24 h, outside the 5-minute margin
+        (t + 3 * 3600, "/?user_key=future", 200),
+        (t, "/?user_key=now", 200),
+    ]);
+    let mut tally = Tally::start(&s.config("", ""), &["--once"]);
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    assert_eq!(s.hits(), expect(&[("recent", 1), ("now", 1)]));
+    assert!(s.backend.dropped().is_empty(), "{:?}", s.backend.dropped());
+    let logs = tally.logs();
+    assert!(
+        logs.contains("WARN") && logs.contains("too old for 3scale"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("dropped_too_old=2") && logs.contains("dropped_too_new=1"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn outages_short_and_long_lose_nothing_and_catch_up() {
+    let s = Setup::new();
+    s.backend.fail_next(usize::MAX, 503);
+    let config = s.config(
+        "",
+        "[report]\nflush_interval = \"100ms\"\nmax_transactions = 10\n",
+    );
+    let tally = Tally::start(&config, &[]);
+    let t = now();
+    let keys: Vec<String> = (0..120).map(|i| format!("/?user_key=k{}", i % 7)).collect();
+    for (i, k) in keys.iter().enumerate() {
+        s.append(&[(t, k, if i % 3 == 0 { 500 } else { 200 })]);
+    }
+    // Many flush intervals of outage, with reading held back.
+    tally.wait_for_logs("HTTP 503", 3, WAIT);
+    assert!(s.backend.transactions().is_empty());
+    s.backend.fail_next(0, 503);
+    s.backend
+        .wait_until(WAIT, "120 transactions", |b| b.transactions().len() >= 120);
+    // A short one: a few failures, then the rest.
+    s.backend.fail_next(2, 502);
+    s.append(&[(t, "/?user_key=late", 200)]);
+    s.backend
+        .wait_until(WAIT, "121 transactions", |b| b.transactions().len() >= 121);
+    stop(tally);
+    assert_eq!(s.backend.transactions().len(), 121);
+    let mut codes = BTreeMap::new();
+    for tx in s.backend.transactions() {
+        *codes.entry(tx.code.clone().unwrap()).or_insert(0) += 1;
+        assert_eq!(tx.timestamp(), t, "the original timestamp is reported");
+    }
+    assert_eq!(
+        codes,
+        [("200".to_string(), 81), ("500".to_string(), 40)]
+            .into_iter()
+            .collect()
+    );
+}
+
+#[test]
+fn flapping_503s_and_connection_resets_lose_and_duplicate_nothing() {
+    let s = Setup::new();
+    s.backend.set_flapping(true);
+    let t = now();
+    let lines: Vec<(i64, String, u16)> = (0..300)
+        .map(|i| (t, format!("/?user_key=k{}", i % 11), 200))
+        .collect();
+    let refs: Vec<(i64, &str, u16)> = lines.iter().map(|(t, k, c)| (*t, k.as_str(), *c)).collect();
+    s.append(&refs);
+    let mut tally = Tally::start(
+        &s.config(
+            "validate_credentials = false\n",
+            "[report]\nmax_transactions = 25\n",
+        ),
+        &["--once"],
+    );
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    s.backend.set_flapping(false);
+    s.backend.drop_next(3);
+    s.append(&[(t, "/?user_key=after", 200)]);
+    let mut again = Tally::start(&s.config("validate_credentials = false\n", ""), &["--once"]);
+    assert!(again.wait(WAIT).success(), "{}", again.logs());
+    assert_eq!(s.backend.hits(), 301);
+    assert_eq!(s.backend.reports().len(), 13);
+}
+
+#[test]
+fn a_rejected_token_marks_tally_unhealthy_keeps_the_data_and_resumes_once_fixed() {
+    let s = Setup::new();
+    s.backend.set_token("42", "the-new-token");
+    let token_file = s.dir.path().join("token");
+    std::fs::write(&token_file, "tok\n").unwrap();
+    let port = free_port();
+    let config = write_config_with(
+        s.dir.path(),
+        &s.backend.url(),
+        "unused",
+        "rejected_retry = \"300ms\"\n",
+        &[(&s.log, "42")],
+        &format!("[telemetry]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    // The token comes from a file (a Kubernetes Secret), which is then fixed.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "service_token = \"unused\"",
+        &format!("service_token_file = \"{}\"", token_file.display()),
+    );
+    std::fs::write(&config, text).unwrap();
+    let t = now();
+    s.append(&[(t, "/?user_key=a", 200), (t, "/?user_key=b", 404)]);
+    let tally = Tally::start(&config, &[]);
+    tally.wait_for_logs("service_token_invalid", 2, WAIT);
+    let (status, body) = http_get(port, "/healthz");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("service 42") && body.contains("service_token_invalid"),
+        "{body}"
+    );
+    assert!(!body.contains("the-new-token") && !tally.logs().contains("\"tok\""));
+    assert_eq!(http_get(port, "/livez").0, 200);
+    assert!(s.backend.transactions().is_empty());
+    // Slow retries, not a tight loop: a few calls per second at most.
+    let calls = s.backend.calls();
+    assert!(calls < 20, "{calls} calls while rejected");
+    std::fs::write(&token_file, "the-new-token\n").unwrap();
+    s.backend
+        .wait_until(WAIT, "both requests", |b| b.transactions().len() >= 2);
+    let deadline = std::time::Instant::now() + WAIT;
+    while http_get(port, "/healthz").0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "still unhealthy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, metrics) = http_get(port, "/metrics");
+    assert!(metrics.contains("tally_healthy 1"), "{metrics}");
+    let logs = stop(tally);
+    assert_eq!(s.hits(), expect(&[("a", 1), ("b", 1)]));
+    assert!(logs.contains("the secret's file changed"), "{logs}");
+    assert!(!logs.contains("the-new-token"), "{logs}");
+}
+
+#[test]
+fn a_token_fixed_in_3scale_resumes_reporting_without_restart() {
+    let s = Setup::new();
+    s.backend.set_token("42", "other");
+    let t = now();
+    s.append(&[(t, "/?user_key=a", 200)]);
+    let tally = Tally::start(&s.config("rejected_retry = \"200ms\"\n", ""), &[]);
+    tally.wait_for_log("service_token_invalid", WAIT);
+    s.backend.set_token("42", "tok");
+    s.backend
+        .wait_until(WAIT, "the request", |b| b.transactions().len() == 1);
+    stop(tally);
+    assert_eq!(s.hits(), expect(&[("a", 1)]));
+}
+
+#[test]
+fn reserved_and_non_ascii_characters_in_credentials_arrive_intact() {
+    let s = Setup::new();
+    let t = now();
+    s.append(&[
+        (t, "/?user_key=caf%C3%A9%26%3D%3F%23%25+x", 200),
+        (t, "/?app_id=%E6%97%A5%E6%9C%AC/%2B", 200),
+        (t, r"/?user_key=\xC3\xBC-nginx-escaped", 200),
+    ]);
+    let mut tally = Tally::start(&s.config("", ""), &["--once"]);
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    assert_eq!(
+        s.hits(),
+        expect(&[("café&=?#% x", 1), ("日本/+", 1), ("ü-nginx-escaped", 1)])
+    );
+    assert!(s.backend.refusals().is_empty());
+}
+
+#[test]
+fn concurrent_calls_checkpoint_in_order() {
+    let s = Setup::new();
+    s.backend.set_delay(Duration::from_millis(150));
+    let t = now();
+    let lines: Vec<(i64, String, u16)> = (0..400)
+        .map(|i| (t, format!("/?user_key=k{}", i % 5), 200))
+        .collect();
+    let refs: Vec<(i64, &str, u16)> = lines.iter().map(|(t, k, c)| (*t, k.as_str(), *c)).collect();
+    s.append(&refs);
+    let config = s.config(
+        "validate_credentials = false\n",
+        "[report]\nmax_transactions = 20\nconcurrency = 4\n",
+    );
+    let mut tally = Tally::start(&config, &["--once"]);
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    assert_eq!(s.backend.hits(), 400);
+    let most = s.backend.max_concurrent();
+    assert!((2..=4).contains(&most), "{most} calls at once");
+    // The checkpoint is at the end of the file: a second run sends nothing.
+    let calls = s.backend.calls();
+    let mut again = Tally::start(&config, &["--once"]);
+    assert!(again.wait(WAIT).success(), "{}", again.logs());
+    assert_eq!(s.backend.calls(), calls);
+    assert_eq!(s.backend.hits(), 400);
+}
+
+#[test]
+fn sources_with_their_own_token_report_to_their_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("1", "token-one"), ("2", "token-two")]);
+    let (a, b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    std::fs::write(&a, combined_line(now(), "GET", "/?user_key=ka", 200)).unwrap();
+    std::fs::write(&b, combined_line(now(), "GET", "/?user_key=kb", 200)).unwrap();
+    let config = write_config_with(
+        dir.path(),
+        &backend.url(),
+        "token-one",
+        "",
+        &[(&a, "1"), (&b, "2")],
+        "",
+    );
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "service_id = \"2\"",
+        "service_id = \"2\"\nservice_token = \"token-two\"",
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut tally = Tally::start(&config, &["--once"]);
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let mut got: Vec<(String, String)> = backend
+        .reports()
+        .iter()
+        .flat_map(|r| {
+            r.transactions
+                .iter()
+                .map(|t| (r.service_id.clone(), t.credential()))
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![("1".into(), "ka".into()), ("2".into(), "kb".into())]
+    );
+    assert!(!tally.logs().contains("token-two"));
+}
