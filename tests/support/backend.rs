@@ -264,7 +264,7 @@ async fn handle(
         if drop {
             s.drop_next -= 1;
         }
-        let flap = s.flapping && s.calls % 2 == 0;
+        let flap = s.flapping && s.calls.is_multiple_of(2);
         let failure = match &mut s.fail_next {
             Some((n, status)) if *n > 0 && !drop => {
                 *n -= 1;
