@@ -4,15 +4,16 @@
 //! response-code counters per transaction, whatever its usage, so folding would lose codes. With them
 //! off, requests of one application and second are folded into one transaction.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use tokio::sync::mpsc;
 
 use crate::parse::{Credential, Parser, Request, Skip};
 use crate::state::Advance;
 use crate::tail::Chunk;
-use crate::telemetry::Metrics;
+use crate::telemetry::{masked_line, Metrics};
 
 /// How 3scale identifies the application in a report. The app_key is not part of a report.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -53,7 +54,7 @@ pub struct Batch {
 /// Shares one allocation per distinct credential. Bounded: an API hammered with random keys must not
 /// grow tally's memory, so the table is cleared when it reaches its limit.
 struct Interner {
-    keys: HashSet<Arc<str>>,
+    keys: FxHashSet<Arc<str>>,
     limit: usize,
 }
 
@@ -76,7 +77,7 @@ pub struct Aggregator {
     max_transactions: usize,
     batch: Batch,
     /// Folding index of the open batch: (application, second) → transaction.
-    folded: HashMap<(Application, i64), usize>,
+    folded: FxHashMap<(Application, i64), usize>,
     interner: Interner,
 }
 
@@ -86,9 +87,9 @@ impl Aggregator {
             response_codes,
             max_transactions: max_transactions.max(1),
             batch: Batch::default(),
-            folded: HashMap::new(),
+            folded: FxHashMap::default(),
             interner: Interner {
-                keys: HashSet::new(),
+                keys: FxHashSet::default(),
                 limit: 100_000,
             },
         }
@@ -144,7 +145,12 @@ impl Aggregator {
         if self.batch.transactions.is_empty() && self.batch.advances.is_empty() {
             return None;
         }
-        Some(std::mem::take(&mut self.batch))
+        // The next batch gets its full size at once, instead of growing by copies.
+        let next = Batch {
+            transactions: Vec::with_capacity(self.max_transactions),
+            advances: Vec::new(),
+        };
+        Some(std::mem::replace(&mut self.batch, next))
     }
 }
 
@@ -158,7 +164,7 @@ pub struct ServiceLines {
 }
 
 /// Parses one chunk's lines into the aggregator; returns the batches they filled.
-fn parse_chunk(
+pub fn parse_chunk(
     lines: &ServiceLines,
     aggregator: &mut Aggregator,
     chunk: &Chunk,
@@ -167,9 +173,9 @@ fn parse_chunk(
 ) -> Vec<Batch> {
     let mut full = Vec::new();
     let base = chunk.end_offset - chunk.data.len() as u64;
-    let mut pos = 0u64;
     let mut line_time = 0;
-    let parser = lines.parsers.get(chunk.source).copied().flatten();
+    // A copy per chunk: the parser caches the last time field it read.
+    let mut parser = lines.parsers.get(chunk.source).copied().flatten();
     let at = |offset: u64, line_time: i64, closed: bool| Advance {
         source: chunk.source,
         key: chunk.file,
@@ -179,15 +185,17 @@ fn parse_chunk(
         path: chunk.path.clone(),
         closed,
     };
-    for line in chunk.data.split_inclusive(|&b| b == b'\n') {
-        pos += line.len() as u64;
-        let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let (mut read, mut skipped) = (0u64, [0u64; 4]);
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', &chunk.data) {
+        let line = &chunk.data[start..end];
+        start = end + 1;
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
             continue;
         }
-        Metrics::add(&metrics.lines_read, 1);
-        let parsed = match parser {
+        read += 1;
+        let parsed = match parser.as_mut() {
             _ if line.len() > lines.max_line_length => Err(Skip::TooLong),
             Some(parser) => parser.parse(line),
             None => Err(Skip::Malformed),
@@ -196,21 +204,30 @@ fn parse_chunk(
             Ok(request) => {
                 line_time = request.timestamp;
                 if aggregator.add(&request) {
-                    aggregator.advance(at(base + pos, line_time, false));
+                    aggregator.advance(at(base + start as u64, line_time, false));
                     full.extend(aggregator.take());
                 }
             }
             Err(skip) => {
-                metrics.skipped(skip);
-                let excerpt = String::from_utf8_lossy(&line[..line.len().min(200)]);
+                skipped[skip as usize] += 1;
                 if warned.insert(skip) {
-                    tracing::warn!(service_id = %lines.service_id, reason = skip.reason(), line = %excerpt,
+                    tracing::warn!(service_id = %lines.service_id, reason = skip.reason(), line = %masked_line(line),
                         "line skipped (further skips for this reason are logged at debug level and counted)");
-                } else {
-                    tracing::debug!(service_id = %lines.service_id, reason = skip.reason(), line = %excerpt, "line skipped");
+                } else if tracing::enabled!(tracing::Level::DEBUG) {
+                    tracing::debug!(service_id = %lines.service_id, reason = skip.reason(), line = %masked_line(line), "line skipped");
                 }
             }
         }
+    }
+    // Counted once per chunk: an atomic add per line would cost more than the parsing.
+    Metrics::add(&metrics.lines_read, read);
+    for skip in [
+        Skip::Malformed,
+        Skip::NoCredential,
+        Skip::InvalidCredential,
+        Skip::TooLong,
+    ] {
+        metrics.skipped(skip, skipped[skip as usize]);
     }
     aggregator.advance(at(chunk.end_offset, line_time, chunk.closed));
     full
@@ -335,7 +352,7 @@ mod tests {
     #[test]
     fn the_interner_stays_bounded() {
         let mut i = Interner {
-            keys: HashSet::new(),
+            keys: FxHashSet::default(),
             limit: 10,
         };
         for n in 0..1000 {

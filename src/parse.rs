@@ -30,6 +30,7 @@ pub struct Request<'a> {
 
 /// Why a line is not reported. Every skip is counted under its reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
 pub enum Skip {
     /// The line is not in the configured format (garbage, truncated, another format).
     Malformed,
@@ -57,17 +58,32 @@ impl Skip {
 pub struct Parser {
     format: LogFormat,
     credential: CredentialMode,
+    /// The last time field parsed and its value: consecutive lines mostly share their second.
+    last_time: ([u8; 26], i64),
 }
 
 impl Parser {
     pub fn new(format: LogFormat, credential: CredentialMode) -> Parser {
-        Parser { format, credential }
+        Parser {
+            format,
+            credential,
+            last_time: ([0; 26], 0),
+        }
     }
 
     /// `line` is without its newline.
-    pub fn parse<'a>(&self, line: &'a [u8]) -> Result<Request<'a>, Skip> {
+    pub fn parse<'a>(&mut self, line: &'a [u8]) -> Result<Request<'a>, Skip> {
         let fields = match self.format {
             LogFormat::Combined => combined(line).ok_or(Skip::Malformed)?,
+        };
+        let timestamp = if fields.time == self.last_time.0 {
+            self.last_time.1
+        } else {
+            let t = time_local(fields.time).ok_or(Skip::Malformed)?;
+            if let Ok(text) = fields.time.try_into() {
+                self.last_time = (text, t);
+            }
+            t
         };
         let (method, target) = split_request(fields.request).ok_or(Skip::Malformed)?;
         let (path, query) = match memchr::memchr(b'?', target) {
@@ -76,7 +92,7 @@ impl Parser {
         };
         let credential = credential(query, self.credential)?;
         Ok(Request {
-            timestamp: fields.timestamp,
+            timestamp,
             method,
             path,
             status: fields.status,
@@ -86,7 +102,8 @@ impl Parser {
 }
 
 struct Fields<'a> {
-    timestamp: i64,
+    /// `$time_local`, not yet parsed.
+    time: &'a [u8],
     request: &'a [u8],
     status: u16,
 }
@@ -98,14 +115,14 @@ fn combined(line: &[u8]) -> Option<Fields<'_>> {
     let open = memchr::memchr(b'[', line)?;
     let rest = &line[open + 1..];
     let close = memchr::memchr(b']', rest)?;
-    let timestamp = time_local(&rest[..close])?;
+    let time = &rest[..close];
     let rest = rest[close + 1..].strip_prefix(b" \"")?;
     let end = closing_quote(rest)?;
     let request = &rest[..end];
     let rest = rest[end + 1..].strip_prefix(b" ")?;
     let status = status(rest)?;
     Some(Fields {
-        timestamp,
+        time,
         request,
         status,
     })
@@ -210,11 +227,15 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 
 fn credential(query: &[u8], mode: CredentialMode) -> Result<Credential<'_>, Skip> {
     let (mut user_key, mut app_id, mut app_key) = (None, None, None);
-    for pair in query.split(|&b| b == b'&') {
-        let (name, value) = match memchr::memchr(b'=', pair) {
-            Some(eq) => (&pair[..eq], &pair[eq + 1..]),
-            None => continue,
+    let mut rest = query;
+    while !rest.is_empty() {
+        let end = memchr::memchr(b'&', rest).unwrap_or(rest.len());
+        let pair = &rest[..end];
+        rest = rest.get(end + 1..).unwrap_or_default();
+        let Some(eq) = memchr::memchr(b'=', pair) else {
+            continue;
         };
+        let (name, value) = (&pair[..eq], &pair[eq + 1..]);
         let slot = match name {
             b"user_key" => &mut user_key,
             b"app_id" => &mut app_id,
@@ -224,6 +245,14 @@ fn credential(query: &[u8], mode: CredentialMode) -> Result<Credential<'_>, Skip
         // The first occurrence wins, as in NGINX's $arg_ variables.
         if slot.is_none() && !value.is_empty() {
             *slot = Some(value);
+        }
+        // Stop as soon as the rest of the query cannot change the answer.
+        let done = match mode {
+            CredentialMode::Auto | CredentialMode::UserKey => user_key.is_some(),
+            CredentialMode::AppId => app_id.is_some() && app_key.is_some(),
+        };
+        if done {
+            break;
         }
     }
     let use_user_key = match mode {
@@ -245,7 +274,7 @@ fn credential(query: &[u8], mode: CredentialMode) -> Result<Credential<'_>, Skip
 /// Undoes the log's escaping (`\xHH`, which NGINX writes for bytes it does not print) and the query
 /// string's (`%HH`, `+` for space). Borrowed when there is nothing to undo.
 fn decode(raw: &[u8]) -> Result<Cow<'_, str>, Skip> {
-    if !raw.iter().any(|b| matches!(b, b'%' | b'+' | b'\\')) {
+    if memchr::memchr3(b'%', b'+', b'\\', raw).is_none() {
         return std::str::from_utf8(raw)
             .map(Cow::Borrowed)
             .map_err(|_| Skip::InvalidCredential);
@@ -358,6 +387,30 @@ mod tests {
                 app_id: Cow::Borrowed("a"),
                 app_key: None
             }
+        );
+    }
+
+    #[test]
+    fn one_parser_reads_many_lines_with_its_time_cache() {
+        let mut p = Parser::new(LogFormat::Combined, CredentialMode::Auto);
+        let line = |t: &str| format!(r#"h - - [{t}] "GET /?user_key=k HTTP/1.1" 200 1 "-" "-""#);
+        let times = [
+            "24/Nov/2026:10:15:00 +0000",
+            "24/Nov/2026:10:15:00 +0000",
+            "24/Nov/2026:10:15:01 +0000",
+            "24/Nov/2026:10:15:00 +0100",
+        ];
+        let got: Vec<i64> = times
+            .iter()
+            .map(|t| p.parse(line(t).as_bytes()).unwrap().timestamp)
+            .collect();
+        assert_eq!(
+            got,
+            vec![1_795_515_300, 1_795_515_300, 1_795_515_301, 1_795_511_700]
+        );
+        assert_eq!(
+            p.parse(line("24/Nov/2026:10:15:99 +0000").as_bytes()),
+            Err(Skip::Malformed)
         );
     }
 

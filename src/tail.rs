@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,6 +115,9 @@ pub struct TailOptions {
 
 const READ_BLOCK: usize = 256 * 1024;
 
+/// The shortest time between two read passes woken by file events.
+const MIN_PASS_INTERVAL: Duration = Duration::from_millis(100);
+
 /// A running follower: stop it, then join it.
 pub struct Follower {
     stop: Arc<AtomicBool>,
@@ -148,7 +152,6 @@ impl Follower {
             metrics,
             stop: stop.clone(),
             started: false,
-            buf: vec![0; READ_BLOCK],
         };
         let thread = std::thread::Builder::new()
             .name(format!("tail-{source}"))
@@ -247,7 +250,6 @@ struct Tail {
     stop: Arc<AtomicBool>,
     /// Whether the first scan is done.
     started: bool,
-    buf: Vec<u8>,
 }
 
 impl Tail {
@@ -258,6 +260,7 @@ impl Tail {
                 self.scan();
                 next_scan = Instant::now() + self.options.poll_interval;
             }
+            let pass = Instant::now();
             if !self.read_all() || !self.retire() {
                 return; // the pipeline is gone
             }
@@ -265,18 +268,28 @@ impl Tail {
                 return;
             }
             let timeout = next_scan.saturating_duration_since(Instant::now());
-            match wakes.recv_timeout(timeout) {
-                Ok(first) => {
-                    // Coalesce a burst of events into one pass.
-                    let scan = std::iter::once(first)
-                        .chain(wakes.try_iter())
-                        .any(|w| matches!(w, Wake::Scan));
-                    if scan {
-                        next_scan = Instant::now();
-                    }
-                }
-                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+            let first = match wakes.recv_timeout(timeout) {
+                Ok(first) => first,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            // Events come with every write: gather them until the next pass is due, so a steady
+            // stream costs a few passes a second, not one per write.
+            let mut scan = matches!(first, Wake::Scan);
+            let due = pass + MIN_PASS_INTERVAL;
+            while !self.stop.load(Ordering::SeqCst) {
+                let left = due.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match wakes.recv_timeout(left) {
+                    Ok(w) => scan |= matches!(w, Wake::Scan),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            if scan {
+                next_scan = Instant::now();
             }
         }
     }
@@ -446,7 +459,6 @@ impl Tail {
     fn read(&mut self, i: usize) -> bool {
         let Tail {
             readers,
-            buf,
             out,
             metrics,
             options,
@@ -460,10 +472,24 @@ impl Tail {
             if stop.load(Ordering::SeqCst) {
                 return true;
             }
-            let n = match r.file.read_at(buf, r.offset) {
-                Ok(0) => return true,
+            // The chunk is built in place: the start of a line left from the last read, then
+            // the new bytes, read straight after it (no copy of what is read).
+            let mut data = std::mem::take(&mut r.partial);
+            let kept = data.len();
+            data.reserve(READ_BLOCK);
+            let read = r
+                .file
+                .seek(SeekFrom::Start(r.offset))
+                .and_then(|_| (&r.file).take(READ_BLOCK as u64).read_to_end(&mut data));
+            let n = match read {
+                Ok(0) => {
+                    r.partial = data;
+                    return true;
+                }
                 Ok(n) => n,
                 Err(e) => {
+                    data.truncate(kept);
+                    r.partial = data;
                     tracing::warn!(path = %r.shown.display(), error = %e, "read failed; will try again");
                     return true;
                 }
@@ -473,31 +499,35 @@ impl Tail {
                 r.fingerprint =
                     Fingerprint::read(&r.file, Fingerprint::MAX).unwrap_or(r.fingerprint);
             }
-            let mut new = &buf[..n];
             if r.discarding {
-                match memchr::memchr(b'\n', new) {
+                // The rest of a line too long to keep: drop it up to its newline.
+                match memchr::memchr(b'\n', &data) {
                     Some(nl) => {
                         r.discarding = false;
-                        new = &new[nl + 1..];
+                        data.drain(..=nl);
                     }
-                    None => continue,
+                    None => {
+                        data.clear();
+                        r.partial = data;
+                        continue;
+                    }
                 }
             }
-            let Some(last_nl) = memchr::memrchr(b'\n', new) else {
-                r.partial.extend_from_slice(new);
+            // Only the new bytes can hold a newline: the kept part had none.
+            let from = kept.min(data.len());
+            let Some(last_nl) = memchr::memrchr(b'\n', &data[from..]).map(|i| from + i) else {
+                r.partial = data;
                 if r.partial.len() > options.max_line_length {
                     tracing::warn!(path = %r.shown.display(), limit = options.max_line_length, "line too long: skipped");
-                    metrics.skipped(crate::parse::Skip::TooLong);
+                    metrics.skipped(crate::parse::Skip::TooLong, 1);
                     Metrics::add(&metrics.lines_read, 1);
                     r.partial = Vec::new();
                     r.discarding = true;
                 }
                 continue;
             };
-            let mut data = Vec::with_capacity(r.partial.len() + last_nl + 1);
-            data.append(&mut r.partial);
-            data.extend_from_slice(&new[..=last_nl]);
-            r.partial.extend_from_slice(&new[last_nl + 1..]);
+            r.partial = data[last_nl + 1..].to_vec();
+            data.truncate(last_nl + 1);
             let chunk = Chunk {
                 source: *source,
                 file: r.key,
@@ -706,7 +736,6 @@ mod model {
                     metrics: Arc::new(Metrics::default()),
                     stop: Arc::new(AtomicBool::new(false)),
                     started: false,
-                    buf: vec![0; READ_BLOCK],
                 });
             }
             let tail = self.tail.as_mut().unwrap();

@@ -37,14 +37,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn skipped(&self, reason: Skip) {
+    pub fn skipped(&self, reason: Skip, n: u64) {
         let counter = match reason {
             Skip::Malformed => &self.skipped_malformed,
             Skip::NoCredential => &self.skipped_no_credential,
             Skip::InvalidCredential => &self.skipped_invalid_credential,
             Skip::TooLong => &self.skipped_too_long,
         };
-        counter.fetch_add(1, Relaxed);
+        counter.fetch_add(n, Relaxed);
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {
@@ -238,6 +238,28 @@ pub fn mask(credential: &str) -> String {
     let head: String = chars[..4].iter().collect();
     let tail: String = chars[chars.len() - 4..].iter().collect();
     format!("{head}…{tail}")
+}
+
+/// A log line as tally's own logs show it: at most 200 bytes, lossy UTF-8, and the values of the
+/// credential parameters (`user_key`, `app_id`, `app_key`) masked.
+pub fn masked_line(line: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&line[..line.len().min(200)]);
+    let mut out = String::with_capacity(text.len());
+    let mut rest: &str = &text;
+    while let Some(at) = ["user_key=", "app_id=", "app_key="]
+        .iter()
+        .filter_map(|name| rest.find(name).map(|i| i + name.len()))
+        .min()
+    {
+        out.push_str(&rest[..at]);
+        let value_end = rest[at..]
+            .find(['&', ' ', '"', '#'])
+            .map_or(rest.len(), |e| at + e);
+        out.push_str(&mask(&rest[at..value_end]));
+        rest = &rest[value_end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Sets up logging to stderr, human-readable or JSON lines. `RUST_LOG`, when set, overrides `level`.
@@ -485,4 +507,22 @@ fn label(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_masked_in_logged_lines() {
+        assert_eq!(mask("0123456789abcdef"), "0123…cdef");
+        assert_eq!(mask("short"), "***");
+        let line = br#"1.2.3.4 - - [x] "GET /p?user_key=0123456789abcdef&x=1&app_key=supersecretkey HTTP/1.1" 200"#;
+        assert_eq!(
+            masked_line(line),
+            r#"1.2.3.4 - - [x] "GET /p?user_key=0123…cdef&x=1&app_key=supe…tkey HTTP/1.1" 200"#
+        );
+        assert_eq!(masked_line(b"garbage \xff"), "garbage \u{fffd}");
+        assert!(masked_line(&[b'a'; 1000]).len() == 200);
+    }
 }

@@ -2,13 +2,14 @@
 //! credential is dropped whole by 3scale after its 202, so a credential is checked once before it is
 //! first reported, and the answer is cached (known-good and known-invalid, each with its TTL).
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
 
 use crate::aggregate::{Application, Transaction};
 
 pub struct Credentials {
-    answers: HashMap<Application, (bool, Instant)>,
+    answers: FxHashMap<Application, (bool, Instant)>,
     valid_ttl: Duration,
     invalid_ttl: Duration,
 }
@@ -20,24 +21,25 @@ const LIMIT: usize = 100_000;
 impl Credentials {
     pub fn new(valid_ttl: Duration, invalid_ttl: Duration) -> Credentials {
         Credentials {
-            answers: HashMap::new(),
+            answers: FxHashMap::default(),
             valid_ttl,
             invalid_ttl,
         }
     }
 
-    fn fresh(&self, application: &Application) -> Option<bool> {
+    fn fresh(&self, application: &Application, now: Instant) -> Option<bool> {
         self.answers
             .get(application)
-            .filter(|(_, until)| Instant::now() < *until)
+            .filter(|(_, until)| now < *until)
             .map(|(exists, _)| *exists)
     }
 
     /// The distinct applications of `transactions` without a fresh answer.
     pub fn unknown(&self, transactions: &[Transaction]) -> Vec<Application> {
+        let now = Instant::now();
         let mut unknown: Vec<Application> = Vec::new();
         for t in transactions {
-            if self.fresh(&t.application).is_none() && !unknown.contains(&t.application) {
+            if self.fresh(&t.application, now).is_none() && !unknown.contains(&t.application) {
                 unknown.push(t.application.clone());
             }
         }
@@ -61,9 +63,18 @@ impl Credentials {
             .insert(application, (exists, Instant::now() + ttl));
     }
 
-    /// Whether 3scale said lately that the application does not exist.
-    pub fn is_missing(&self, application: &Application) -> bool {
-        self.fresh(application) == Some(false)
+    /// Takes out the transactions of applications 3scale said lately do not exist; returns them.
+    pub fn take_missing(&self, transactions: &mut Vec<Transaction>) -> Vec<Transaction> {
+        let now = Instant::now();
+        let mut missing = Vec::new();
+        transactions.retain(|t| {
+            let keep = self.fresh(&t.application, now) != Some(false);
+            if !keep {
+                missing.push(t.clone());
+            }
+            keep
+        });
+        missing
     }
 }
 
@@ -89,10 +100,12 @@ mod tests {
         c.record(Application::UserKey("b".into()), false);
         // b's answer expired at once (TTL 0): asked again; a is known.
         assert_eq!(c.unknown(&txs), vec![Application::UserKey("b".into())]);
-        assert!(!c.is_missing(&Application::UserKey("a".into())));
         let mut c = Credentials::new(Duration::from_secs(60), Duration::from_secs(60));
+        c.record(Application::UserKey("a".into()), true);
         c.record(Application::UserKey("b".into()), false);
-        assert!(c.is_missing(&Application::UserKey("b".into())));
+        let mut txs = vec![tx("a"), tx("b"), tx("a")];
+        assert_eq!(c.take_missing(&mut txs), vec![tx("b")]);
+        assert_eq!(txs, vec![tx("a"), tx("a")]);
         assert!(c.unknown(&[tx("b")]).is_empty());
     }
 }

@@ -384,16 +384,11 @@ async fn keep_sendable(
             }
         }
     }
-    transactions.retain(|t| {
-        if credentials.is_missing(&t.application) {
-            shared
-                .metrics
-                .invalid_credential(t.application.field().1, t.hits);
-            false
-        } else {
-            true
-        }
-    });
+    for t in credentials.take_missing(transactions) {
+        shared
+            .metrics
+            .invalid_credential(t.application.field().1, t.hits);
+    }
     Ok(())
 }
 

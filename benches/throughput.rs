@@ -1,0 +1,497 @@
+//! tally's cost, measured in one run against `wc -l` on the same file:
+//!
+//! 1. a realistic NGINX combined log of N lines (TALLY_BENCH_LINES, default 2,000,000);
+//! 2. `wc -l` on it (the machine's reading speed);
+//! 3. tally's parse + aggregate path alone, in this process;
+//! 4. tally end to end (`tally run --once`, response codes on, credentials checked) into a local
+//!    backend that accepts everything and counts what arrives;
+//! 5. tally following a stream of 10,000 lines/s, then idle.
+//!
+//! Run: `cargo bench --bench throughput` (TALLY_BENCH_LINES=500000 for a quicker run,
+//! TALLY_BENCH_PARSE_ONLY=1 to stop after step 3, e.g. under a profiler).
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tally::aggregate::{parse_chunk, Aggregator, ServiceLines};
+use tally::config::{CredentialMode, LogFormat};
+use tally::parse::Parser;
+use tally::tail::{Follower, TailOptions};
+use tally::telemetry::Metrics;
+
+fn main() {
+    let lines: u64 = std::env::var("TALLY_BENCH_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000_000);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let credentialed = generate(&log, lines);
+    let bytes = std::fs::metadata(&log).unwrap().len();
+    let mb = bytes as f64 / 1e6;
+    println!(
+        "machine: {} cores; file: {lines} lines, {mb:.0} MB, {credentialed} with a credential",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    // wc -l, best of three (the file is in the page cache after the first).
+    let wc = (0..3)
+        .map(|_| time_command(Command::new("wc").arg("-l").arg(&log)))
+        .fold(f64::MAX, f64::min);
+    row("wc -l", lines, mb, wc, None, None, wc);
+
+    // Parse + aggregate, best of three.
+    let (mut best, mut best_cpu) = (f64::MAX, 0.0);
+    for _ in 0..3 {
+        let cpu0 = self_cpu();
+        let start = Instant::now();
+        let (reported, batches) = parse_and_aggregate(&log);
+        let wall = start.elapsed().as_secs_f64();
+        assert_eq!(reported, credentialed, "parse + aggregate lost requests");
+        assert!(batches > 0);
+        if wall < best {
+            best = wall;
+            best_cpu = self_cpu() - cpu0;
+        }
+    }
+    row(
+        "parse + aggregate",
+        lines,
+        mb,
+        best,
+        Some(best_cpu),
+        None,
+        wc,
+    );
+    if std::env::var_os("TALLY_BENCH_PARSE_ONLY").is_some() {
+        return;
+    }
+
+    // End to end into a local backend.
+    let backend = CountingBackend::start();
+    let config = dir.join("tally.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backend]\nurl = \"{}\"\nservice_token = \"bench\"\n[[sources]]\npath = \"{}\"\nservice_id = \"1\"\nread_from = \"beginning\"\n\
+             [state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n",
+            backend.url(),
+            log.display(),
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let start = Instant::now();
+    let child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["run", "--once", "--config"])
+        .arg(&config)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let (ok, cpu, rss_kib) = wait_with_usage(child);
+    let wall = start.elapsed().as_secs_f64();
+    assert!(ok, "tally failed");
+    assert_eq!(
+        backend.transactions(),
+        credentialed,
+        "end to end lost or added transactions"
+    );
+    row(
+        "tally end to end",
+        lines,
+        mb,
+        wall,
+        Some(cpu),
+        Some(rss_kib),
+        wc,
+    );
+    println!(
+        "  {} report calls, {} authorize calls, {} transactions at the backend",
+        backend.reports.load(Ordering::Relaxed),
+        backend.authorizations.load(Ordering::Relaxed),
+        backend.transactions()
+    );
+
+    stream_and_idle(&dir, &backend);
+}
+
+fn row(
+    what: &str,
+    lines: u64,
+    mb: f64,
+    wall: f64,
+    cpu: Option<f64>,
+    rss_kib: Option<u64>,
+    wc: f64,
+) {
+    let cpu = cpu.map_or("-".to_string(), |c| {
+        format!("{:.3}", c / (lines as f64 / 1e6))
+    });
+    let rss = rss_kib.map_or("-".to_string(), |k| format!("{:.1}", k as f64 / 1024.0));
+    println!(
+        "{what:<20} {:>7.2} M lines/s {:>7.0} MB/s  {:>5.1}x wc -l  CPU s per M lines: {cpu:>6}  peak RSS MiB: {rss}",
+        lines as f64 / wall / 1e6,
+        mb / wall,
+        wall / wc
+    );
+}
+
+/// A combined log: ~1,000 credentials of skewed popularity (user_keys and app_ids), query strings,
+/// long user agents, a realistic status mix, some lines without credentials, increasing times over
+/// the last hour. Returns how many lines carry a credential.
+fn generate(path: &Path, lines: u64) -> u64 {
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let agents = [
+        "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36",
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1",
+        "okhttp/4.12.0",
+        "python-requests/2.31.0",
+        "Go-http-client/2.0",
+    ];
+    let paths = [
+        "/v1/words",
+        "/v1/words/search",
+        "/v2/orders",
+        "/v2/orders/12345/items",
+        "/health",
+        "/v1/stats/daily",
+    ];
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let start = now - 3600;
+    let mut credentialed = 0;
+    for i in 0..lines {
+        let t = start + (i as i64 * 3600 / lines as i64);
+        let (y, mo, d) = civil(t.div_euclid(86_400));
+        let s = t.rem_euclid(86_400);
+        // Skewed popularity: squaring a uniform number favours low ids.
+        let r = (next() % 1000) as f64 / 1000.0;
+        let who = (r * r * 1000.0) as u64;
+        let roll = next() % 100;
+        let query = match roll {
+            0..=59 => format!(
+                "?user_key={:032x}&page={}",
+                who.wrapping_mul(0x9e37_79b9),
+                next() % 50
+            ),
+            60..=89 => format!("?app_id=app{who:05}&app_key={:016x}&lang=en", who * 7919),
+            _ => "?page=2".to_string(),
+        };
+        if roll < 90 {
+            credentialed += 1;
+        }
+        let status = match next() % 100 {
+            0..=84 => 200,
+            85..=89 => 201,
+            90..=93 => 404,
+            94..=95 => 403,
+            96..=97 => 500,
+            98 => 503,
+            _ => 304,
+        };
+        writeln!(
+            out,
+            "10.{}.{}.{} - - [{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000] \"GET {}{query} HTTP/1.1\" {status} {} \"https://example.com/app\" \"{}\"",
+            next() % 256,
+            next() % 256,
+            next() % 256,
+            months[mo as usize - 1],
+            s / 3600,
+            s / 60 % 60,
+            s % 60,
+            paths[(next() % paths.len() as u64) as usize],
+            next() % 20_000,
+            agents[(next() % agents.len() as u64) as usize],
+        )
+        .unwrap();
+    }
+    out.flush().unwrap();
+    credentialed
+}
+
+/// Days since 1970-01-01 → (year, month, day).
+fn civil(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// tally's tailer (`--once`: the file as it is) feeding tally's parse + aggregate step, as in
+/// `tally run` but without reporting. Returns (requests in sealed batches, batches).
+fn parse_and_aggregate(log: &Path) -> (u64, u64) {
+    let lines = ServiceLines {
+        service_id: "1".into(),
+        parsers: vec![Some(Parser::new(LogFormat::Combined, CredentialMode::Auto))],
+        max_line_length: 64 * 1024,
+        flush_interval: Duration::from_secs(5),
+    };
+    let mut aggregator = Aggregator::new(true, 1000);
+    let metrics = Arc::new(Metrics::default());
+    let mut warned = HashSet::new();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let options = TailOptions {
+        start_at_end: false,
+        checkpoints: Vec::new(),
+        poll_interval: Duration::from_secs(1),
+        watch: false,
+        rotate_grace: Duration::ZERO,
+        max_line_length: 64 * 1024,
+        once: true,
+    };
+    let follower =
+        Follower::spawn(0, log.display().to_string(), options, tx, metrics.clone()).unwrap();
+    let (mut reported, mut batches) = (0u64, 0u64);
+    let mut count = |batch: tally::aggregate::Batch| {
+        reported += batch.transactions.iter().map(|t| t.hits).sum::<u64>();
+        batches += 1;
+    };
+    while let Some(chunk) = rx.blocking_recv() {
+        for batch in parse_chunk(&lines, &mut aggregator, &chunk, &metrics, &mut warned) {
+            count(batch);
+        }
+    }
+    follower.join();
+    if let Some(batch) = aggregator.take() {
+        count(batch);
+    }
+    (reported, batches)
+}
+
+fn time_command(cmd: &mut Command) -> f64 {
+    let start = Instant::now();
+    let status = cmd.stdout(Stdio::null()).status().unwrap();
+    assert!(status.success());
+    start.elapsed().as_secs_f64()
+}
+
+/// CPU seconds (user + system) this process used so far.
+fn self_cpu() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we own.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+fn tv(t: libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
+}
+
+/// Waits for a child (with wait4, for its resource usage): (success, CPU seconds, peak RSS in KiB).
+fn wait_with_usage(child: std::process::Child) -> (bool, f64, u64) {
+    let pid = child.id();
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on our own child, writing into structs we own.
+    let r = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid as i32, "wait4 failed");
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    (
+        ok,
+        tv(usage.ru_utime) + tv(usage.ru_stime),
+        usage.ru_maxrss as u64,
+    )
+}
+
+/// CPU seconds a running process used so far, from /proc.
+fn proc_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// tally following a file written at 10,000 lines/s for 10 s, then 10 s without new lines.
+fn stream_and_idle(dir: &Path, backend: &CountingBackend) {
+    let log = dir.join("stream.log");
+    std::fs::write(&log, "").unwrap();
+    let config = dir.join("stream.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backend]\nurl = \"{}\"\nservice_token = \"bench\"\n[[sources]]\npath = \"{}\"\nservice_id = \"1\"\n\
+             [state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n",
+            backend.url(),
+            log.display(),
+            dir.join("stream-state").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = backend.transactions();
+    let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (y, mo, d) = civil(now.div_euclid(86_400));
+    let s = now.rem_euclid(86_400);
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let line = format!(
+        "10.0.0.1 - - [{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000] \"GET /v1/words?user_key=0000000000000000000000000000abcd HTTP/1.1\" 200 512 \"-\" \"okhttp/4.12.0\"\n",
+        months[mo as usize - 1],
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    );
+    let cpu0 = proc_cpu(child.id());
+    let start = Instant::now();
+    let seconds = 10;
+    // 100 writes of 100 lines per second.
+    for tick in 0..(seconds * 100) {
+        file.write_all(line.repeat(100).as_bytes()).unwrap();
+        let due = start + Duration::from_millis(10 * (tick + 1));
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+    }
+    let busy = proc_cpu(child.id()) - cpu0;
+    let elapsed = start.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while backend.transactions() < before + seconds * 10_000 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let idle0 = proc_cpu(child.id());
+    std::thread::sleep(Duration::from_secs(10));
+    let idle = proc_cpu(child.id()) - idle0;
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "stream 10,000 lines/s  {:.2}% of one core ({:.3} CPU s over {elapsed:.1} s); {} lines arrived",
+        busy / elapsed * 100.0,
+        busy,
+        backend.transactions() - before
+    );
+    println!(
+        "idle 10 s              {:.2}% of one core ({idle:.3} CPU s)",
+        idle / 10.0 * 100.0
+    );
+}
+
+/// A backend that accepts everything and only counts: so that the benchmark measures tally.
+struct CountingBackend {
+    addr: std::net::SocketAddr,
+    transactions: Arc<AtomicU64>,
+    reports: Arc<AtomicU64>,
+    authorizations: Arc<AtomicU64>,
+}
+
+impl CountingBackend {
+    fn start() -> CountingBackend {
+        use http_body_util::{BodyExt, Full};
+        use hyper::body::Bytes;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = CountingBackend {
+            addr,
+            transactions: Arc::default(),
+            reports: Arc::default(),
+            authorizations: Arc::default(),
+        };
+        let (txs, reports, auths) = (
+            backend.transactions.clone(),
+            backend.reports.clone(),
+            backend.authorizations.clone(),
+        );
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (txs, reports, auths) = (txs.clone(), reports.clone(), auths.clone());
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(
+                            move |req: hyper::Request<hyper::body::Incoming>| {
+                                let (txs, reports, auths) =
+                                    (txs.clone(), reports.clone(), auths.clone());
+                                async move {
+                                    let status = if req
+                                        .uri()
+                                        .path()
+                                        .starts_with("/transactions/authorize")
+                                    {
+                                        auths.fetch_add(1, Ordering::Relaxed);
+                                        200
+                                    } else {
+                                        let body = req
+                                            .into_body()
+                                            .collect()
+                                            .await
+                                            .map(|b| b.to_bytes())
+                                            .unwrap_or_default();
+                                        let n =
+                                            memchr::memmem::find_iter(&body, b"%5Btimestamp%5D=")
+                                                .count();
+                                        txs.fetch_add(n as u64, Ordering::Relaxed);
+                                        reports.fetch_add(1, Ordering::Relaxed);
+                                        202
+                                    };
+                                    Ok::<_, std::convert::Infallible>(
+                                        hyper::Response::builder()
+                                            .status(status)
+                                            .body(Full::new(Bytes::new()))
+                                            .unwrap(),
+                                    )
+                                }
+                            },
+                        );
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            });
+        });
+        backend
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn transactions(&self) -> u64 {
+        self.transactions.load(Ordering::Relaxed)
+    }
+}
