@@ -108,6 +108,8 @@ struct Shared {
     auth: Mutex<BackendAuth>,
     settings: Settings,
     metrics: Arc<Metrics>,
+    /// Report bodies, reused from call to call (one per call under way).
+    bodies: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -169,6 +171,7 @@ pub async fn run(
         auth: Mutex::new(auth),
         settings,
         metrics,
+        bodies: Mutex::new(Vec::new()),
     });
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut calls: JoinSet<(u64, Result<(), ReportError>)> = JoinSet::new();
@@ -235,10 +238,24 @@ async fn send(
     mut transactions: Vec<Transaction>,
 ) -> Result<(), ReportError> {
     let mut backoff = Backoff::for_calls();
-    let mut body = String::new();
+    let mut body = shared.bodies.lock().ok().and_then(|mut b| b.pop()).unwrap_or_default();
+    let result = send_with(client, shared, &mut transactions, &mut body, &mut backoff).await;
+    if let Ok(mut bodies) = shared.bodies.lock() {
+        bodies.push(body);
+    }
+    result
+}
+
+async fn send_with(
+    client: &Client,
+    shared: &Shared,
+    transactions: &mut Vec<Transaction>,
+    body: &mut String,
+    backoff: &mut Backoff,
+) -> Result<(), ReportError> {
     let mut attempt = 0u32;
     loop {
-        drop_outside_window(shared, &mut transactions);
+        drop_outside_window(shared, transactions);
         if transactions.is_empty() {
             return Ok(());
         }
@@ -247,20 +264,20 @@ async fn send(
         let form = ReportForm {
             auth: &auth,
             service_id: &shared.service_id,
-            transactions: &transactions,
+            transactions,
             masked: false,
         };
-        if let Err(e) = encode(&form, &mut body) {
+        if let Err(e) = encode(&form, body) {
             // Only a bug can get here: every value is a string or an integer.
             tracing::error!(error = %e, "cannot encode a report; its transactions are dropped");
             return Ok(());
         }
         Metrics::add(&shared.metrics.report_calls, 1);
-        match client.report(&body, &auth).await {
+        match client.report(body, &auth).await {
             Ok(()) => {
                 tracing::debug!(service_id = %shared.service_id, transactions = transactions.len(), attempt, "report accepted");
                 shared.metrics.set_rejected(&shared.service_id, None);
-                count_reported(&shared.metrics, &transactions);
+                count_reported(&shared.metrics, transactions);
                 return Ok(());
             }
             Err(e @ ReportError::Transient(_)) => {
