@@ -238,7 +238,12 @@ async fn send(
     mut transactions: Vec<Transaction>,
 ) -> Result<(), ReportError> {
     let mut backoff = Backoff::for_calls();
-    let mut body = shared.bodies.lock().ok().and_then(|mut b| b.pop()).unwrap_or_default();
+    let mut body = shared
+        .bodies
+        .lock()
+        .ok()
+        .and_then(|mut b| b.pop())
+        .unwrap_or_default();
     let result = send_with(client, shared, &mut transactions, &mut body, &mut backoff).await;
     if let Ok(mut bodies) = shared.bodies.lock() {
         bodies.push(body);
