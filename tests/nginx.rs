@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::backend::Backend;
-use support::{now, write_config, Tally};
+use support::{now, write_config, write_config_with, Tally};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -37,12 +37,29 @@ impl Drop for Nginx {
 }
 
 impl Nginx {
+    /// NGINX serving the API the tests call: a status per path.
     fn start(binary: &Path, dir: &Path) -> Nginx {
+        Nginx::start_with(
+            binary,
+            dir,
+            "listen 127.0.0.1:{port};
+        location /ok { return 200 \"ok\\n\"; }
+        location /created { return 201 \"created\\n\"; }
+        location /forbidden { return 403; }
+        location /error { return 500; }
+        location /unavailable { return 503; }
+        location / { return 404; }",
+        )
+    }
+
+    /// NGINX with `server` as its one server block (`{port}` stands for its port).
+    fn start_with(binary: &Path, dir: &Path, server: &str) -> Nginx {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
+        let server = server.replace("{port}", &port.to_string());
         let d = dir.display();
         let access_log = dir.join("access.log");
         let conf = format!(
@@ -59,13 +76,7 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     server {{
-        listen 127.0.0.1:{port};
-        location /ok {{ return 200 "ok\n"; }}
-        location /created {{ return 201 "created\n"; }}
-        location /forbidden {{ return 403; }}
-        location /error {{ return 500; }}
-        location /unavailable {{ return 503; }}
-        location / {{ return 404; }}
+        {server}
     }}
 }}
 "#
@@ -254,4 +265,129 @@ fn nginx_log_rotation_with_reopen_loses_and_duplicates_nothing() {
     expected.sort();
     assert_eq!(keys, expected);
     assert!(tally.logs().contains("rotations=1"), "{}", tally.logs());
+}
+
+/// A backend route behind TLS with a private CA (on-premises 3scale): NGINX terminates TLS in front
+/// of the test backend. With `backend.ca_file` the reports arrive; without it, tally refuses the
+/// certificate, says so, and keeps the data.
+#[test]
+fn a_tls_backend_with_a_private_ca() {
+    let Some(binary) = nginx_or_skip("a_tls_backend_with_a_private_ca") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=tally test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        d.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+    let backend = Backend::start(&[("42", "tok")]);
+    let proxy = Nginx::start_with(
+        &binary,
+        d,
+        &format!(
+            "listen 127.0.0.1:{{port}} ssl;
+        ssl_certificate {0}/server.pem;
+        ssl_certificate_key {0}/server.key;
+        location / {{ proxy_pass {1}; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}",
+            d.display(),
+            backend.url()
+        ),
+    );
+    let log = d.join("api.log");
+    std::fs::write(
+        &log,
+        support::combined_line(now(), "GET", "/?user_key=over-tls", 200),
+    )
+    .unwrap();
+    let url = format!("https://127.0.0.1:{}", proxy.port);
+
+    // Without the CA: refused, said, retried; nothing lost.
+    let untrusted = write_config(
+        d,
+        &url,
+        "tok",
+        &[(&log, "42")],
+        "[report]\nshutdown_grace = \"1s\"\n",
+    );
+    let mut tally = Tally::start(&untrusted, &[]);
+    tally.wait_for_log("certificate", WAIT);
+    tally.signal("TERM");
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    assert!(backend.transactions().is_empty());
+
+    // With it: delivered.
+    let trusted = write_config_with(
+        d,
+        &url,
+        "tok",
+        &format!("ca_file = \"{}/ca.pem\"\n", d.display()),
+        &[(&log, "42")],
+        "",
+    );
+    let mut tally = Tally::start(&trusted, &["--once"]);
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let got: Vec<String> = backend
+        .transactions()
+        .iter()
+        .map(|t| t.credential())
+        .collect();
+    assert_eq!(got, vec!["over-tls"]);
 }
