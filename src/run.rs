@@ -26,6 +26,8 @@ pub struct RunOptions {
 }
 
 pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
+    // Listen first: a SIGTERM that arrives while tally starts must stop it in order too.
+    let mut stop_signals = StopSignals::listen()?;
     let metrics = Arc::new(Metrics::default());
     // --dry-run reads the checkpoints (it shows what would be sent next) but writes none.
     let state_dir = StateDir::open(&config.state.dir, options.dry_run)?;
@@ -152,20 +154,19 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
 
     let mut summary = tokio::time::interval(config.log.stats_interval);
     summary.tick().await;
-    let stopped_by_signal = tokio::select! {
+    tokio::select! {
         result = drain(&mut reporters) => {
             // Only in --once mode do the reporters finish by themselves.
             metrics.log_summary("done");
             return result;
         }
-        _ = stop_signal() => true,
-        _ = async { loop { summary.tick().await; metrics.log_summary("running"); metrics.files.log(); } } => false,
-    };
+        _ = stop_signals.recv() => {}
+        _ = async { loop { summary.tick().await; metrics.log_summary("running"); metrics.files.log(); } } => {}
+    }
     tracing::info!(
         grace = ?config.report.shutdown_grace,
         "stopping: no more reading, sending what was read"
     );
-    debug_assert!(stopped_by_signal);
     let stop = async {
         for f in &followers {
             f.stop();
@@ -199,18 +200,25 @@ async fn drain(reporters: &mut JoinSet<Result<(), report::ReportError>>) -> anyh
     Ok(())
 }
 
-async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops tally");
-            let _ = tokio::signal::ctrl_c().await;
+/// SIGTERM (Kubernetes, systemd) and SIGINT (Ctrl-C).
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
     }
 }

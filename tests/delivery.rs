@@ -5,63 +5,29 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use support::backend::Backend;
-use support::{combined_line, now, write_config_with, Tally};
+use support::{combined_line, now, write_config_with, Scenario, Tally};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-struct Setup {
-    dir: tempfile::TempDir,
-    backend: Backend,
-    log: PathBuf,
+/// credential → hits accepted.
+fn hits(s: &Scenario) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for t in s.backend.transactions() {
+        *m.entry(t.credential()).or_default() += t.hits();
+    }
+    m
 }
 
-impl Setup {
-    fn new() -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("access.log");
-        Setup {
-            dir,
-            backend: Backend::start(&[("42", "tok")]),
-            log,
-        }
-    }
-
-    fn append(&self, lines: &[(i64, &str, u16)]) {
-        let text: String = lines
-            .iter()
-            .map(|(t, target, status)| combined_line(*t, "GET", target, *status))
-            .collect();
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        f.write_all(text.as_bytes()).unwrap();
-    }
-
-    fn config(&self, backend_extra: &str, extra: &str) -> PathBuf {
-        write_config_with(
-            self.dir.path(),
-            &self.backend.url(),
-            "tok",
-            backend_extra,
-            &[(&self.log, "42")],
-            extra,
-        )
-    }
-
-    /// credential → hits accepted.
-    fn hits(&self) -> BTreeMap<String, u64> {
-        let mut m = BTreeMap::new();
-        for t in self.backend.transactions() {
-            *m.entry(t.credential()).or_default() += t.hits();
-        }
-        m
-    }
+/// Appends (time, target, status) lines to the access log.
+fn append(s: &Scenario, lines: &[(i64, &str, u16)]) {
+    let text: String = lines
+        .iter()
+        .map(|(t, target, status)| combined_line(*t, "GET", target, *status))
+        .collect();
+    s.append(&text);
 }
 
 fn expect(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
@@ -95,17 +61,20 @@ fn stop(mut tally: Tally) -> String {
 
 #[test]
 fn an_unknown_credential_never_reaches_3scale_and_the_rest_of_its_batch_does() {
-    let s = Setup::new();
+    let s = Scenario::new();
     s.backend.set_applications(&["good-key-1234", "app-ok"]);
     let t = now();
-    s.append(&[
-        (t, "/?user_key=good-key-1234", 200),
-        (t, "/?user_key=unknown-key-5678", 200),
-        (t, "/?app_id=app-ok", 404),
-        (t, "/?user_key=unknown-key-5678", 500),
-        (t, "/?app_id=missing-app-999", 200),
-        (t, "/?user_key=good-key-1234", 201),
-    ]);
+    append(
+        &s,
+        &[
+            (t, "/?user_key=good-key-1234", 200),
+            (t, "/?user_key=unknown-key-5678", 200),
+            (t, "/?app_id=app-ok", 404),
+            (t, "/?user_key=unknown-key-5678", 500),
+            (t, "/?app_id=missing-app-999", 200),
+            (t, "/?user_key=good-key-1234", 201),
+        ],
+    );
     let port = free_port();
     let tally = Tally::start(
         &s.config("", &format!("[telemetry]\nlisten = \"127.0.0.1:{port}\"\n")),
@@ -116,7 +85,7 @@ fn an_unknown_credential_never_reaches_3scale_and_the_rest_of_its_batch_does() {
     });
     let (_, metrics) = http_get(port, "/metrics");
     let logs = stop(tally);
-    assert_eq!(s.hits(), expect(&[("good-key-1234", 2), ("app-ok", 1)]));
+    assert_eq!(hits(&s), expect(&[("good-key-1234", 2), ("app-ok", 1)]));
     assert!(
         s.backend.dropped().is_empty(),
         "a call was poisoned: {:?}",
@@ -159,18 +128,21 @@ fn an_unknown_credential_never_reaches_3scale_and_the_rest_of_its_batch_does() {
 
 #[test]
 fn a_failing_credential_check_holds_the_batch_without_dropping_it() {
-    let s = Setup::new();
+    let s = Scenario::new();
     s.backend.set_applications(&["k1", "k2"]);
     s.backend.fail_next(3, 503);
     let t = now();
-    s.append(&[
-        (t, "/?user_key=k1", 200),
-        (t, "/?user_key=k2", 200),
-        (t, "/?user_key=k1", 503),
-    ]);
+    append(
+        &s,
+        &[
+            (t, "/?user_key=k1", 200),
+            (t, "/?user_key=k2", 200),
+            (t, "/?user_key=k1", 503),
+        ],
+    );
     let mut tally = Tally::start(&s.config("", ""), &["--once"]);
     assert!(tally.wait(WAIT).success(), "{}", tally.logs());
-    assert_eq!(s.hits(), expect(&[("k1", 2), ("k2", 1)]));
+    assert_eq!(hits(&s), expect(&[("k1", 2), ("k2", 1)]));
     assert!(
         tally
             .logs()
@@ -182,18 +154,21 @@ fn a_failing_credential_check_holds_the_batch_without_dropping_it() {
 
 #[test]
 fn lines_older_than_the_window_are_dropped_loudly_and_never_sent() {
-    let s = Setup::new();
+    let s = Scenario::new();
     let t = now();
-    s.append(&[
-        (t - 25 * 3600, "/?user_key=old", 200),
-        (t - 3600, "/?user_key=recent", 200),
-        (t - 24 * 3600 + 60, "/?user_key=edge", 200), // inside 24 h, outside the 5-minute margin
-        (t + 3 * 3600, "/?user_key=future", 200),
-        (t, "/?user_key=now", 200),
-    ]);
+    append(
+        &s,
+        &[
+            (t - 25 * 3600, "/?user_key=old", 200),
+            (t - 3600, "/?user_key=recent", 200),
+            (t - 24 * 3600 + 60, "/?user_key=edge", 200), // inside 24 h, outside the 5-minute margin
+            (t + 3 * 3600, "/?user_key=future", 200),
+            (t, "/?user_key=now", 200),
+        ],
+    );
     let mut tally = Tally::start(&s.config("", ""), &["--once"]);
     assert!(tally.wait(WAIT).success(), "{}", tally.logs());
-    assert_eq!(s.hits(), expect(&[("recent", 1), ("now", 1)]));
+    assert_eq!(hits(&s), expect(&[("recent", 1), ("now", 1)]));
     assert!(s.backend.dropped().is_empty(), "{:?}", s.backend.dropped());
     let logs = tally.logs();
     assert!(
@@ -208,7 +183,7 @@ fn lines_older_than_the_window_are_dropped_loudly_and_never_sent() {
 
 #[test]
 fn outages_short_and_long_lose_nothing_and_catch_up() {
-    let s = Setup::new();
+    let s = Scenario::new();
     s.backend.fail_next(usize::MAX, 503);
     let config = s.config(
         "",
@@ -218,7 +193,7 @@ fn outages_short_and_long_lose_nothing_and_catch_up() {
     let t = now();
     let keys: Vec<String> = (0..120).map(|i| format!("/?user_key=k{}", i % 7)).collect();
     for (i, k) in keys.iter().enumerate() {
-        s.append(&[(t, k, if i % 3 == 0 { 500 } else { 200 })]);
+        append(&s, &[(t, k, if i % 3 == 0 { 500 } else { 200 })]);
     }
     // Many flush intervals of outage, with reading held back.
     tally.wait_for_logs("HTTP 503", 3, WAIT);
@@ -228,7 +203,7 @@ fn outages_short_and_long_lose_nothing_and_catch_up() {
         .wait_until(WAIT, "120 transactions", |b| b.transactions().len() >= 120);
     // A short one: a few failures, then the rest.
     s.backend.fail_next(2, 502);
-    s.append(&[(t, "/?user_key=late", 200)]);
+    append(&s, &[(t, "/?user_key=late", 200)]);
     s.backend
         .wait_until(WAIT, "121 transactions", |b| b.transactions().len() >= 121);
     stop(tally);
@@ -248,14 +223,14 @@ fn outages_short_and_long_lose_nothing_and_catch_up() {
 
 #[test]
 fn flapping_503s_and_connection_resets_lose_and_duplicate_nothing() {
-    let s = Setup::new();
+    let s = Scenario::new();
     s.backend.set_flapping(true);
     let t = now();
     let lines: Vec<(i64, String, u16)> = (0..300)
         .map(|i| (t, format!("/?user_key=k{}", i % 11), 200))
         .collect();
     let refs: Vec<(i64, &str, u16)> = lines.iter().map(|(t, k, c)| (*t, k.as_str(), *c)).collect();
-    s.append(&refs);
+    append(&s, &refs);
     let mut tally = Tally::start(
         &s.config(
             "validate_credentials = false\n",
@@ -266,7 +241,7 @@ fn flapping_503s_and_connection_resets_lose_and_duplicate_nothing() {
     assert!(tally.wait(WAIT).success(), "{}", tally.logs());
     s.backend.set_flapping(false);
     s.backend.drop_next(3);
-    s.append(&[(t, "/?user_key=after", 200)]);
+    append(&s, &[(t, "/?user_key=after", 200)]);
     let mut again = Tally::start(&s.config("validate_credentials = false\n", ""), &["--once"]);
     assert!(again.wait(WAIT).success(), "{}", again.logs());
     assert_eq!(s.backend.hits(), 301);
@@ -275,7 +250,7 @@ fn flapping_503s_and_connection_resets_lose_and_duplicate_nothing() {
 
 #[test]
 fn a_rejected_token_marks_tally_unhealthy_keeps_the_data_and_resumes_once_fixed() {
-    let s = Setup::new();
+    let s = Scenario::new();
     s.backend.set_token("42", "the-new-token");
     let token_file = s.dir.path().join("token");
     std::fs::write(&token_file, "tok\n").unwrap();
@@ -295,7 +270,7 @@ fn a_rejected_token_marks_tally_unhealthy_keeps_the_data_and_resumes_once_fixed(
     );
     std::fs::write(&config, text).unwrap();
     let t = now();
-    s.append(&[(t, "/?user_key=a", 200), (t, "/?user_key=b", 404)]);
+    append(&s, &[(t, "/?user_key=a", 200), (t, "/?user_key=b", 404)]);
     let tally = Tally::start(&config, &[]);
     tally.wait_for_logs("service_token_invalid", 2, WAIT);
     let (status, body) = http_get(port, "/healthz");
@@ -321,39 +296,42 @@ fn a_rejected_token_marks_tally_unhealthy_keeps_the_data_and_resumes_once_fixed(
     let (_, metrics) = http_get(port, "/metrics");
     assert!(metrics.contains("tally_healthy 1"), "{metrics}");
     let logs = stop(tally);
-    assert_eq!(s.hits(), expect(&[("a", 1), ("b", 1)]));
+    assert_eq!(hits(&s), expect(&[("a", 1), ("b", 1)]));
     assert!(logs.contains("the secret's file changed"), "{logs}");
     assert!(!logs.contains("the-new-token"), "{logs}");
 }
 
 #[test]
 fn a_token_fixed_in_3scale_resumes_reporting_without_restart() {
-    let s = Setup::new();
+    let s = Scenario::new();
     s.backend.set_token("42", "other");
     let t = now();
-    s.append(&[(t, "/?user_key=a", 200)]);
+    append(&s, &[(t, "/?user_key=a", 200)]);
     let tally = Tally::start(&s.config("rejected_retry = \"200ms\"\n", ""), &[]);
     tally.wait_for_log("service_token_invalid", WAIT);
     s.backend.set_token("42", "tok");
     s.backend
         .wait_until(WAIT, "the request", |b| b.transactions().len() == 1);
     stop(tally);
-    assert_eq!(s.hits(), expect(&[("a", 1)]));
+    assert_eq!(hits(&s), expect(&[("a", 1)]));
 }
 
 #[test]
 fn reserved_and_non_ascii_characters_in_credentials_arrive_intact() {
-    let s = Setup::new();
+    let s = Scenario::new();
     let t = now();
-    s.append(&[
-        (t, "/?user_key=caf%C3%A9%26%3D%3F%23%25+x", 200),
-        (t, "/?app_id=%E6%97%A5%E6%9C%AC/%2B", 200),
-        (t, r"/?user_key=\xC3\xBC-nginx-escaped", 200),
-    ]);
+    append(
+        &s,
+        &[
+            (t, "/?user_key=caf%C3%A9%26%3D%3F%23%25+x", 200),
+            (t, "/?app_id=%E6%97%A5%E6%9C%AC/%2B", 200),
+            (t, r"/?user_key=\xC3\xBC-nginx-escaped", 200),
+        ],
+    );
     let mut tally = Tally::start(&s.config("", ""), &["--once"]);
     assert!(tally.wait(WAIT).success(), "{}", tally.logs());
     assert_eq!(
-        s.hits(),
+        hits(&s),
         expect(&[("café&=?#% x", 1), ("日本/+", 1), ("ü-nginx-escaped", 1)])
     );
     assert!(s.backend.refusals().is_empty());
@@ -361,14 +339,14 @@ fn reserved_and_non_ascii_characters_in_credentials_arrive_intact() {
 
 #[test]
 fn concurrent_calls_checkpoint_in_order() {
-    let s = Setup::new();
+    let s = Scenario::new();
     s.backend.set_delay(Duration::from_millis(150));
     let t = now();
     let lines: Vec<(i64, String, u16)> = (0..400)
         .map(|i| (t, format!("/?user_key=k{}", i % 5), 200))
         .collect();
     let refs: Vec<(i64, &str, u16)> = lines.iter().map(|(t, k, c)| (*t, k.as_str(), *c)).collect();
-    s.append(&refs);
+    append(&s, &refs);
     let config = s.config(
         "validate_credentials = false\n",
         "[report]\nmax_transactions = 20\nconcurrency = 4\n",

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::backend::Backend;
-use support::{combined_line, now, write_config, write_config_with, Tally};
+use support::{combined_line, now, write_config, Scenario, Tally};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -154,19 +154,15 @@ fn without_response_codes_requests_fold_per_application_and_second() {
 
 #[test]
 fn large_batches_are_split_within_the_backend_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::start(&[("42", "tok")]);
-    let log = dir.path().join("access.log");
+    let s = Scenario::new();
+    let backend = &s.backend;
     let t0 = now() - 100;
     let text: String = (0..2500)
         .map(|i| combined_line(t0 + i / 100, "GET", &format!("/?user_key=k{}", i % 37), 200))
         .collect();
-    append(&log, &text);
-    let config = write_config(
-        dir.path(),
-        &backend.url(),
-        "tok",
-        &[(&log, "42")],
+    s.append(&text);
+    let config = s.config(
+        "",
         "[report]\nmax_transactions = 1023\nflush_interval = \"1h\"\n",
     );
     let mut tally = Tally::start(&config, &["--once"]);
@@ -183,25 +179,17 @@ fn large_batches_are_split_within_the_backend_limit() {
 
 #[test]
 fn transient_failures_are_retried_without_loss_or_duplicates() {
-    let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::start(&[("42", "tok")]);
+    let s = Scenario::new();
+    let backend = &s.backend;
     backend.fail_next(3, 503);
     backend.drop_next(2);
-    let log = dir.path().join("access.log");
     let t0 = now() - 10;
     let text: String = (0..50)
         .map(|i| combined_line(t0, "GET", &format!("/?user_key=k{}", i % 5), 200))
         .collect();
-    append(&log, &text);
+    s.append(&text);
     // Credentials unchecked, so every call counted here is a report call.
-    let config = write_config_with(
-        dir.path(),
-        &backend.url(),
-        "tok",
-        "validate_credentials = false\n",
-        &[(&log, "42")],
-        "",
-    );
+    let config = s.config("validate_credentials = false\n", "");
     let mut tally = Tally::start(&config, &["--once"]);
     assert!(tally.wait(WAIT).success(), "{}", tally.logs());
     assert_eq!(backend.hits(), 50);
@@ -218,12 +206,11 @@ fn transient_failures_are_retried_without_loss_or_duplicates() {
 
 #[test]
 fn a_timeout_is_retried() {
-    let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::start(&[("42", "tok")]);
+    let s = Scenario::new();
+    let backend = &s.backend;
     backend.set_delay(Duration::from_secs(3));
-    let log = dir.path().join("access.log");
-    append(&log, &combined_line(now(), "GET", "/?user_key=slow", 200));
-    let config = write_config(dir.path(), &backend.url(), "tok", &[(&log, "42")], "");
+    s.append(&combined_line(now(), "GET", "/?user_key=slow", 200));
+    let config = s.config("", "");
     let tally = Tally::start(&config, &["--once"]);
     tally.wait_for_log("timed out", WAIT);
     backend.set_delay(Duration::ZERO);
@@ -246,7 +233,7 @@ fn a_rejected_token_is_logged_with_the_backend_code_and_not_hammered() {
         &backend.url(),
         "wrong-token",
         &[(&log, "42")],
-        "[report]\nflush_interval = \"100ms\"\n",
+        "[report]\nflush_interval = \"100ms\"\nshutdown_grace = \"1s\"\n",
     );
     let mut tally = Tally::start(&config, &[]);
     tally.wait_for_log("service_token_invalid", WAIT);
@@ -267,20 +254,13 @@ fn a_rejected_token_is_logged_with_the_backend_code_and_not_hammered() {
 
 #[test]
 fn sigterm_flushes_what_was_read_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::start(&[("42", "tok")]);
-    let log = dir.path().join("access.log");
+    let s = Scenario::new();
+    let backend = &s.backend;
     let text: String = (0..5)
         .map(|i| combined_line(now(), "GET", &format!("/?user_key=k{i}"), 200))
         .collect();
-    append(&log, &text);
-    let config = write_config(
-        dir.path(),
-        &backend.url(),
-        "tok",
-        &[(&log, "42")],
-        "[report]\nflush_interval = \"1h\"\n",
-    );
+    s.append(&text);
+    let config = s.config("", "[report]\nflush_interval = \"1h\"\n");
     let mut tally = Tally::start(&config, &[]);
     tally.wait_for_log(&format!("end_offset={}", text.len()), WAIT);
     assert!(
@@ -294,16 +274,12 @@ fn sigterm_flushes_what_was_read_and_exits_zero() {
 
 #[test]
 fn sigint_with_the_backend_down_exits_within_the_grace_period() {
-    let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::start(&[("42", "tok")]);
+    let s = Scenario::new();
+    let backend = &s.backend;
     backend.fail_next(usize::MAX, 503);
-    let log = dir.path().join("access.log");
-    append(&log, &combined_line(now(), "GET", "/?user_key=k", 200));
-    let config = write_config(
-        dir.path(),
-        &backend.url(),
-        "tok",
-        &[(&log, "42")],
+    s.append(&combined_line(now(), "GET", "/?user_key=k", 200));
+    let config = s.config(
+        "",
         "[report]\nflush_interval = \"100ms\"\nshutdown_grace = \"1s\"\n",
     );
     let mut tally = Tally::start(&config, &[]);

@@ -10,8 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::backend::Backend;
-use support::{combined_line, now, write_config_with, Tally};
+use support::{combined_line, now, write_config_with, Scenario, Tally};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -41,21 +40,19 @@ both_modes!(
     kill_9_at_many_moments_loses_and_duplicates_nothing,
 );
 
-struct Setup {
-    dir: tempfile::TempDir,
-    backend: Backend,
+/// A [`Scenario`] whose sources are named per test, with the checks of exactness.
+struct Setup(Scenario);
+
+impl std::ops::Deref for Setup {
+    type Target = Scenario;
+    fn deref(&self) -> &Scenario {
+        &self.0
+    }
 }
 
 impl Setup {
     fn new() -> Setup {
-        Setup {
-            dir: tempfile::tempdir().unwrap(),
-            backend: Backend::start(&[("42", "tok")]),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        Setup(Scenario::new())
     }
 
     /// A configuration following `pattern` (relative to the test folder); `tail` adds keys to the
@@ -112,15 +109,6 @@ impl Setup {
         assert!(wrong.is_empty(), "lines counted more than once: {wrong:?}");
         assert!(missing.is_empty(), "lines lost: {missing:?}");
         assert_eq!(counts.len() as u64, n, "unexpected lines: {counts:?}");
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
-            eprintln!("the failed test's files are kept in {}", kept.display());
-        }
     }
 }
 

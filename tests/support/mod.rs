@@ -192,3 +192,60 @@ pub fn now() -> i64 {
         .expect("clock after 1970")
         .as_secs() as i64
 }
+
+/// One test's world: a temp folder (kept if the test fails), a test backend that knows service 42
+/// with token `tok`, and `access.log` in the folder.
+pub struct Scenario {
+    pub dir: tempfile::TempDir,
+    pub backend: backend::Backend,
+    pub log: PathBuf,
+}
+
+impl Scenario {
+    pub fn new() -> Scenario {
+        let dir = tempfile::tempdir().expect("temp folder");
+        let log = dir.path().join("access.log");
+        Scenario {
+            dir,
+            backend: backend::Backend::start(&[("42", "tok")]),
+            log,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Appends text to the access log.
+    pub fn append(&self, text: &str) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open the log");
+        f.write_all(text.as_bytes()).expect("append to the log");
+    }
+
+    /// A configuration reporting the access log to service 42 with token `tok`.
+    pub fn config(&self, backend_extra: &str, extra: &str) -> PathBuf {
+        write_config_with(
+            self.dir.path(),
+            &self.backend.url(),
+            "tok",
+            backend_extra,
+            &[(&self.log, "42")],
+            extra,
+        )
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let kept =
+                std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp folder")).keep();
+            eprintln!("the failed test's files are kept in {}", kept.display());
+        }
+    }
+}
