@@ -97,6 +97,22 @@ fn check_names_the_bad_key_and_its_line() {
             "[backend]\nservice_token = \"super-secret-value\"\n[[sources]]\npath = \"a\"\n",
             &["missing field `service_id`"][..],
         ),
+        (
+            "[backend]\nservice_token = \"t\"\n[[sources]]\npath = \"a\"\nservice_id = \"1\"\n[telemetry]\nlisten = \"everywhere\"\n",
+            &["tally.toml:7: telemetry.listen", "not an address:port"][..],
+        ),
+        (
+            "[backend]\nservice_token = \"t\"\n[[sources]]\npath = \"a\"\nservice_id = \"1\"\n[report]\nconcurrency = 0\n",
+            &["tally.toml:7: report.concurrency"][..],
+        ),
+        (
+            "[backend]\nservice_token = \"t\"\nca_file = \"tally.toml\"\n[[sources]]\npath = \"a\"\nservice_id = \"1\"\n",
+            &["tally.toml:3: backend.ca_file", "no PEM certificate"][..],
+        ),
+        (
+            "[backend]\nservice_token = \"t\"\n[[sources]]\npath = \"a\"\nservice_id = \"1\"\n[[sources]]\npath = \"b\"\nservice_id = \"1\"\nservice_token = \"other\"\n",
+            &["sources[1]", "gives other credentials"][..],
+        ),
     ];
     for (text, needles) in cases {
         let config = dir.path().join("tally.toml");
