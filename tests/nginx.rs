@@ -135,11 +135,17 @@ fn nginx_or_skip(test: &str) -> Option<PathBuf> {
     binary
 }
 
-#[test]
-fn nginx_traffic_reaches_3scale_with_its_response_codes() {
-    let Some(binary) = nginx_or_skip("nginx_traffic_reaches_3scale_with_its_response_codes") else {
-        return;
-    };
+/// NGINX serving the API, the test backend, and tally following NGINX's access log.
+struct Stack {
+    backend: Backend,
+    nginx: Nginx,
+    tally: Tally,
+    dir: tempfile::TempDir,
+}
+
+/// The stack, tally configured with `extra` tables; None when nginx is missing (and may be).
+fn stack(test: &str, extra: &str) -> Option<Stack> {
+    let binary = nginx_or_skip(test)?;
     let dir = tempfile::tempdir().unwrap();
     let backend = Backend::start(&[("42", "tok")]);
     let nginx = Nginx::start(&binary, dir.path());
@@ -148,10 +154,32 @@ fn nginx_traffic_reaches_3scale_with_its_response_codes() {
         &backend.url(),
         "tok",
         &[(&nginx.access_log, "42")],
-        "[report]\nflush_interval = \"200ms\"\n",
+        extra,
     );
-    let mut tally = Tally::start(&config, &[]);
+    let tally = Tally::start(&config, &[]);
     tally.wait_for_log("following file", WAIT);
+    Some(Stack {
+        backend,
+        nginx,
+        tally,
+        dir,
+    })
+}
+
+#[test]
+fn nginx_traffic_reaches_3scale_with_its_response_codes() {
+    let Some(Stack {
+        backend,
+        nginx,
+        mut tally,
+        dir: _dir,
+    }) = stack(
+        "nginx_traffic_reaches_3scale_with_its_response_codes",
+        "[report]\nflush_interval = \"200ms\"\n",
+    )
+    else {
+        return;
+    };
 
     // (target, expected status, expected credential or None)
     let requests: Vec<(&str, u16, Option<&str>)> = vec![
@@ -221,22 +249,18 @@ fn nginx_traffic_reaches_3scale_with_its_response_codes() {
 /// USR1 (`nginx -s reopen`), then to a new file. Requests in all three phases arrive, once.
 #[test]
 fn nginx_log_rotation_with_reopen_loses_and_duplicates_nothing() {
-    let Some(binary) = nginx_or_skip("nginx_log_rotation_with_reopen_loses_and_duplicates_nothing")
+    let Some(Stack {
+        backend,
+        nginx,
+        mut tally,
+        dir,
+    }) = stack(
+        "nginx_log_rotation_with_reopen_loses_and_duplicates_nothing",
+        "[report]\nflush_interval = \"200ms\"\n[tail]\nrotate_grace = \"2s\"\n",
+    )
     else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let backend = Backend::start(&[("42", "tok")]);
-    let nginx = Nginx::start(&binary, dir.path());
-    let config = write_config(
-        dir.path(),
-        &backend.url(),
-        "tok",
-        &[(&nginx.access_log, "42")],
-        "[report]\nflush_interval = \"200ms\"\n[tail]\nrotate_grace = \"2s\"\n",
-    );
-    let mut tally = Tally::start(&config, &[]);
-    tally.wait_for_log("following file", WAIT);
     let mut sent = 0;
     let mut send = |n: usize| {
         for _ in 0..n {
