@@ -502,4 +502,25 @@ mod tests {
             .unwrap();
         assert_eq!(r.credential, user_key("k"));
     }
+
+    proptest::proptest! {
+        /// Whatever the bytes, a line parses or is skipped with a reason: never a panic.
+        #[test]
+        fn any_bytes_parse_or_skip(line in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let _ = Parser::new(LogFormat::Combined, CredentialMode::Auto).parse(&line);
+        }
+
+        /// Mangled real lines, too: cut anywhere, with a byte changed anywhere.
+        #[test]
+        fn damaged_lines_parse_or_skip(cut in 0usize..120, at in 0usize..120, byte in proptest::prelude::any::<u8>()) {
+            let mut line = br#"10.0.0.1 - - [24/Nov/2026:10:15:00 +0000] "GET /v1/x?user_key=ab%41c&app_id=z HTTP/1.1" 200 5 "-" "ua""#.to_vec();
+            if at < line.len() {
+                line[at] = byte;
+            }
+            line.truncate(cut.min(line.len()));
+            for mode in [CredentialMode::Auto, CredentialMode::UserKey, CredentialMode::AppId] {
+                let _ = Parser::new(LogFormat::Combined, mode).parse(&line);
+            }
+        }
+    }
 }

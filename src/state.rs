@@ -557,4 +557,23 @@ mod tests {
             assert!(!escape(s).contains([' ', '\n', '\t']));
         }
     }
+
+    proptest::proptest! {
+        /// A state file damaged in any way is an error or a state, never a panic.
+        #[test]
+        fn any_state_text_loads_or_fails_cleanly(text in "(tally-state 1\n)?(source [a-z%0-9]{0,5}\n|file [0-9a-z% ]{0,40}\n|in_flight [0-9 ]{0,12}[a-z]{0,3}\n|end [0-9]{0,4}\n|[ -~]{0,20}\n){0,6}") {
+            let mut s = ServiceState {
+                dir: PathBuf::new(),
+                path: PathBuf::new(),
+                read_only: true,
+                patterns: Vec::new(),
+                sources: Vec::new(),
+                files: BTreeMap::new(),
+                in_flight: BTreeMap::new(),
+                dispatched: BTreeMap::new(),
+                last_sync: None,
+            };
+            let _ = s.parse(&text);
+        }
+    }
 }
