@@ -420,10 +420,19 @@ impl Tail {
             Ok(f) if f.metadata().is_ok_and(|m| FileKey::of(&m) == key) => f,
             Ok(_) => return, // the next scan sees the new file
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot open log file");
+                // Logged once, not at every poll, and shown on /healthz until it opens.
+                let what = format!("log file {}", path.display());
+                if self
+                    .metrics
+                    .set_problem(&what, Some(format!("cannot open it: {e}")))
+                {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot open log file; tally tries again at every poll");
+                }
                 return;
             }
         };
+        self.metrics
+            .set_problem(&format!("log file {}", path.display()), None);
         let fingerprint = Fingerprint::read(&file, Fingerprint::MAX).unwrap_or_default();
         tracing::info!(path = %path.display(), offset, "following file");
         let shown: Arc<Path> = Arc::from(path.as_path());

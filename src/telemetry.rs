@@ -32,8 +32,9 @@ pub struct Metrics {
     pub files: Progress,
     /// Transactions not sent per (masked) credential that 3scale does not know.
     pub invalid_credentials: Mutex<BTreeMap<String, u64>>,
-    /// Services whose calls 3scale rejects as a whole, with why.
-    pub rejected_services: Mutex<BTreeMap<String, String>>,
+    /// What keeps tally from doing its job now (a service 3scale rejects, a state it cannot write, a
+    /// log it cannot open), by what it is about.
+    problems: Mutex<BTreeMap<String, String>>,
 }
 
 impl Metrics {
@@ -65,25 +66,29 @@ impl Metrics {
         }
     }
 
-    /// Marks a service as rejected by 3scale (None: accepted again).
-    pub fn set_rejected(&self, service_id: &str, why: Option<String>) {
-        if let Ok(mut m) = self.rejected_services.lock() {
-            match why {
-                Some(why) => m.insert(service_id.to_string(), why),
-                None => m.remove(service_id),
-            };
+    /// Records a problem about `what` (None: it is over). Returns whether that changed anything,
+    /// so that callers log a lasting problem once, not at every retry.
+    pub fn set_problem(&self, what: &str, why: Option<String>) -> bool {
+        let Ok(mut m) = self.problems.lock() else {
+            return false;
+        };
+        match why {
+            Some(why) if m.get(what) != Some(&why) => {
+                m.insert(what.to_string(), why);
+                true
+            }
+            None => m.remove(what).is_some(),
+            Some(_) => false,
         }
     }
 
     /// Why the process is unhealthy, if it is.
     pub fn problems(&self) -> Vec<String> {
-        self.rejected_services
+        self.problems
             .lock()
             .map(|m| {
                 m.iter()
-                    .map(|(service, why)| {
-                        format!("service {service}: 3scale rejects its reports: {why}")
-                    })
+                    .map(|(what, why)| format!("{what}: {why}"))
                     .collect()
             })
             .unwrap_or_default()
@@ -495,7 +500,7 @@ fn prometheus(m: &Metrics) -> String {
     metric(
         "healthy",
         "gauge",
-        "1 unless 3scale rejects a service's reports.",
+        "1 unless something keeps tally from reporting (see /healthz).",
         &one(healthy),
     );
     out
@@ -524,5 +529,19 @@ mod tests {
         );
         assert_eq!(masked_line(b"garbage \xff"), "garbage \u{fffd}");
         assert!(masked_line(&[b'a'; 1000]).len() == 200);
+    }
+
+    #[test]
+    fn a_lasting_problem_is_reported_once_and_cleared() {
+        let m = Metrics::default();
+        assert!(m.problems().is_empty());
+        assert!(m.set_problem("log file /x", Some("cannot open it: denied".into())));
+        assert!(!m.set_problem("log file /x", Some("cannot open it: denied".into())));
+        assert!(m.set_problem("log file /x", Some("cannot open it: gone".into())));
+        assert_eq!(m.problems(), vec!["log file /x: cannot open it: gone"]);
+        assert!(prometheus(&m).contains("tally_healthy 0"));
+        assert!(m.set_problem("log file /x", None));
+        assert!(!m.set_problem("log file /x", None));
+        assert!(prometheus(&m).contains("tally_healthy 1"));
     }
 }

@@ -113,6 +113,10 @@ struct Shared {
 }
 
 impl Shared {
+    fn rejection_key(&self) -> String {
+        format!("service {}", self.service_id)
+    }
+
     fn auth(&self) -> BackendAuth {
         self.auth
             .lock()
@@ -123,8 +127,10 @@ impl Shared {
     /// After a rejection: marks the service unhealthy, waits, and picks up a changed secret.
     async fn after_rejection(&self, e: &ReportError) {
         Metrics::add(&self.metrics.report_rejections, 1);
-        self.metrics
-            .set_rejected(&self.service_id, Some(e.to_string()));
+        self.metrics.set_problem(
+            &self.rejection_key(),
+            Some(format!("3scale rejects its reports: {e}")),
+        );
         tracing::error!(service_id = %self.service_id, error = %e, retry_in = ?self.settings.rejected_retry,
             "3scale rejected the call: check the service token and the service_id; nothing is lost, reporting waits");
         tokio::time::sleep(self.settings.rejected_retry).await;
@@ -281,7 +287,7 @@ async fn send_with(
         match client.report(body, &auth).await {
             Ok(()) => {
                 tracing::debug!(service_id = %shared.service_id, transactions = transactions.len(), attempt, "report accepted");
-                shared.metrics.set_rejected(&shared.service_id, None);
+                shared.metrics.set_problem(&shared.rejection_key(), None);
                 count_reported(&shared.metrics, transactions);
                 return Ok(());
             }
@@ -388,7 +394,7 @@ async fn keep_sendable(
                     }
                     credentials.record(application, existence == Existence::Exists);
                 }
-                shared.metrics.set_rejected(&shared.service_id, None);
+                shared.metrics.set_problem(&shared.rejection_key(), None);
             }
             Err(e @ ReportError::Transient(_)) => {
                 let wait = backoff.next_delay();
@@ -454,11 +460,16 @@ async fn persist(
     backoff: &mut Backoff,
     mut write: impl FnMut() -> Result<(), StateError>,
 ) {
+    let what = format!("state of service {}", shared.service_id);
     while let Err(e) = write() {
         let wait = backoff.next_delay();
         tracing::error!(service_id = %shared.service_id, error = %e, retry_in = ?wait, "cannot write the state; reporting waits");
+        shared
+            .metrics
+            .set_problem(&what, Some(format!("cannot write the state: {e}")));
         tokio::time::sleep(wait).await;
     }
+    shared.metrics.set_problem(&what, None);
     backoff.reset();
 }
 
