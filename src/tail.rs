@@ -238,6 +238,8 @@ struct Reader {
     discarding: bool,
     /// When the path stopped pointing at this file.
     orphaned: Option<Instant>,
+    /// The last read failed (and was reported as a problem).
+    read_failing: bool,
 }
 
 struct Tail {
@@ -457,6 +459,7 @@ impl Tail {
             partial: Vec::new(),
             discarding: false,
             orphaned: None,
+            read_failing: false,
         });
     }
 
@@ -495,11 +498,20 @@ impl Tail {
                     r.partial = data;
                     return true;
                 }
+                Ok(n) if r.read_failing => {
+                    r.read_failing = false;
+                    metrics.set_problem(&format!("log file {}", r.shown.display()), None);
+                    n
+                }
                 Ok(n) => n,
                 Err(e) => {
                     data.truncate(kept);
                     r.partial = data;
-                    tracing::warn!(path = %r.shown.display(), error = %e, "read failed; will try again");
+                    let what = format!("log file {}", r.shown.display());
+                    r.read_failing = true;
+                    if metrics.set_problem(&what, Some(format!("cannot read it: {e}"))) {
+                        tracing::warn!(path = %r.shown.display(), error = %e, "read failed; tally tries again at every pass");
+                    }
                     return true;
                 }
             };
