@@ -124,9 +124,13 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner().clone())
     }
 
-    /// After a rejection: marks the service unhealthy, waits, and picks up a changed secret.
-    async fn after_rejection(&self, e: &ReportError) {
+    /// After a rejection: counts it, marks the service unhealthy, then either gives up (`--once`:
+    /// nobody would fix the configuration while tally waits) or waits and picks up a changed secret.
+    async fn after_rejection(&self, e: ReportError) -> Result<(), ReportError> {
         Metrics::add(&self.metrics.report_rejections, 1);
+        if self.settings.fail_on_rejection {
+            return Err(e);
+        }
         self.metrics.set_problem(
             &self.rejection_key(),
             Some(format!("3scale rejects its reports: {e}")),
@@ -141,6 +145,7 @@ impl Shared {
                 *auth = new;
             }
         }
+        Ok(())
     }
 }
 
@@ -243,14 +248,13 @@ async fn send(
     shared: &Shared,
     mut transactions: Vec<Transaction>,
 ) -> Result<(), ReportError> {
-    let mut backoff = Backoff::for_calls();
     let mut body = shared
         .bodies
         .lock()
         .ok()
         .and_then(|mut b| b.pop())
         .unwrap_or_default();
-    let result = send_with(client, shared, &mut transactions, &mut body, &mut backoff).await;
+    let result = send_with(client, shared, &mut transactions, &mut body).await;
     if let Ok(mut bodies) = shared.bodies.lock() {
         bodies.push(body);
     }
@@ -262,14 +266,11 @@ async fn send_with(
     shared: &Shared,
     transactions: &mut Vec<Transaction>,
     body: &mut String,
-    backoff: &mut Backoff,
 ) -> Result<(), ReportError> {
+    // The batch was taken through the time window when it was dispatched.
+    let mut backoff = Backoff::for_calls();
     let mut attempt = 0u32;
     loop {
-        drop_outside_window(shared, transactions);
-        if transactions.is_empty() {
-            return Ok(());
-        }
         attempt += 1;
         let auth = shared.auth();
         let form = ReportForm {
@@ -297,13 +298,12 @@ async fn send_with(
                 tracing::warn!(service_id = %shared.service_id, error = %e, attempt, retry_in = ?wait, "report failed");
                 tokio::time::sleep(wait).await;
             }
-            Err(e @ ReportError::Rejected { .. }) => {
-                if shared.settings.fail_on_rejection {
-                    Metrics::add(&shared.metrics.report_rejections, 1);
-                    return Err(e);
-                }
-                shared.after_rejection(&e).await;
-            }
+            Err(e @ ReportError::Rejected { .. }) => shared.after_rejection(e).await?,
+        }
+        // Before the next try: what left 3scale's time window while this one failed.
+        drop_outside_window(shared, transactions);
+        if transactions.is_empty() {
+            return Ok(());
         }
     }
 }
@@ -401,16 +401,11 @@ async fn keep_sendable(
                 tracing::warn!(service_id = %shared.service_id, error = %e, retry_in = ?wait,
                     "cannot check new credentials; the batch waits");
                 tokio::time::sleep(wait).await;
-                drop_outside_window(shared, transactions);
             }
-            Err(e @ ReportError::Rejected { .. }) => {
-                if shared.settings.fail_on_rejection {
-                    return Err(e);
-                }
-                shared.after_rejection(&e).await;
-                drop_outside_window(shared, transactions);
-            }
+            Err(e @ ReportError::Rejected { .. }) => shared.after_rejection(e).await?,
         }
+        // The wait may have taken some transactions out of 3scale's time window.
+        drop_outside_window(shared, transactions);
     }
     for t in credentials.take_missing(transactions) {
         shared
