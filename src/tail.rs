@@ -242,6 +242,21 @@ struct Reader {
     read_failing: bool,
 }
 
+impl Reader {
+    /// Lines of this file (or none) ending at `end_offset`.
+    fn chunk(&self, source: usize, data: Vec<u8>, end_offset: u64, closed: bool) -> Chunk {
+        Chunk {
+            source,
+            file: self.key,
+            fingerprint: self.fingerprint,
+            path: self.shown.clone(),
+            end_offset,
+            data,
+            closed,
+        }
+    }
+}
+
 struct Tail {
     source: usize,
     pattern: String,
@@ -437,20 +452,8 @@ impl Tail {
             .set_problem(&format!("log file {}", path.display()), None);
         let fingerprint = Fingerprint::read(&file, Fingerprint::MAX).unwrap_or_default();
         tracing::info!(path = %path.display(), offset, "following file");
-        let shown: Arc<Path> = Arc::from(path.as_path());
-        // Checkpoint the file as soon as it is open, even before it has lines: if it is rotated away
-        // while tally is down, the checkpoint is what finds it again.
-        let _ = self.out.blocking_send(Chunk {
-            source: self.source,
-            file: key,
-            fingerprint,
-            path: shown.clone(),
-            end_offset: offset,
-            data: Vec::new(),
-            closed: false,
-        });
-        self.readers.push(Reader {
-            shown,
+        let reader = Reader {
+            shown: Arc::from(path.as_path()),
             path: Some(path),
             file,
             key,
@@ -460,7 +463,13 @@ impl Tail {
             discarding: false,
             orphaned: None,
             read_failing: false,
-        });
+        };
+        // Checkpoint the file as soon as it is open, even before it has lines: if it is rotated away
+        // while tally is down, the checkpoint is what finds it again.
+        let _ = self
+            .out
+            .blocking_send(reader.chunk(self.source, Vec::new(), offset, false));
+        self.readers.push(reader);
     }
 
     /// Reads every open file to its end. False when the receiving side is gone.
@@ -549,15 +558,7 @@ impl Tail {
             };
             r.partial = data[last_nl + 1..].to_vec();
             data.truncate(last_nl + 1);
-            let chunk = Chunk {
-                source: *source,
-                file: r.key,
-                fingerprint: r.fingerprint,
-                path: r.shown.clone(),
-                end_offset: r.offset - r.partial.len() as u64,
-                data,
-                closed: false,
-            };
+            let chunk = r.chunk(*source, data, r.offset - r.partial.len() as u64, false);
             tracing::debug!(path = %r.shown.display(), end_offset = chunk.end_offset, bytes = chunk.data.len(), "read lines");
             metrics.files.read(*source, r.key, &r.shown, r.offset);
             // Blocks while the pipeline is behind: the file is the buffer.
@@ -589,15 +590,7 @@ impl Tail {
             } else {
                 data.clear();
             }
-            let chunk = Chunk {
-                source: self.source,
-                file: r.key,
-                fingerprint: r.fingerprint,
-                path: r.shown.clone(),
-                end_offset: r.offset,
-                data,
-                closed: true,
-            };
+            let chunk = r.chunk(self.source, data, r.offset, true);
             tracing::info!(path = %r.shown.display(), offset = r.offset, "finished a rotated or deleted file");
             if self.out.blocking_send(chunk).is_err() {
                 return false;
