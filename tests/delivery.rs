@@ -140,8 +140,7 @@ fn a_failing_credential_check_holds_the_batch_without_dropping_it() {
             (t, "/?user_key=k1", 503),
         ],
     );
-    let mut tally = Tally::start(&s.config("", ""), &["--once"]);
-    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let tally = Tally::run_once(&s.config("", ""));
     assert_eq!(hits(&s), expect(&[("k1", 2), ("k2", 1)]));
     assert!(
         tally
@@ -166,8 +165,7 @@ fn lines_older_than_the_window_are_dropped_loudly_and_never_sent() {
             (t, "/?user_key=now", 200),
         ],
     );
-    let mut tally = Tally::start(&s.config("", ""), &["--once"]);
-    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let tally = Tally::run_once(&s.config("", ""));
     assert_eq!(hits(&s), expect(&[("recent", 1), ("now", 1)]));
     assert!(s.backend.dropped().is_empty(), "{:?}", s.backend.dropped());
     let logs = tally.logs();
@@ -242,8 +240,7 @@ fn flapping_503s_and_connection_resets_lose_and_duplicate_nothing() {
     s.backend.set_flapping(false);
     s.backend.drop_next(3);
     append(&s, &[(t, "/?user_key=after", 200)]);
-    let mut again = Tally::start(&s.config("validate_credentials = false\n", ""), &["--once"]);
-    assert!(again.wait(WAIT).success(), "{}", again.logs());
+    Tally::run_once(&s.config("validate_credentials = false\n", ""));
     assert_eq!(s.backend.hits(), 301);
     assert_eq!(s.backend.reports().len(), 13);
 }
@@ -328,8 +325,7 @@ fn reserved_and_non_ascii_characters_in_credentials_arrive_intact() {
             (t, r"/?user_key=\xC3\xBC-nginx-escaped", 200),
         ],
     );
-    let mut tally = Tally::start(&s.config("", ""), &["--once"]);
-    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    Tally::run_once(&s.config("", ""));
     assert_eq!(
         hits(&s),
         expect(&[("café&=?#% x", 1), ("日本/+", 1), ("ü-nginx-escaped", 1)])
@@ -351,15 +347,13 @@ fn concurrent_calls_checkpoint_in_order() {
         "validate_credentials = false\n",
         "[report]\nmax_transactions = 20\nconcurrency = 4\n",
     );
-    let mut tally = Tally::start(&config, &["--once"]);
-    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    Tally::run_once(&config);
     assert_eq!(s.backend.hits(), 400);
     let most = s.backend.max_concurrent();
     assert!((2..=4).contains(&most), "{most} calls at once");
     // The checkpoint is at the end of the file: a second run sends nothing.
     let calls = s.backend.calls();
-    let mut again = Tally::start(&config, &["--once"]);
-    assert!(again.wait(WAIT).success(), "{}", again.logs());
+    Tally::run_once(&config);
     assert_eq!(s.backend.calls(), calls);
     assert_eq!(s.backend.hits(), 400);
 }
@@ -384,8 +378,7 @@ fn sources_with_their_own_token_report_to_their_service() {
         "service_id = \"2\"\nservice_token = \"token-two\"",
     );
     std::fs::write(&config, text).unwrap();
-    let mut tally = Tally::start(&config, &["--once"]);
-    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let tally = Tally::run_once(&config);
     let mut got: Vec<(String, String)> = backend
         .reports()
         .iter()

@@ -420,8 +420,7 @@ fn a_tls_backend_with_a_private_ca() {
         &[(&log, "42")],
         "",
     );
-    let mut tally = Tally::start(&trusted, &["--once"]);
-    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    Tally::run_once(&trusted);
     let got: Vec<String> = backend
         .transactions()
         .iter()

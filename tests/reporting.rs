@@ -154,8 +154,7 @@ fn without_response_codes_requests_fold_per_application_and_second() {
         &[(&log, "7")],
         "[report]\nresponse_codes = false\n",
     );
-    let mut tally = Tally::start(&config, &["--once"]);
-    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    Tally::run_once(&config);
     let txs = backend.transactions();
     let summary: Vec<(String, i64, u64, Option<String>)> = txs
         .iter()
@@ -184,8 +183,7 @@ fn large_batches_are_split_within_the_backend_limit() {
         "",
         "[report]\nmax_transactions = 1023\nflush_interval = \"1h\"\n",
     );
-    let mut tally = Tally::start(&config, &["--once"]);
-    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    Tally::run_once(&config);
     // Two calls may be under way at once, so they may arrive in either order.
     let mut sizes: Vec<usize> = backend
         .reports()
@@ -211,8 +209,7 @@ fn transient_failures_are_retried_without_loss_or_duplicates() {
     s.append(&text);
     // Credentials unchecked, so every call counted here is a report call.
     let config = s.config("validate_credentials = false\n", "");
-    let mut tally = Tally::start(&config, &["--once"]);
-    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let tally = Tally::run_once(&config);
     assert_eq!(backend.hits(), 50);
     assert_eq!(backend.reports().len(), 1);
     assert_eq!(
@@ -332,8 +329,7 @@ fn several_services_are_reported_separately() {
         &[(&a, "1"), (&b, "2")],
         "",
     );
-    let mut tally = Tally::start(&config, &["--once"]);
-    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    Tally::run_once(&config);
     let mut per_service: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for r in backend.reports() {
         per_service

@@ -442,13 +442,12 @@ fn a_file_rotated_while_tally_was_down_is_finished_first() {
     let config = s.config("access.log", true, "", "");
     let mut w = Writer::open(&log);
     w.write(20);
-    assert!(Tally::start(&config, &["--once"]).wait(WAIT).success());
+    Tally::run_once(&config);
     w.write(10); // written after the checkpoint, then rotated away while tally is down
     std::fs::rename(&log, s.path("access.log.1")).unwrap();
     w.reopen();
     w.write(15);
-    let mut again = Tally::start(&config, &["--once"]);
-    assert!(again.wait(WAIT).success(), "{}", again.logs());
+    Tally::run_once(&config);
     s.assert_exactly_once(45);
 }
 
@@ -459,19 +458,18 @@ fn a_different_file_under_the_same_name_or_inode_is_read_from_its_start() {
     let config = s.config("access.log", true, "", "");
     let mut w = Writer::open(&log);
     w.write(20);
-    assert!(Tally::start(&config, &["--once"]).wait(WAIT).success());
+    Tally::run_once(&config);
     // Same inode, other content, longer than the checkpoint: only the fingerprint can tell.
     w.file.set_len(0).unwrap();
     w.write(40);
-    assert!(Tally::start(&config, &["--once"]).wait(WAIT).success());
+    Tally::run_once(&config);
     s.assert_exactly_once(60);
     // Deleted and created again while tally is down (the file system may well reuse the inode).
     std::fs::remove_file(&log).unwrap();
     let mut w2 = Writer::open(&log);
     w2.next = 60;
     w2.write(25);
-    let mut last = Tally::start(&config, &["--once"]);
-    assert!(last.wait(WAIT).success(), "{}", last.logs());
+    Tally::run_once(&config);
     s.assert_exactly_once(85);
 }
 
@@ -482,7 +480,7 @@ fn a_corrupt_state_file_is_a_clear_error_and_a_half_written_one_is_ignored() {
     let config = s.config("access.log", true, "", "");
     let mut w = Writer::open(&log);
     w.write(10);
-    assert!(Tally::start(&config, &["--once"]).wait(WAIT).success());
+    Tally::run_once(&config);
     let state = s.path("state/service-42.state");
     let good = std::fs::read_to_string(&state).unwrap();
     // A temp file left by a crash in the middle of a write: ignored, nothing re-sent.
@@ -492,7 +490,7 @@ fn a_corrupt_state_file_is_a_clear_error_and_a_half_written_one_is_ignored() {
     )
     .unwrap();
     w.write(5);
-    assert!(Tally::start(&config, &["--once"]).wait(WAIT).success());
+    Tally::run_once(&config);
     s.assert_exactly_once(15);
     // The state file itself cut short: tally refuses to guess, and says what to do.
     std::fs::write(&state, &good[..good.len() / 2]).unwrap();

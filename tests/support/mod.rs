@@ -35,6 +35,18 @@ impl Tally {
         Tally { child, log, stdout }
     }
 
+    /// Runs `tally run --once --config CONFIG` to its end and asserts that it succeeded.
+    pub fn run_once(config: &Path) -> Tally {
+        let mut tally = Tally::start(config, &["--once"]);
+        let status = tally.wait(Duration::from_secs(60));
+        assert!(
+            status.success(),
+            "tally --once failed ({status}):\n{}",
+            tally.logs()
+        );
+        tally
+    }
+
     pub fn signal(&self, name: &str) {
         let ok = Command::new("kill")
             .args([&format!("-{name}"), &self.child.id().to_string()])
