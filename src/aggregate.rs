@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 use tokio::sync::mpsc;
 
@@ -51,24 +51,37 @@ pub struct Batch {
     pub advances: Vec<Advance>,
 }
 
-/// Shares one allocation per distinct credential. Bounded: an API hammered with random keys must not
-/// grow tally's memory, so the table is cleared when it reaches its limit.
+/// Decodes each distinct credential once and shares one allocation per application. Bounded: an API
+/// hammered with random keys must not grow tally's memory, so a table is cleared when it reaches its
+/// limit.
 struct Interner {
-    keys: FxHashSet<Arc<str>>,
+    /// Raw credential as logged → its decoded name, or why it cannot be reported.
+    user_keys: FxHashMap<Box<[u8]>, Result<Arc<str>, Skip>>,
+    app_ids: FxHashMap<Box<[u8]>, Result<Arc<str>, Skip>>,
     limit: usize,
 }
 
 impl Interner {
-    fn get(&mut self, s: &str) -> Arc<str> {
-        if let Some(k) = self.keys.get(s) {
-            return k.clone();
-        }
-        if self.keys.len() >= self.limit {
-            self.keys.clear();
-        }
-        let k: Arc<str> = Arc::from(s);
-        self.keys.insert(k.clone());
-        k
+    fn application(&mut self, credential: Credential<'_>) -> Result<Application, Skip> {
+        let (table, raw) = match credential {
+            Credential::UserKey(raw) => (&mut self.user_keys, raw),
+            Credential::AppId(raw) => (&mut self.app_ids, raw),
+        };
+        let name = match table.get(raw) {
+            Some(known) => known.clone(),
+            None => {
+                if table.len() >= self.limit {
+                    table.clear();
+                }
+                let name = credential.decode().map(Arc::from);
+                table.insert(raw.into(), name.clone());
+                name
+            }
+        }?;
+        Ok(match credential {
+            Credential::UserKey(_) => Application::UserKey(name),
+            Credential::AppId(_) => Application::AppId(name),
+        })
     }
 }
 
@@ -89,24 +102,22 @@ impl Aggregator {
             batch: Batch::default(),
             folded: FxHashMap::default(),
             interner: Interner {
-                keys: FxHashSet::default(),
+                user_keys: FxHashMap::default(),
+                app_ids: FxHashMap::default(),
                 limit: 100_000,
             },
         }
     }
 
     /// Adds one request; true when the batch is full (then [`Aggregator::advance`] and
-    /// [`Aggregator::take`] it).
-    pub fn add(&mut self, request: &Request<'_>) -> bool {
-        let application = match &request.credential {
-            Credential::UserKey(k) => Application::UserKey(self.interner.get(k)),
-            Credential::AppId { app_id, .. } => Application::AppId(self.interner.get(app_id)),
-        };
+    /// [`Aggregator::take`] it). A credential that cannot be reported is a skip.
+    pub fn add(&mut self, request: &Request<'_>) -> Result<bool, Skip> {
+        let application = self.interner.application(request.credential)?;
         if !self.response_codes {
             let key = (application, request.timestamp);
             if let Some(&i) = self.folded.get(&key) {
                 self.batch.transactions[i].hits += 1;
-                return false;
+                return Ok(false);
             }
             self.folded
                 .insert(key.clone(), self.batch.transactions.len());
@@ -124,7 +135,7 @@ impl Aggregator {
                 code: Some(request.status),
             });
         }
-        self.batch.transactions.len() >= self.max_transactions
+        Ok(self.batch.transactions.len() >= self.max_transactions)
     }
 
     /// Records how far the open batch takes a file (the latest position of a file wins).
@@ -195,15 +206,17 @@ pub fn parse_chunk(
             continue;
         }
         read += 1;
-        let parsed = match parser.as_mut() {
+        let added = match parser.as_mut() {
             _ if line.len() > lines.max_line_length => Err(Skip::TooLong),
-            Some(parser) => parser.parse(line),
+            Some(parser) => parser.parse(line).and_then(|request| {
+                line_time = request.timestamp;
+                aggregator.add(&request)
+            }),
             None => Err(Skip::Malformed),
         };
-        match parsed {
-            Ok(request) => {
-                line_time = request.timestamp;
-                if aggregator.add(&request) {
+        match added {
+            Ok(batch_full) => {
+                if batch_full {
                     aggregator.advance(at(base + start as u64, line_time, false));
                     full.extend(aggregator.take());
                 }
@@ -270,7 +283,6 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::borrow::Cow;
 
     fn request(key: &str, timestamp: i64, status: u16) -> Request<'_> {
         Request {
@@ -278,7 +290,7 @@ mod tests {
             method: b"GET",
             path: b"/",
             status,
-            credential: Credential::UserKey(Cow::Borrowed(key)),
+            credential: Credential::UserKey(key.as_bytes()),
         }
     }
 
@@ -294,9 +306,9 @@ mod tests {
     #[test]
     fn with_response_codes_each_request_is_a_transaction() {
         let mut a = Aggregator::new(true, 3);
-        assert!(!a.add(&request("k", 10, 200)));
-        assert!(!a.add(&request("k", 10, 200)));
-        assert!(a.add(&request("j", 10, 404)));
+        assert!(!a.add(&request("k", 10, 200)).unwrap());
+        assert!(!a.add(&request("k", 10, 200)).unwrap());
+        assert!(a.add(&request("j", 10, 404)).unwrap());
         let full = a.take().unwrap();
         assert_eq!(
             full.transactions,
@@ -307,7 +319,7 @@ mod tests {
             ]
         );
         assert!(a.take().is_none());
-        a.add(&request("k", 11, 500));
+        a.add(&request("k", 11, 500)).unwrap();
         assert_eq!(
             a.take().unwrap().transactions,
             vec![tx("k", 11, 1, Some(500))]
@@ -318,7 +330,7 @@ mod tests {
     fn without_response_codes_requests_fold_per_application_and_second() {
         let mut a = Aggregator::new(false, 1000);
         for (k, t) in [("k", 10), ("k", 10), ("j", 10), ("k", 11), ("k", 10)] {
-            assert!(!a.add(&request(k, t, 200)));
+            assert!(!a.add(&request(k, t, 200)).unwrap());
         }
         let b = a.take().unwrap();
         assert_eq!(
@@ -331,33 +343,67 @@ mod tests {
         );
         assert_eq!(b.transactions.iter().map(|t| t.hits).sum::<u64>(), 5);
         // A new batch starts a new fold.
-        a.add(&request("k", 10, 200));
+        a.add(&request("k", 10, 200)).unwrap();
         assert_eq!(a.take().unwrap().transactions, vec![tx("k", 10, 1, None)]);
     }
 
     #[test]
     fn user_keys_and_app_ids_never_fold_together() {
         let mut a = Aggregator::new(false, 1000);
-        a.add(&request("same", 10, 200));
+        a.add(&request("same", 10, 200)).unwrap();
         a.add(&Request {
-            credential: Credential::AppId {
-                app_id: Cow::Borrowed("same"),
-                app_key: None,
-            },
+            credential: Credential::AppId(b"same"),
             ..request("", 10, 200)
-        });
+        })
+        .unwrap();
         assert_eq!(a.take().unwrap().transactions.len(), 2);
     }
 
     #[test]
     fn the_interner_stays_bounded() {
         let mut i = Interner {
-            keys: FxHashSet::default(),
+            user_keys: FxHashMap::default(),
+            app_ids: FxHashMap::default(),
             limit: 10,
         };
         for n in 0..1000 {
-            i.get(&n.to_string());
+            i.application(Credential::UserKey(n.to_string().as_bytes()))
+                .unwrap();
         }
-        assert!(i.keys.len() <= 10);
+        assert!(i.user_keys.len() <= 10);
+    }
+
+    #[test]
+    fn credentials_are_decoded_once_and_bad_ones_skipped() {
+        let mut a = Aggregator::new(true, 1000);
+        for raw in [&b"a%2Bb+c"[..], b"a%2Bb+c", br"caf\xC3\xA9", b"%FF"] {
+            let _ = a.add(&Request {
+                credential: Credential::UserKey(raw),
+                ..request("", 10, 200)
+            });
+        }
+        assert_eq!(
+            a.add(&Request {
+                credential: Credential::UserKey(b"%FF"),
+                ..request("", 10, 200)
+            }),
+            Err(Skip::InvalidCredential)
+        );
+        let names: Vec<_> = a
+            .take()
+            .unwrap()
+            .transactions
+            .into_iter()
+            .map(|t| t.application)
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                Application::UserKey("a+b c".into()),
+                Application::UserKey("a+b c".into()),
+                Application::UserKey("café".into()),
+            ]
+        );
+        assert_eq!(a.interner.user_keys.len(), 3);
     }
 }

@@ -1,19 +1,46 @@
 //! One access-log line → one request record (time, method, path, status, credential).
 //!
-//! The record borrows from the line: parsing allocates nothing unless a credential needs decoding.
-
-use std::borrow::Cow;
+//! The record borrows from the line and parsing allocates nothing: the credential stays as the log
+//! wrote it, and is decoded ([`Credential::decode`]) once per distinct credential by the aggregation.
 
 use crate::config::{CredentialMode, LogFormat};
 
-/// The caller's credential as 3scale knows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The caller's credential, as written in the log (still escaped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Credential<'a> {
-    UserKey(Cow<'a, str>),
-    AppId {
-        app_id: Cow<'a, str>,
-        app_key: Option<Cow<'a, str>>,
-    },
+    UserKey(&'a [u8]),
+    /// The app_key that may come with it is not part of a report, so it is not read.
+    AppId(&'a [u8]),
+}
+
+impl Credential<'_> {
+    /// Undoes the log's escaping (`\xHH`, which NGINX writes for bytes it does not print) and the
+    /// query string's (`%HH`, `+` for space).
+    pub fn decode(&self) -> Result<String, Skip> {
+        let (Credential::UserKey(raw) | Credential::AppId(raw)) = *self;
+        let mut out = Vec::with_capacity(raw.len());
+        let mut i = 0;
+        while i < raw.len() {
+            let escaped = match raw[i] {
+                b'%' => hex_pair(raw.get(i + 1..i + 3)).map(|b| (b, 3)),
+                b'\\' if raw.get(i + 1) == Some(&b'x') => {
+                    hex_pair(raw.get(i + 2..i + 4)).map(|b| (b, 4))
+                }
+                _ => None,
+            };
+            match escaped {
+                Some((byte, len)) => {
+                    out.push(byte);
+                    i += len;
+                }
+                None => {
+                    out.push(if raw[i] == b'+' { b' ' } else { raw[i] });
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8(out).map_err(|_| Skip::InvalidCredential)
+    }
 }
 
 /// What tally needs of one request.
@@ -53,13 +80,16 @@ impl Skip {
     }
 }
 
+/// `$time_local` as written: `25/Nov/2026:18:41:03 +0100`.
+type TimeField = [u8; 26];
+
 /// Parses the lines of one source.
 #[derive(Debug, Clone, Copy)]
 pub struct Parser {
     format: LogFormat,
     credential: CredentialMode,
     /// The last time field parsed and its value: consecutive lines mostly share their second.
-    last_time: ([u8; 26], i64),
+    last_time: (TimeField, i64),
 }
 
 impl Parser {
@@ -76,35 +106,33 @@ impl Parser {
         let fields = match self.format {
             LogFormat::Combined => combined(line).ok_or(Skip::Malformed)?,
         };
-        let timestamp = if fields.time == self.last_time.0 {
+        let timestamp = if *fields.time == self.last_time.0 {
             self.last_time.1
         } else {
             let t = time_local(fields.time).ok_or(Skip::Malformed)?;
-            if let Ok(text) = fields.time.try_into() {
-                self.last_time = (text, t);
-            }
+            self.last_time = (*fields.time, t);
             t
         };
-        let (method, target) = split_request(fields.request).ok_or(Skip::Malformed)?;
-        let (path, query) = match memchr::memchr(b'?', target) {
-            Some(q) => (&target[..q], &target[q + 1..]),
-            None => (target, &b""[..]),
+        let (path, query) = match memchr::memchr(b'?', fields.target) {
+            Some(q) => (&fields.target[..q], &fields.target[q + 1..]),
+            None => (fields.target, &b""[..]),
         };
-        let credential = credential(query, self.credential)?;
         Ok(Request {
             timestamp,
-            method,
+            method: fields.method,
             path,
             status: fields.status,
-            credential,
+            credential: credential(query, self.credential)?,
         })
     }
 }
 
 struct Fields<'a> {
     /// `$time_local`, not yet parsed.
-    time: &'a [u8],
-    request: &'a [u8],
+    time: &'a TimeField,
+    method: &'a [u8],
+    /// The request target (path and query), without the protocol.
+    target: &'a [u8],
     status: u16,
 }
 
@@ -113,17 +141,29 @@ struct Fields<'a> {
 /// status (extra fields, a truncated user agent).
 fn combined(line: &[u8]) -> Option<Fields<'_>> {
     let open = memchr::memchr(b'[', line)?;
-    let rest = &line[open + 1..];
-    let close = memchr::memchr(b']', rest)?;
-    let time = &rest[..close];
-    let rest = rest[close + 1..].strip_prefix(b" \"")?;
+    let time = line.get(open + 1..open + 27)?.try_into().ok()?;
+    let rest = line[open + 27..].strip_prefix(b"] \"")?;
+    // `METHOD SP TARGET [SP PROTOCOL]`
+    let m = rest.iter().position(|b| !b.is_ascii_uppercase())?;
+    if m == 0 || rest[m] != b' ' {
+        return None;
+    }
+    let method = &rest[..m];
+    let rest = &rest[m + 1..];
     let end = closing_quote(rest)?;
     let request = &rest[..end];
-    let rest = rest[end + 1..].strip_prefix(b" ")?;
-    let status = status(rest)?;
+    let target = match request.iter().rposition(|&b| b == b' ') {
+        Some(last) if request[last + 1..].starts_with(b"HTTP/") => &request[..last],
+        _ => request,
+    };
+    if target.is_empty() {
+        return None;
+    }
+    let status = status(rest[end + 1..].strip_prefix(b" ")?)?;
     Some(Fields {
         time,
-        request,
+        method,
+        target,
         status,
     })
 }
@@ -156,27 +196,9 @@ fn status(s: &[u8]) -> Option<u16> {
     )
 }
 
-/// `METHOD SP TARGET [SP PROTOCOL]`.
-fn split_request(request: &[u8]) -> Option<(&[u8], &[u8])> {
-    let sp = memchr::memchr(b' ', request)?;
-    let method = &request[..sp];
-    if method.is_empty() || !method.iter().all(u8::is_ascii_uppercase) {
-        return None;
-    }
-    let rest = &request[sp + 1..];
-    let target = match memchr::memrchr(b' ', rest) {
-        Some(last) if rest[last + 1..].starts_with(b"HTTP/") => &rest[..last],
-        _ => rest,
-    };
-    if target.is_empty() {
-        return None;
-    }
-    Some((method, target))
-}
-
 /// `25/Nov/2026:18:41:03 +0100` → epoch seconds.
-fn time_local(t: &[u8]) -> Option<i64> {
-    if t.len() != 26 || t[2] != b'/' || t[6] != b'/' || t[11] != b':' || t[20] != b' ' {
+fn time_local(t: &TimeField) -> Option<i64> {
+    if t[2] != b'/' || t[6] != b'/' || t[11] != b':' || t[20] != b' ' {
         return None;
     }
     let num = |r: std::ops::Range<usize>| -> Option<i64> {
@@ -225,34 +247,26 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// The first non-empty `user_key`, or `app_id`, of the query string, as NGINX's `$arg_` variables
+/// would give them.
 fn credential(query: &[u8], mode: CredentialMode) -> Result<Credential<'_>, Skip> {
-    let (mut user_key, mut app_id, mut app_key) = (None, None, None);
-    let mut rest = query;
-    while !rest.is_empty() {
-        let end = memchr::memchr(b'&', rest).unwrap_or(rest.len());
-        let pair = &rest[..end];
-        rest = rest.get(end + 1..).unwrap_or_default();
-        let Some(eq) = memchr::memchr(b'=', pair) else {
-            continue;
-        };
-        let (name, value) = (&pair[..eq], &pair[eq + 1..]);
-        let slot = match name {
-            b"user_key" => &mut user_key,
-            b"app_id" => &mut app_id,
-            b"app_key" => &mut app_key,
-            _ => continue,
-        };
-        // The first occurrence wins, as in NGINX's $arg_ variables.
-        if slot.is_none() && !value.is_empty() {
-            *slot = Some(value);
-        }
-        // Stop as soon as the rest of the query cannot change the answer.
-        let done = match mode {
-            CredentialMode::Auto | CredentialMode::UserKey => user_key.is_some(),
-            CredentialMode::AppId => app_id.is_some() && app_key.is_some(),
-        };
-        if done {
-            break;
+    let (mut user_key, mut app_id) = (None, None);
+    for pair in query.split(|&b| b == b'&') {
+        if let Some(value) = pair.strip_prefix(b"user_key=") {
+            if user_key.is_none() && !value.is_empty() {
+                user_key = Some(value);
+                if mode != CredentialMode::AppId {
+                    // Nothing later in the query can change the answer.
+                    break;
+                }
+            }
+        } else if let Some(value) = pair.strip_prefix(b"app_id=") {
+            if app_id.is_none() && !value.is_empty() {
+                app_id = Some(value);
+                if mode == CredentialMode::AppId {
+                    break;
+                }
+            }
         }
     }
     let use_user_key = match mode {
@@ -261,48 +275,11 @@ fn credential(query: &[u8], mode: CredentialMode) -> Result<Credential<'_>, Skip
         CredentialMode::AppId => false,
     };
     if use_user_key {
-        let key = user_key.ok_or(Skip::NoCredential)?;
-        return Ok(Credential::UserKey(decode(key)?));
+        user_key.map(Credential::UserKey)
+    } else {
+        app_id.map(Credential::AppId)
     }
-    let app_id = app_id.ok_or(Skip::NoCredential)?;
-    Ok(Credential::AppId {
-        app_id: decode(app_id)?,
-        app_key: app_key.map(decode).transpose()?,
-    })
-}
-
-/// Undoes the log's escaping (`\xHH`, which NGINX writes for bytes it does not print) and the query
-/// string's (`%HH`, `+` for space). Borrowed when there is nothing to undo.
-fn decode(raw: &[u8]) -> Result<Cow<'_, str>, Skip> {
-    if memchr::memchr3(b'%', b'+', b'\\', raw).is_none() {
-        return std::str::from_utf8(raw)
-            .map(Cow::Borrowed)
-            .map_err(|_| Skip::InvalidCredential);
-    }
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        let escaped = match raw[i] {
-            b'%' => hex_pair(raw.get(i + 1..i + 3)).map(|b| (b, 3)),
-            b'\\' if raw.get(i + 1) == Some(&b'x') => {
-                hex_pair(raw.get(i + 2..i + 4)).map(|b| (b, 4))
-            }
-            _ => None,
-        };
-        match escaped {
-            Some((byte, len)) => {
-                out.push(byte);
-                i += len;
-            }
-            None => {
-                out.push(if raw[i] == b'+' { b' ' } else { raw[i] });
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out)
-        .map(Cow::Owned)
-        .map_err(|_| Skip::InvalidCredential)
+    .ok_or(Skip::NoCredential)
 }
 
 fn hex_pair(digits: Option<&[u8]>) -> Option<u8> {
@@ -319,19 +296,8 @@ mod tests {
         Parser::new(LogFormat::Combined, CredentialMode::Auto).parse(line.as_bytes())
     }
 
-    fn owned(c: Credential<'_>) -> Credential<'static> {
-        let own = |s: Cow<'_, str>| Cow::Owned(s.into_owned());
-        match c {
-            Credential::UserKey(k) => Credential::UserKey(own(k)),
-            Credential::AppId { app_id, app_key } => Credential::AppId {
-                app_id: own(app_id),
-                app_key: app_key.map(own),
-            },
-        }
-    }
-
     fn user_key(k: &str) -> Credential<'_> {
-        Credential::UserKey(Cow::Borrowed(k))
+        Credential::UserKey(k.as_bytes())
     }
 
     #[test]
@@ -346,7 +312,7 @@ mod tests {
 
     #[test]
     fn time_zones_and_calendar() {
-        let at = |t: &str| time_local(t.as_bytes());
+        let at = |t: &str| time_local(t.as_bytes().try_into().ok()?);
         assert_eq!(at("01/Jan/1970:00:00:00 +0000"), Some(0));
         assert_eq!(at("01/Jan/1970:01:00:00 +0100"), Some(0));
         assert_eq!(at("31/Dec/1969:19:00:00 -0500"), Some(0));
@@ -367,13 +333,7 @@ mod tests {
         assert_eq!(r.method, b"POST");
         assert_eq!(r.path, br#"/a\"b"#);
         assert_eq!(r.status, 201);
-        assert_eq!(
-            r.credential,
-            Credential::AppId {
-                app_id: Cow::Borrowed("id1"),
-                app_key: Some(Cow::Borrowed("k1"))
-            }
-        );
+        assert_eq!(r.credential, Credential::AppId(b"id1"));
         // NGINX's own escaping, HTTP/0.9 (no protocol), a 499, nothing after the status.
         let r =
             parse(r#"::1 - - [24/Nov/2026:10:15:00 +0000] "GET /x\x22y?user_key=k" 499"#).unwrap();
@@ -381,13 +341,7 @@ mod tests {
         // Extra fields after the user agent ($request_time and friends).
         let r = parse(r#"10.0.0.1 - - [24/Nov/2026:10:15:00 +0000] "DELETE /?app_id=a HTTP/1.1" 503 1 "-" "ua" 0.002 "x""#).unwrap();
         assert_eq!(r.status, 503);
-        assert_eq!(
-            r.credential,
-            Credential::AppId {
-                app_id: Cow::Borrowed("a"),
-                app_key: None
-            }
-        );
+        assert_eq!(r.credential, Credential::AppId(b"a"));
     }
 
     #[test]
@@ -415,39 +369,42 @@ mod tests {
     }
 
     #[test]
-    fn credentials_are_decoded() {
+    fn credentials_are_found_then_decoded() {
         let line = |q: &str| {
             format!(r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /p?{q} HTTP/1.1" 200 1 "-" "-""#)
         };
-        let key = |q: &str| parse(&line(q)).map(|r| owned(r.credential));
-        assert_eq!(
-            key("user_key=a%2Bb+c"),
-            Ok(Credential::UserKey("a+b c".into()))
-        );
-        assert_eq!(
-            key("user_key=caf%C3%A9"),
-            Ok(Credential::UserKey("café".into()))
-        );
-        assert_eq!(
-            key(r"user_key=caf\xC3\xA9"),
-            Ok(Credential::UserKey("café".into()))
-        );
-        assert_eq!(key("user_key=%ZZ"), Ok(Credential::UserKey("%ZZ".into())));
+        let key = |q: &str| {
+            parse(&line(q)).and_then(|r| match r.credential {
+                Credential::UserKey(_) => r.credential.decode().map(|k| format!("user_key {k}")),
+                Credential::AppId(_) => r.credential.decode().map(|k| format!("app_id {k}")),
+            })
+        };
+        assert_eq!(key("user_key=a%2Bb+c"), Ok("user_key a+b c".into()));
+        assert_eq!(key("user_key=caf%C3%A9"), Ok("user_key café".into()));
+        assert_eq!(key(r"user_key=caf\xC3\xA9"), Ok("user_key café".into()));
+        assert_eq!(key("user_key=%ZZ"), Ok("user_key %ZZ".into()));
+        assert_eq!(key("user_key=%4"), Ok("user_key %4".into()));
         assert_eq!(key("user_key=%FF"), Err(Skip::InvalidCredential));
         assert_eq!(
             key("user_key=first&user_key=second"),
-            Ok(Credential::UserKey("first".into()))
+            Ok("user_key first".into())
         );
         assert_eq!(
-            key("user_key=&app_id=x"),
-            Ok(Credential::AppId {
-                app_id: "x".into(),
-                app_key: None
-            })
+            key("user_key=&user_key=second"),
+            Ok("user_key second".into())
         );
+        assert_eq!(key("user_key=&app_id=x"), Ok("app_id x".into()));
+        assert_eq!(
+            key("app_id=x&app_key=k&user_key=u"),
+            Ok("user_key u".into())
+        );
+        assert_eq!(key("app_id=&app_id=y"), Ok("app_id y".into()));
+        assert_eq!(key("page=1&&app_id=x&"), Ok("app_id x".into()));
         assert_eq!(key("app_key=only"), Err(Skip::NoCredential));
         assert_eq!(key("foo=bar"), Err(Skip::NoCredential));
         assert_eq!(key("xuser_key=a"), Err(Skip::NoCredential));
+        assert_eq!(key("user_key"), Err(Skip::NoCredential));
+        assert_eq!(key(""), Err(Skip::NoCredential));
     }
 
     #[test]
@@ -456,23 +413,11 @@ mod tests {
         let with = |mode| {
             Parser::new(LogFormat::Combined, mode)
                 .parse(line)
-                .map(|r| r.credential.clone())
+                .map(|r| r.credential)
         };
-        assert_eq!(
-            with(CredentialMode::Auto),
-            Ok(Credential::UserKey("u".into()))
-        );
-        assert_eq!(
-            with(CredentialMode::UserKey),
-            Ok(Credential::UserKey("u".into()))
-        );
-        assert_eq!(
-            with(CredentialMode::AppId),
-            Ok(Credential::AppId {
-                app_id: "i".into(),
-                app_key: None
-            })
-        );
+        assert_eq!(with(CredentialMode::Auto), Ok(user_key("u")));
+        assert_eq!(with(CredentialMode::UserKey), Ok(user_key("u")));
+        assert_eq!(with(CredentialMode::AppId), Ok(Credential::AppId(b"i")));
     }
 
     #[test]
