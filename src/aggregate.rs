@@ -183,7 +183,7 @@ pub fn parse_chunk(
     warned: &mut std::collections::HashSet<Skip>,
 ) -> Vec<Batch> {
     let mut full = Vec::new();
-    let base = chunk.end_offset - chunk.data.len() as u64;
+    let base = chunk.end_offset - chunk.len() as u64;
     let mut line_time = 0;
     // A copy per chunk: the parser caches the last time field it read.
     let mut parser = lines.parsers.get(chunk.source).copied().flatten();
@@ -197,10 +197,7 @@ pub fn parse_chunk(
         closed,
     };
     let (mut read, mut skipped) = (0u64, [0u64; 4]);
-    let mut start = 0;
-    for end in memchr::memchr_iter(b'\n', &chunk.data) {
-        let line = &chunk.data[start..end];
-        start = end + 1;
+    for (line, next) in chunk.lines() {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
             continue;
@@ -217,7 +214,7 @@ pub fn parse_chunk(
         match added {
             Ok(batch_full) => {
                 if batch_full {
-                    aggregator.advance(at(base + start as u64, line_time, false));
+                    aggregator.advance(at(base + next as u64, line_time, false));
                     full.extend(aggregator.take());
                 }
             }

@@ -88,9 +88,58 @@ pub struct Chunk {
     pub path: Arc<Path>,
     /// The file offset just past the last line of `data`.
     pub end_offset: u64,
-    pub data: Vec<u8>,
+    data: Vec<u8>,
+    /// The index of each newline in `data`. Found on the reader's thread, which mostly waits on the
+    /// disk, so that the thread parsing the lines does not scan them twice.
+    newlines: Vec<u32>,
     /// The file was rotated away or deleted and is now read to its end and closed.
     pub closed: bool,
+}
+
+impl Chunk {
+    /// `data` holds complete lines only (and is below 4 GiB: chunks are read in small blocks).
+    fn new(
+        source: usize,
+        file: FileKey,
+        fingerprint: Fingerprint,
+        path: Arc<Path>,
+        end_offset: u64,
+        data: Vec<u8>,
+        closed: bool,
+    ) -> Chunk {
+        let newlines = memchr::memchr_iter(b'\n', &data)
+            .map(|i| i as u32)
+            .collect();
+        Chunk {
+            source,
+            file,
+            fingerprint,
+            path,
+            end_offset,
+            data,
+            newlines,
+            closed,
+        }
+    }
+
+    /// The bytes of the chunk's lines.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Each line without its newline, with the offset in the chunk just past its newline.
+    pub fn lines(&self) -> impl Iterator<Item = (&[u8], usize)> {
+        let mut start = 0;
+        self.newlines.iter().map(move |&nl| {
+            let (from, end) = (start, nl as usize);
+            start = end + 1;
+            (&self.data[from..end], start)
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -245,15 +294,15 @@ struct Reader {
 impl Reader {
     /// Lines of this file (or none) ending at `end_offset`.
     fn chunk(&self, source: usize, data: Vec<u8>, end_offset: u64, closed: bool) -> Chunk {
-        Chunk {
+        Chunk::new(
             source,
-            file: self.key,
-            fingerprint: self.fingerprint,
-            path: self.shown.clone(),
+            self.key,
+            self.fingerprint,
+            self.shown.clone(),
             end_offset,
             data,
             closed,
-        }
+        )
     }
 }
 
@@ -420,15 +469,15 @@ impl Tail {
 
     /// Tells the pipeline to forget a checkpointed file that will not be read again.
     fn send_closed(&self, c: &FileCheckpoint) {
-        let _ = self.out.blocking_send(Chunk {
-            source: self.source,
-            file: c.key,
-            fingerprint: c.fingerprint,
-            path: Arc::from(c.path.as_path()),
-            end_offset: c.offset,
-            data: Vec::new(),
-            closed: true,
-        });
+        let _ = self.out.blocking_send(Chunk::new(
+            self.source,
+            c.key,
+            c.fingerprint,
+            Arc::from(c.path.as_path()),
+            c.offset,
+            Vec::new(),
+            true,
+        ));
     }
 
     fn open(&mut self, path: PathBuf, key: FileKey, offset: u64, file: Option<File>) {
@@ -559,7 +608,7 @@ impl Tail {
             r.partial = data[last_nl + 1..].to_vec();
             data.truncate(last_nl + 1);
             let chunk = r.chunk(*source, data, r.offset - r.partial.len() as u64, false);
-            tracing::debug!(path = %r.shown.display(), end_offset = chunk.end_offset, bytes = chunk.data.len(), "read lines");
+            tracing::debug!(path = %r.shown.display(), end_offset = chunk.end_offset, bytes = chunk.len(), "read lines");
             metrics.files.read(*source, r.key, &r.shown, r.offset);
             // Blocks while the pipeline is behind: the file is the buffer.
             if out.blocking_send(chunk).is_err() {
@@ -757,7 +806,7 @@ mod model {
             self.current_seen = true;
             assert!(tail.read_all() && tail.retire());
             while let Ok(chunk) = self.chunks.try_recv() {
-                for line in chunk.data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                for (line, _) in chunk.lines().filter(|(l, _)| !l.is_empty()) {
                     let text = std::str::from_utf8(line).unwrap();
                     let id = text[3..].split(' ').next().unwrap().parse().unwrap();
                     *self.seen.entry(id).or_default() += 1;
