@@ -267,7 +267,7 @@ fn parse_and_aggregate(log: &Path) -> (u64, u64) {
         Follower::spawn(0, log.display().to_string(), options, tx, metrics.clone()).unwrap();
     let (mut reported, mut batches) = (0u64, 0u64);
     let mut count = |batch: tally::aggregate::Batch| {
-        reported += batch.transactions.iter().map(|t| t.hits).sum::<u64>();
+        reported += batch.transactions.hits();
         batches += 1;
     };
     while let Some(chunk) = rx.blocking_recv() {

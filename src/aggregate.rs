@@ -33,9 +33,11 @@ impl Application {
 }
 
 /// One transaction of a report call.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transaction {
-    pub application: Application,
+    /// Its application, by id in [`Transactions::applications`]: an id, not a shared name, so that
+    /// adding a transaction costs no reference count.
+    pub application: u32,
     /// Epoch seconds.
     pub timestamp: i64,
     pub hits: u64,
@@ -43,54 +45,147 @@ pub struct Transaction {
     pub code: Option<u16>,
 }
 
+/// The applications that transactions name, by id. Append-only (ids stay valid), written by the
+/// aggregation and read by the report calls under way.
+pub type Applications = Arc<boxcar::Vec<Application>>;
+
+/// The transactions of one report call.
+#[derive(Debug, Default, Clone)]
+pub struct Transactions {
+    pub applications: Applications,
+    pub list: Vec<Transaction>,
+}
+
+impl Transactions {
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The requests they count.
+    pub fn hits(&self) -> u64 {
+        self.list.iter().map(|t| t.hits).sum()
+    }
+
+    pub fn application(&self, t: &Transaction) -> &Application {
+        &self.applications[t.application as usize]
+    }
+
+    /// Each transaction with its application.
+    pub fn iter(&self) -> impl Iterator<Item = (&Application, &Transaction)> {
+        self.list.iter().map(|t| (self.application(t), t))
+    }
+
+    /// The distinct applications they name.
+    pub fn named(&self) -> impl Iterator<Item = &Application> {
+        let mut ids: Vec<u32> = self.list.iter().map(|t| t.application).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter().map(|id| &self.applications[id as usize])
+    }
+
+    /// Keeps the transactions `keep` says yes to.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Application, &Transaction) -> bool) {
+        let applications = &self.applications;
+        self.list
+            .retain(|t| keep(&applications[t.application as usize], t));
+    }
+
+    /// Transactions from (application, timestamp, hits, code), for tests.
+    #[cfg(test)]
+    pub fn of(list: Vec<(Application, i64, u64, Option<u16>)>) -> Transactions {
+        let all = Transactions::default();
+        let list = list
+            .into_iter()
+            .map(|(application, timestamp, hits, code)| {
+                let id = match all.applications.iter().find(|(_, a)| **a == application) {
+                    Some((id, _)) => id,
+                    None => all.applications.push(application),
+                };
+                Transaction {
+                    application: id as u32,
+                    timestamp,
+                    hits,
+                    code,
+                }
+            })
+            .collect();
+        Transactions { list, ..all }
+    }
+}
+
 /// A sealed batch, ready for one report call.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub transactions: Vec<Transaction>,
+    pub transactions: Transactions,
     /// Where each file stands once the batch, and every batch before it, is accepted.
     pub advances: Vec<Advance>,
 }
 
-/// Decodes each distinct credential once and shares one allocation per application. Bounded: an API
-/// hammered with random keys must not grow tally's memory, so a table is cleared when it reaches its
-/// limit.
+/// Gives each distinct credential an id, decoding it once. Bounded: an API hammered with random keys
+/// must not grow tally's memory, so past the limit the tables start anew (batches under way keep the
+/// old list of applications).
 struct Interner {
-    /// Raw credential as logged → its decoded name, or why it cannot be reported.
-    user_keys: FxHashMap<Box<[u8]>, Result<Arc<str>, Skip>>,
-    app_ids: FxHashMap<Box<[u8]>, Result<Arc<str>, Skip>>,
+    /// Raw credential as logged → its id, or why it cannot be reported.
+    user_keys: FxHashMap<Box<[u8]>, Result<u32, Skip>>,
+    app_ids: FxHashMap<Box<[u8]>, Result<u32, Skip>>,
+    applications: Applications,
     limit: usize,
 }
 
 impl Interner {
-    fn application(&mut self, credential: Credential<'_>) -> Result<Application, Skip> {
-        let (table, raw) = match credential {
-            Credential::UserKey(raw) => (&mut self.user_keys, raw),
-            Credential::AppId(raw) => (&mut self.app_ids, raw),
+    fn new(limit: usize) -> Interner {
+        Interner {
+            user_keys: FxHashMap::default(),
+            app_ids: FxHashMap::default(),
+            applications: Applications::default(),
+            limit,
+        }
+    }
+
+    fn id(&mut self, credential: Credential<'_>) -> Result<u32, Skip> {
+        let known = match credential {
+            Credential::UserKey(raw) => self.user_keys.get(raw),
+            Credential::AppId(raw) => self.app_ids.get(raw),
         };
-        let name = match table.get(raw) {
-            Some(known) => known.clone(),
-            None => {
-                if table.len() >= self.limit {
-                    table.clear();
-                }
-                let name = credential.decode().map(Arc::from);
-                table.insert(raw.into(), name.clone());
-                name
-            }
-        }?;
-        Ok(match credential {
-            Credential::UserKey(_) => Application::UserKey(name),
-            Credential::AppId(_) => Application::AppId(name),
-        })
+        if let Some(known) = known {
+            return *known;
+        }
+        let id = credential.decode().map(|name| {
+            let application = match credential {
+                Credential::UserKey(_) => Application::UserKey(name.into()),
+                Credential::AppId(_) => Application::AppId(name.into()),
+            };
+            self.applications.push(application) as u32
+        });
+        match credential {
+            Credential::UserKey(raw) => self.user_keys.insert(raw.into(), id),
+            Credential::AppId(raw) => self.app_ids.insert(raw.into(), id),
+        };
+        id
+    }
+
+    fn full(&self) -> bool {
+        self.user_keys.len() + self.app_ids.len() >= self.limit
+    }
+
+    /// Starts anew; only between batches, since the open batch's ids index the current list.
+    fn renew(&mut self) {
+        *self = Interner::new(self.limit);
     }
 }
 
 pub struct Aggregator {
     response_codes: bool,
     max_transactions: usize,
-    batch: Batch,
+    /// The open batch.
+    transactions: Vec<Transaction>,
+    advances: Vec<Advance>,
     /// Folding index of the open batch: (application, second) → transaction.
-    folded: FxHashMap<(Application, i64), usize>,
+    folded: FxHashMap<(u32, i64), usize>,
     interner: Interner,
 }
 
@@ -99,69 +194,67 @@ impl Aggregator {
         Aggregator {
             response_codes,
             max_transactions: max_transactions.max(1),
-            batch: Batch::default(),
+            transactions: Vec::new(),
+            advances: Vec::new(),
             folded: FxHashMap::default(),
-            interner: Interner {
-                user_keys: FxHashMap::default(),
-                app_ids: FxHashMap::default(),
-                limit: 100_000,
-            },
+            interner: Interner::new(100_000),
         }
     }
 
     /// Adds one request; true when the batch is full (then [`Aggregator::advance`] and
     /// [`Aggregator::take`] it). A credential that cannot be reported is a skip.
     pub fn add(&mut self, request: &Request<'_>) -> Result<bool, Skip> {
-        let application = self.interner.application(request.credential)?;
+        let application = self.interner.id(request.credential)?;
         if !self.response_codes {
             let key = (application, request.timestamp);
             if let Some(&i) = self.folded.get(&key) {
-                self.batch.transactions[i].hits += 1;
+                self.transactions[i].hits += 1;
                 return Ok(false);
             }
-            self.folded
-                .insert(key.clone(), self.batch.transactions.len());
-            self.batch.transactions.push(Transaction {
-                application: key.0,
-                timestamp: request.timestamp,
-                hits: 1,
-                code: None,
-            });
-        } else {
-            self.batch.transactions.push(Transaction {
-                application,
-                timestamp: request.timestamp,
-                hits: 1,
-                code: Some(request.status),
-            });
+            self.folded.insert(key, self.transactions.len());
         }
-        Ok(self.batch.transactions.len() >= self.max_transactions)
+        self.transactions.push(Transaction {
+            application,
+            timestamp: request.timestamp,
+            hits: 1,
+            code: self.response_codes.then_some(request.status),
+        });
+        Ok(self.transactions.len() >= self.max_transactions || self.interner.full())
     }
 
     /// Records how far the open batch takes a file (the latest position of a file wins).
     pub fn advance(&mut self, advance: Advance) {
-        let advances = &mut self.batch.advances;
-        match advances
+        match self
+            .advances
             .iter_mut()
             .find(|a| a.source == advance.source && a.key == advance.key)
         {
             Some(a) => *a = advance,
-            None => advances.push(advance),
+            None => self.advances.push(advance),
         }
     }
 
     /// Seals the open batch, if it counts anything or moves a file on.
     pub fn take(&mut self) -> Option<Batch> {
         self.folded.clear();
-        if self.batch.transactions.is_empty() && self.batch.advances.is_empty() {
+        if self.transactions.is_empty() && self.advances.is_empty() {
             return None;
         }
-        // The next batch gets its full size at once, instead of growing by copies.
-        let next = Batch {
-            transactions: Vec::with_capacity(self.max_transactions),
-            advances: Vec::new(),
+        let batch = Batch {
+            transactions: Transactions {
+                applications: self.interner.applications.clone(),
+                // The next batch gets its full size at once, instead of growing by copies.
+                list: std::mem::replace(
+                    &mut self.transactions,
+                    Vec::with_capacity(self.max_transactions),
+                ),
+            },
+            advances: std::mem::take(&mut self.advances),
         };
-        Some(std::mem::replace(&mut self.batch, next))
+        if self.interner.full() {
+            self.interner.renew();
+        }
+        Some(batch)
     }
 }
 
@@ -291,13 +384,17 @@ mod tests {
         }
     }
 
-    fn tx(key: &str, timestamp: i64, hits: u64, code: Option<u16>) -> Transaction {
-        Transaction {
-            application: Application::UserKey(key.into()),
-            timestamp,
-            hits,
-            code,
-        }
+    type Flat = (Application, i64, u64, Option<u16>);
+
+    fn tx(key: &str, timestamp: i64, hits: u64, code: Option<u16>) -> Flat {
+        (Application::UserKey(key.into()), timestamp, hits, code)
+    }
+
+    fn flat(transactions: &Transactions) -> Vec<Flat> {
+        transactions
+            .iter()
+            .map(|(a, t)| (a.clone(), t.timestamp, t.hits, t.code))
+            .collect()
     }
 
     #[test]
@@ -308,7 +405,7 @@ mod tests {
         assert!(a.add(&request("j", 10, 404)).unwrap());
         let full = a.take().unwrap();
         assert_eq!(
-            full.transactions,
+            flat(&full.transactions),
             vec![
                 tx("k", 10, 1, Some(200)),
                 tx("k", 10, 1, Some(200)),
@@ -317,10 +414,10 @@ mod tests {
         );
         assert!(a.take().is_none());
         a.add(&request("k", 11, 500)).unwrap();
-        assert_eq!(
-            a.take().unwrap().transactions,
-            vec![tx("k", 11, 1, Some(500))]
-        );
+        let next = a.take().unwrap().transactions;
+        assert_eq!(flat(&next), vec![tx("k", 11, 1, Some(500))]);
+        // The batches share one list of applications.
+        assert_eq!(next.applications.count(), 2);
     }
 
     #[test]
@@ -331,17 +428,20 @@ mod tests {
         }
         let b = a.take().unwrap();
         assert_eq!(
-            b.transactions,
+            flat(&b.transactions),
             vec![
                 tx("k", 10, 3, None),
                 tx("j", 10, 1, None),
                 tx("k", 11, 1, None)
             ]
         );
-        assert_eq!(b.transactions.iter().map(|t| t.hits).sum::<u64>(), 5);
+        assert_eq!(b.transactions.hits(), 5);
         // A new batch starts a new fold.
         a.add(&request("k", 10, 200)).unwrap();
-        assert_eq!(a.take().unwrap().transactions, vec![tx("k", 10, 1, None)]);
+        assert_eq!(
+            flat(&a.take().unwrap().transactions),
+            vec![tx("k", 10, 1, None)]
+        );
     }
 
     #[test]
@@ -357,17 +457,30 @@ mod tests {
     }
 
     #[test]
-    fn the_interner_stays_bounded() {
-        let mut i = Interner {
-            user_keys: FxHashMap::default(),
-            app_ids: FxHashMap::default(),
-            limit: 10,
-        };
+    fn the_credential_tables_stay_bounded_and_batches_exact() {
+        let mut a = Aggregator::new(true, 10_000);
+        a.interner = Interner::new(10);
+        let mut batches = Vec::new();
         for n in 0..1000 {
-            i.application(Credential::UserKey(n.to_string().as_bytes()))
-                .unwrap();
+            if a.add(&request(&(n % 50).to_string(), 10, 200)).unwrap() {
+                batches.push(a.take().unwrap());
+            }
+            assert!(a.interner.user_keys.len() <= 10);
+            assert!(a.interner.applications.count() <= 10);
         }
-        assert!(i.user_keys.len() <= 10);
+        batches.extend(a.take());
+        // Each batch is sealed when the table fills up; the sealed ones keep their own list.
+        assert!(batches.len() >= 100);
+        let mut per_key = std::collections::BTreeMap::new();
+        for b in &batches {
+            for (application, t) in b.transactions.iter() {
+                *per_key
+                    .entry(application.field().1.to_string())
+                    .or_insert(0) += t.hits;
+            }
+        }
+        assert_eq!(per_key.len(), 50);
+        assert!(per_key.values().all(|&hits| hits == 20));
     }
 
     #[test]
@@ -386,12 +499,9 @@ mod tests {
             }),
             Err(Skip::InvalidCredential)
         );
-        let names: Vec<_> = a
-            .take()
-            .unwrap()
-            .transactions
+        let names: Vec<_> = flat(&a.take().unwrap().transactions)
             .into_iter()
-            .map(|t| t.application)
+            .map(|t| t.0)
             .collect();
         assert_eq!(
             names,

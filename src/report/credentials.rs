@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
-use crate::aggregate::{Application, Transaction};
+use crate::aggregate::{Application, Transactions};
 
 pub struct Credentials {
     answers: FxHashMap<Application, (bool, Instant)>,
@@ -35,15 +35,13 @@ impl Credentials {
     }
 
     /// The distinct applications of `transactions` without a fresh answer.
-    pub fn unknown(&self, transactions: &[Transaction]) -> Vec<Application> {
+    pub fn unknown(&self, transactions: &Transactions) -> Vec<Application> {
         let now = Instant::now();
-        let mut unknown: Vec<Application> = Vec::new();
-        for t in transactions {
-            if self.fresh(&t.application, now).is_none() && !unknown.contains(&t.application) {
-                unknown.push(t.application.clone());
-            }
-        }
-        unknown
+        transactions
+            .named()
+            .filter(|a| self.fresh(a, now).is_none())
+            .cloned()
+            .collect()
     }
 
     pub fn record(&mut self, application: Application, exists: bool) {
@@ -63,18 +61,31 @@ impl Credentials {
             .insert(application, (exists, Instant::now() + ttl));
     }
 
-    /// Takes out the transactions of applications 3scale said lately do not exist; returns them.
-    pub fn take_missing(&self, transactions: &mut Vec<Transaction>) -> Vec<Transaction> {
+    /// Takes out the transactions of applications 3scale said lately do not exist; returns the
+    /// requests taken out per application.
+    pub fn take_missing(&self, transactions: &mut Transactions) -> Vec<(Application, u64)> {
         let now = Instant::now();
-        let mut missing = Vec::new();
-        transactions.retain(|t| {
-            let keep = self.fresh(&t.application, now) != Some(false);
+        // Asked once per application, not per transaction.
+        let mut missing: FxHashMap<u32, bool> = FxHashMap::default();
+        for t in &transactions.list {
+            missing
+                .entry(t.application)
+                .or_insert_with(|| self.fresh(transactions.application(t), now) == Some(false));
+        }
+        let mut taken: FxHashMap<u32, u64> = FxHashMap::default();
+        transactions.list.retain(|t| {
+            let keep = !missing.get(&t.application).copied().unwrap_or(false);
             if !keep {
-                missing.push(t.clone());
+                *taken.entry(t.application).or_default() += t.hits;
             }
             keep
         });
-        missing
+        let mut taken: Vec<(Application, u64)> = taken
+            .into_iter()
+            .map(|(id, hits)| (transactions.applications[id as usize].clone(), hits))
+            .collect();
+        taken.sort_by(|a, b| a.0.field().cmp(&b.0.field()));
+        taken
     }
 }
 
@@ -82,30 +93,36 @@ impl Credentials {
 mod tests {
     use super::*;
 
-    fn tx(key: &str) -> Transaction {
-        Transaction {
-            application: Application::UserKey(key.into()),
-            timestamp: 0,
-            hits: 1,
-            code: None,
-        }
+    fn txs(keys: &[&str]) -> Transactions {
+        Transactions::of(
+            keys.iter()
+                .map(|k| (Application::UserKey((*k).into()), 0, 1, None))
+                .collect(),
+        )
     }
 
     #[test]
     fn answers_are_cached_until_their_ttl() {
         let mut c = Credentials::new(Duration::from_secs(60), Duration::ZERO);
-        let txs = [tx("a"), tx("b"), tx("a")];
-        assert_eq!(c.unknown(&txs).len(), 2);
+        let all = txs(&["a", "b", "a"]);
+        assert_eq!(c.unknown(&all).len(), 2);
         c.record(Application::UserKey("a".into()), true);
         c.record(Application::UserKey("b".into()), false);
         // b's answer expired at once (TTL 0): asked again; a is known.
-        assert_eq!(c.unknown(&txs), vec![Application::UserKey("b".into())]);
+        assert_eq!(c.unknown(&all), vec![Application::UserKey("b".into())]);
         let mut c = Credentials::new(Duration::from_secs(60), Duration::from_secs(60));
         c.record(Application::UserKey("a".into()), true);
         c.record(Application::UserKey("b".into()), false);
-        let mut txs = vec![tx("a"), tx("b"), tx("a")];
-        assert_eq!(c.take_missing(&mut txs), vec![tx("b")]);
-        assert_eq!(txs, vec![tx("a"), tx("a")]);
-        assert!(c.unknown(&[tx("b")]).is_empty());
+        let mut all = txs(&["a", "b", "a", "b", "c"]);
+        assert_eq!(
+            c.take_missing(&mut all),
+            vec![(Application::UserKey("b".into()), 2)]
+        );
+        let left: Vec<_> = all.iter().map(|(a, _)| a.field().1.to_string()).collect();
+        assert_eq!(left, ["a", "a", "c"]);
+        assert!(c.unknown(&txs(&["b"])).is_empty());
+        // Only applications that transactions still name are asked about.
+        all.list.retain(|t| t.application == 0);
+        assert!(c.unknown(&all).is_empty());
     }
 }

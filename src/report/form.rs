@@ -8,7 +8,7 @@
 
 use std::fmt::Write;
 
-use crate::aggregate::Transaction;
+use crate::aggregate::Transactions;
 use crate::config::BackendAuth;
 
 use super::MASK;
@@ -17,7 +17,7 @@ use super::MASK;
 pub struct ReportForm<'a> {
     pub auth: &'a BackendAuth,
     pub service_id: &'a str,
-    pub transactions: &'a [Transaction],
+    pub transactions: &'a Transactions,
     /// Shows the secret as [`MASK`] (for `--dry-run`).
     pub masked: bool,
 }
@@ -32,8 +32,8 @@ pub fn encode(form: &ReportForm<'_>, out: &mut String) -> Result<(), serde_urlen
         ("service_id", form.service_id),
     ])?);
     out.reserve(form.transactions.len() * 160);
-    for (i, t) in form.transactions.iter().enumerate() {
-        let (credential, value) = t.application.field();
+    for (i, (application, t)) in form.transactions.iter().enumerate() {
+        let (credential, value) = application.field();
         // `transactions[i][user_key]=...`, brackets as %5B and %5D.
         let _ = write!(out, "&transactions%5B{i}%5D%5B{credential}%5D=");
         out.extend(form_urlencoded::byte_serialize(value.as_bytes()));
@@ -72,20 +72,20 @@ mod tests {
     #[test]
     fn exact_body_with_response_codes() {
         let a = auth();
-        let txs = vec![
-            Transaction {
-                application: Application::UserKey("k1".into()),
-                timestamp: 1_795_515_300,
-                hits: 1,
-                code: Some(200),
-            },
-            Transaction {
-                application: Application::AppId("a+b é/&=".into()),
-                timestamp: 1_795_515_301,
-                hits: 3,
-                code: None,
-            },
-        ];
+        let txs = Transactions::of(vec![
+            (
+                Application::UserKey("k1".into()),
+                1_795_515_300,
+                1,
+                Some(200),
+            ),
+            (
+                Application::AppId("a+b é/&=".into()),
+                1_795_515_301,
+                3,
+                None,
+            ),
+        ]);
         let mut body = String::from("stale content");
         encode(
             &ReportForm {
@@ -127,7 +127,7 @@ mod tests {
             &ReportForm {
                 auth: &a,
                 service_id: "42",
-                transactions: &[],
+                transactions: &Transactions::default(),
                 masked: true,
             },
             &mut body,
@@ -137,14 +137,14 @@ mod tests {
     }
 
     /// The body as serde_urlencoded alone would write it: the oracle for the fast path.
-    fn slow(auth: &BackendAuth, service_id: &str, txs: &[Transaction]) -> String {
+    fn slow(auth: &BackendAuth, service_id: &str, txs: &Transactions) -> String {
         let (field, secret) = auth.field();
         let mut pairs = vec![
             (field.to_string(), secret.expose().to_string()),
             ("service_id".to_string(), service_id.to_string()),
         ];
-        for (i, t) in txs.iter().enumerate() {
-            let (credential, value) = t.application.field();
+        for (i, (application, t)) in txs.iter().enumerate() {
+            let (credential, value) = application.field();
             pairs.push((
                 format!("transactions[{i}][{credential}]"),
                 value.to_string(),
@@ -173,15 +173,13 @@ mod tests {
             ),
             service_id in "[0-9a-z&=%+ ]{1,12}",
         ) {
-            let txs: Vec<Transaction> = txs
+            let txs = Transactions::of(txs
                 .into_iter()
-                .map(|(key, user_key, hits, timestamp, code)| Transaction {
-                    application: if user_key { Application::UserKey(key.into()) } else { Application::AppId(key.into()) },
-                    timestamp,
-                    hits,
-                    code,
+                .map(|(key, user_key, hits, timestamp, code)| {
+                    let application = if user_key { Application::UserKey(key.into()) } else { Application::AppId(key.into()) };
+                    (application, timestamp, hits, code)
                 })
-                .collect();
+                .collect());
             let a = auth();
             let mut body = String::new();
             encode(&ReportForm { auth: &a, service_id: &service_id, transactions: &txs, masked: false }, &mut body).unwrap();

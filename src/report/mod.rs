@@ -21,7 +21,7 @@ pub use client::{xml_error, Client, Existence, ReportError};
 pub use credentials::Credentials;
 pub use form::{encode, ReportForm};
 
-use crate::aggregate::{Batch, Transaction};
+use crate::aggregate::{Application, Batch, Transaction, Transactions};
 use crate::config::BackendAuth;
 use crate::state::{Advance, ServiceState, StateError};
 use crate::telemetry::{mask, Metrics};
@@ -246,7 +246,7 @@ pub async fn run(
 async fn send(
     client: &Client,
     shared: &Shared,
-    mut transactions: Vec<Transaction>,
+    mut transactions: Transactions,
 ) -> Result<(), ReportError> {
     let mut body = shared
         .bodies
@@ -264,7 +264,7 @@ async fn send(
 async fn send_with(
     client: &Client,
     shared: &Shared,
-    transactions: &mut Vec<Transaction>,
+    transactions: &mut Transactions,
     body: &mut String,
 ) -> Result<(), ReportError> {
     // The batch was taken through the time window when it was dispatched.
@@ -308,12 +308,9 @@ async fn send_with(
     }
 }
 
-fn count_reported(metrics: &Metrics, transactions: &[Transaction]) {
+fn count_reported(metrics: &Metrics, transactions: &Transactions) {
     Metrics::add(&metrics.transactions_reported, transactions.len() as u64);
-    Metrics::add(
-        &metrics.requests_reported,
-        transactions.iter().map(|t| t.hits).sum(),
-    );
+    Metrics::add(&metrics.requests_reported, transactions.hits());
 }
 
 fn unix_now() -> i64 {
@@ -327,13 +324,13 @@ fn unix_now() -> i64 {
 /// them, with why.
 fn drop_outside_window(
     shared: &Shared,
-    transactions: &mut Vec<Transaction>,
-) -> Vec<(Transaction, &'static str)> {
+    transactions: &mut Transactions,
+) -> Vec<(Application, Transaction, &'static str)> {
     let now = unix_now();
     let oldest = now - shared.settings.max_age.as_secs() as i64;
     let (mut old, mut ahead) = (0u64, 0u64);
     let mut dropped = Vec::new();
-    transactions.retain(|t| {
+    transactions.retain(|application, t| {
         let why = if t.timestamp < oldest {
             old += t.hits;
             "older than max_age"
@@ -343,7 +340,7 @@ fn drop_outside_window(
         } else {
             return true;
         };
-        dropped.push((t.clone(), why));
+        dropped.push((application.clone(), *t, why));
         false
     });
     if old > 0 {
@@ -364,7 +361,7 @@ fn drop_outside_window(
 /// waits and tries again: nothing is dropped for want of an answer.
 async fn keep_sendable(
     shared: &Arc<Shared>,
-    transactions: &mut Vec<Transaction>,
+    transactions: &mut Transactions,
     sink: &Sink,
     credentials: Option<&mut Credentials>,
 ) -> Result<(), ReportError> {
@@ -407,10 +404,10 @@ async fn keep_sendable(
         // The wait may have taken some transactions out of 3scale's time window.
         drop_outside_window(shared, transactions);
     }
-    for t in credentials.take_missing(transactions) {
+    for (application, hits) in credentials.take_missing(transactions) {
         shared
             .metrics
-            .invalid_credential(t.application.field().1, t.hits);
+            .invalid_credential(application.field().1, hits);
     }
     Ok(())
 }
@@ -419,8 +416,8 @@ async fn keep_sendable(
 async fn authorize_all(
     client: &Arc<Client>,
     shared: &Arc<Shared>,
-    applications: Vec<crate::aggregate::Application>,
-) -> Result<Vec<(crate::aggregate::Application, Existence)>, ReportError> {
+    applications: Vec<Application>,
+) -> Result<Vec<(Application, Existence)>, ReportError> {
     let mut answers = Vec::with_capacity(applications.len());
     let mut todo = applications.into_iter();
     let mut calls = JoinSet::new();
@@ -470,7 +467,7 @@ async fn persist(
 
 /// One report call as `--dry-run` shows it: the request line, then the body decoded, one field per
 /// line, the secret masked.
-fn print_dry_run(url: &reqwest::Url, shared: &Shared, transactions: &[Transaction]) {
+fn print_dry_run(url: &reqwest::Url, shared: &Shared, transactions: &Transactions) {
     use std::io::Write;
     let auth = shared.auth();
     let form = ReportForm {
@@ -501,11 +498,11 @@ fn print_dry_run(url: &reqwest::Url, shared: &Shared, transactions: &[Transactio
 }
 
 /// What `--dry-run` would not send for its time.
-fn print_dropped(dropped: &[(Transaction, &str)]) {
+fn print_dropped(dropped: &[(Application, Transaction, &str)]) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    for (t, why) in dropped {
-        let (field, value) = t.application.field();
+    for (application, t, why) in dropped {
+        let (field, value) = application.field();
         let code = t
             .code
             .map(|c| format!(" log[code]={c}"))
