@@ -6,9 +6,7 @@
 //! form_urlencoded, the encoder serde_urlencoded itself uses). A test holds both ways to the same
 //! bytes.
 
-use std::fmt::Write;
-
-use crate::aggregate::Transactions;
+use crate::aggregate::{Application, Transactions};
 use crate::config::BackendAuth;
 
 use super::MASK;
@@ -32,18 +30,30 @@ pub fn encode(form: &ReportForm<'_>, out: &mut String) -> Result<(), serde_urlen
         ("service_id", form.service_id),
     ])?);
     out.reserve(form.transactions.len() * 160);
+    let (mut index, mut number) = (itoa::Buffer::new(), itoa::Buffer::new());
     for (i, (application, t)) in form.transactions.iter().enumerate() {
-        let (credential, value) = application.field();
-        // `transactions[i][user_key]=...`, brackets as %5B and %5D.
-        let _ = write!(out, "&transactions%5B{i}%5D%5B{credential}%5D=");
+        let i = index.format(i);
+        // `&transactions[i][name]=`, brackets as %5B and %5D.
+        let field = |out: &mut String, name: &str| {
+            out.push_str("&transactions%5B");
+            out.push_str(i);
+            out.push_str("%5D");
+            out.push_str(name);
+            out.push('=');
+        };
+        let (credential, value) = match application {
+            Application::UserKey(key) => ("%5Buser_key%5D", key),
+            Application::AppId(id) => ("%5Bapp_id%5D", id),
+        };
+        field(out, credential);
         out.extend(form_urlencoded::byte_serialize(value.as_bytes()));
-        let _ = write!(
-            out,
-            "&transactions%5B{i}%5D%5Busage%5D%5Bhits%5D={}&transactions%5B{i}%5D%5Btimestamp%5D={}",
-            t.hits, t.timestamp
-        );
+        field(out, "%5Busage%5D%5Bhits%5D");
+        out.push_str(number.format(t.hits));
+        field(out, "%5Btimestamp%5D");
+        out.push_str(number.format(t.timestamp));
         if let Some(code) = t.code {
-            let _ = write!(out, "&transactions%5B{i}%5D%5Blog%5D%5Bcode%5D={code}");
+            field(out, "%5Blog%5D%5Bcode%5D");
+            out.push_str(number.format(code));
         }
     }
     Ok(())
@@ -52,7 +62,6 @@ pub fn encode(form: &ReportForm<'_>, out: &mut String) -> Result<(), serde_urlen
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::Application;
     use crate::config::Secret;
     use proptest::prelude::any;
 
