@@ -161,6 +161,11 @@ impl Interner {
             };
             self.applications.push(application) as u32
         });
+        // Past the limit, an unreportable credential is not remembered: a stream of them alone
+        // (which never fills a batch, so never renews the tables) must not grow them.
+        if id.is_err() && self.full() {
+            return id;
+        }
         match credential {
             Credential::UserKey(raw) => self.user_keys.insert(raw.into(), id),
             Credential::AppId(raw) => self.app_ids.insert(raw.into(), id),
@@ -481,6 +486,16 @@ mod tests {
         }
         assert_eq!(per_key.len(), 50);
         assert!(per_key.values().all(|&hits| hits == 20));
+        // Credentials that are never reported do not grow the tables either.
+        for n in 0..1000 {
+            let raw = format!("%FF{n}");
+            let bad = Request {
+                credential: Credential::AppId(raw.as_bytes()),
+                ..request("", 10, 200)
+            };
+            assert_eq!(a.add(&bad), Err(Skip::InvalidCredential));
+        }
+        assert!(a.interner.app_ids.len() <= 10);
     }
 
     #[test]
