@@ -79,14 +79,6 @@ impl Transactions {
         self.list.iter().map(|t| (self.application(t), t))
     }
 
-    /// The distinct applications they name.
-    pub fn named(&self) -> impl Iterator<Item = &Application> {
-        let mut ids: Vec<u32> = self.list.iter().map(|t| t.application).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids.into_iter().map(|id| &self.applications[id as usize])
-    }
-
     /// Keeps the transactions `keep` says yes to.
     pub fn retain(&mut self, mut keep: impl FnMut(&Application, &Transaction) -> bool) {
         let applications = &self.applications;

@@ -2,6 +2,7 @@
 //! credential is dropped whole by 3scale after its 202, so a credential is checked once before it is
 //! first reported, and the answer is cached (known-good and known-invalid, each with its TTL).
 
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
@@ -10,6 +11,12 @@ use crate::aggregate::{Application, Transactions};
 
 pub struct Credentials {
     answers: FxHashMap<Application, (bool, Instant)>,
+    /// The same answers by application id, for the list of applications of the last batch (ids
+    /// mean something only in their list): a batch is checked without hashing a name per
+    /// transaction. Filled from `answers` as ids are met; emptied when an answer is recorded.
+    by_id: Vec<Option<(bool, Instant)>>,
+    /// That list. Held weakly, which also keeps its address from being reused by another list.
+    list: Weak<boxcar::Vec<Application>>,
     valid_ttl: Duration,
     invalid_ttl: Duration,
 }
@@ -22,25 +29,50 @@ impl Credentials {
     pub fn new(valid_ttl: Duration, invalid_ttl: Duration) -> Credentials {
         Credentials {
             answers: FxHashMap::default(),
+            by_id: Vec::new(),
+            list: Weak::new(),
             valid_ttl,
             invalid_ttl,
         }
     }
 
-    fn fresh(&self, application: &Application, now: Instant) -> Option<bool> {
-        self.answers
-            .get(application)
+    /// Whether the application of `id` exists, if the answer is fresh.
+    fn fresh(&mut self, transactions: &Transactions, id: u32, now: Instant) -> Option<bool> {
+        let i = id as usize;
+        if i >= self.by_id.len() {
+            self.by_id.resize(i + 1, None);
+        }
+        if self.by_id[i].is_none() {
+            self.by_id[i] = self.answers.get(&transactions.applications[i]).copied();
+        }
+        self.by_id[i]
             .filter(|(_, until)| now < *until)
-            .map(|(exists, _)| *exists)
+            .map(|(exists, _)| exists)
+    }
+
+    /// Ids index the list of `transactions`' batch: the answers by id hold for one list.
+    fn use_list(&mut self, transactions: &Transactions) {
+        if self.list.as_ptr() != Arc::as_ptr(&transactions.applications) {
+            self.list = Arc::downgrade(&transactions.applications);
+            self.by_id.clear();
+        }
     }
 
     /// The distinct applications of `transactions` without a fresh answer.
-    pub fn unknown(&self, transactions: &Transactions) -> Vec<Application> {
+    pub fn unknown(&mut self, transactions: &Transactions) -> Vec<Application> {
+        self.use_list(transactions);
         let now = Instant::now();
-        transactions
-            .named()
-            .filter(|a| self.fresh(a, now).is_none())
-            .cloned()
+        let mut unknown: Vec<u32> = Vec::new();
+        for t in &transactions.list {
+            if self.fresh(transactions, t.application, now).is_none()
+                && !unknown.contains(&t.application)
+            {
+                unknown.push(t.application);
+            }
+        }
+        unknown
+            .into_iter()
+            .map(|id| transactions.applications[id as usize].clone())
             .collect()
     }
 
@@ -59,33 +91,31 @@ impl Credentials {
         };
         self.answers
             .insert(application, (exists, Instant::now() + ttl));
+        self.by_id.clear();
     }
 
     /// Takes out the transactions of applications 3scale said lately do not exist; returns the
     /// requests taken out per application.
-    pub fn take_missing(&self, transactions: &mut Transactions) -> Vec<(Application, u64)> {
+    pub fn take_missing(&mut self, transactions: &mut Transactions) -> Vec<(Application, u64)> {
+        self.use_list(transactions);
         let now = Instant::now();
-        // Asked once per application, not per transaction.
-        let mut missing: FxHashMap<u32, bool> = FxHashMap::default();
-        for t in &transactions.list {
-            missing
-                .entry(t.application)
-                .or_insert_with(|| self.fresh(transactions.application(t), now) == Some(false));
-        }
-        let mut taken: FxHashMap<u32, u64> = FxHashMap::default();
-        transactions.list.retain(|t| {
-            let keep = !missing.get(&t.application).copied().unwrap_or(false);
-            if !keep {
-                *taken.entry(t.application).or_default() += t.hits;
+        let mut taken: Vec<(u32, u64)> = Vec::new();
+        let mut list = std::mem::take(&mut transactions.list);
+        list.retain(|t| {
+            if self.fresh(transactions, t.application, now) != Some(false) {
+                return true;
             }
-            keep
+            match taken.iter_mut().find(|(id, _)| *id == t.application) {
+                Some((_, hits)) => *hits += t.hits,
+                None => taken.push((t.application, t.hits)),
+            }
+            false
         });
-        let mut taken: Vec<(Application, u64)> = taken
+        transactions.list = list;
+        taken
             .into_iter()
             .map(|(id, hits)| (transactions.applications[id as usize].clone(), hits))
-            .collect();
-        taken.sort_by(|a, b| a.0.field().cmp(&b.0.field()));
-        taken
+            .collect()
     }
 }
 
@@ -124,5 +154,29 @@ mod tests {
         // Only applications that transactions still name are asked about.
         all.list.retain(|t| t.application == 0);
         assert!(c.unknown(&all).is_empty());
+    }
+
+    #[test]
+    fn answers_follow_each_batch_list_of_applications() {
+        let mut c = Credentials::new(Duration::from_secs(60), Duration::from_secs(60));
+        c.record(Application::UserKey("a".into()), true);
+        c.record(Application::UserKey("b".into()), false);
+        let mut first = txs(&["a", "b"]);
+        assert_eq!(c.take_missing(&mut first).len(), 1);
+        // Another list (after the aggregation renewed its tables): id 0 is now b.
+        let mut second = txs(&["b", "a", "c"]);
+        assert_eq!(c.unknown(&second), vec![Application::UserKey("c".into())]);
+        assert_eq!(
+            c.take_missing(&mut second),
+            vec![(Application::UserKey("b".into()), 1)]
+        );
+        let left: Vec<_> = second
+            .iter()
+            .map(|(a, _)| a.field().1.to_string())
+            .collect();
+        assert_eq!(left, ["a", "c"]);
+        // A new answer is seen at once.
+        c.record(Application::UserKey("c".into()), false);
+        assert_eq!(c.take_missing(&mut second).len(), 1);
     }
 }
