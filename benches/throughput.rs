@@ -18,11 +18,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tally::aggregate::{parse_chunk, Aggregator, ServiceLines};
-use tally::config::{CredentialMode, LogFormat};
-use tally::parse::Parser;
-use tally::tail::{Follower, TailOptions};
+use tally::aggregate::{parse_chunk, Aggregator};
 use tally::telemetry::Metrics;
+
+#[path = "../tests/support/pipeline.rs"]
+mod pipeline;
 
 fn main() {
     let lines: u64 = std::env::var("TALLY_BENCH_LINES")
@@ -244,27 +244,12 @@ fn civil(z: i64) -> (i64, i64, i64) {
 /// tally's tailer (`--once`: the file as it is) feeding tally's parse + aggregate step, as in
 /// `tally run` but without reporting. Returns (requests in sealed batches, batches).
 fn parse_and_aggregate(log: &Path) -> (u64, u64) {
-    let lines = ServiceLines {
-        service_id: "1".into(),
-        parsers: vec![Some(Parser::new(LogFormat::Combined, CredentialMode::Auto))],
-        max_line_length: 64 * 1024,
-        flush_interval: Duration::from_secs(5),
-    };
+    let lines = pipeline::combined_source();
     let mut aggregator = Aggregator::new(true, 1000);
     let metrics = Arc::new(Metrics::default());
     let mut warned = HashSet::new();
-    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-    let options = TailOptions {
-        start_at_end: false,
-        checkpoints: Vec::new(),
-        poll_interval: Duration::from_secs(1),
-        watch: false,
-        rotate_grace: Duration::ZERO,
-        max_line_length: 64 * 1024,
-        once: true,
-    };
-    let follower =
-        Follower::spawn(0, log.display().to_string(), options, tx, metrics.clone()).unwrap();
+    // A small queue, as in `tally run`: the reader waits while parsing is behind.
+    let (follower, mut rx) = pipeline::read_once(log, 4, metrics.clone());
     let (mut reported, mut batches) = (0u64, 0u64);
     let mut count = |batch: tally::aggregate::Batch| {
         reported += batch.transactions.hits();

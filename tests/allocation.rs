@@ -7,13 +7,13 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use tally::aggregate::{parse_chunk, Aggregator, ServiceLines};
-use tally::config::{CredentialMode, LogFormat};
-use tally::parse::Parser;
-use tally::tail::{Chunk, Follower, TailOptions};
+use tally::aggregate::{parse_chunk, Aggregator};
+use tally::tail::Chunk;
 use tally::telemetry::Metrics;
+
+#[path = "support/pipeline.rs"]
+mod pipeline;
 
 struct Counting;
 
@@ -65,29 +65,14 @@ fn write_log(path: &Path, lines: usize) {
 /// Reads the file into chunks, then counts the allocations of parsing and aggregating them.
 fn allocations_to_aggregate(path: &Path) -> (u64, u64) {
     let metrics = Arc::new(Metrics::default());
-    let (tx, mut rx) = tokio::sync::mpsc::channel(100_000);
-    let options = TailOptions {
-        start_at_end: false,
-        checkpoints: Vec::new(),
-        poll_interval: Duration::from_secs(1),
-        watch: false,
-        rotate_grace: Duration::ZERO,
-        max_line_length: 64 * 1024,
-        once: true,
-    };
-    let follower =
-        Follower::spawn(0, path.display().to_string(), options, tx, metrics.clone()).unwrap();
+    // Room for the whole file: every chunk is read before the counting starts.
+    let (follower, mut rx) = pipeline::read_once(path, 100_000, metrics.clone());
     follower.join();
     let mut chunks: Vec<Chunk> = Vec::new();
     while let Ok(chunk) = rx.try_recv() {
         chunks.push(chunk);
     }
-    let lines = ServiceLines {
-        service_id: "1".into(),
-        parsers: vec![Some(Parser::new(LogFormat::Combined, CredentialMode::Auto))],
-        max_line_length: 64 * 1024,
-        flush_interval: Duration::from_secs(5),
-    };
+    let lines = pipeline::combined_source();
     let mut aggregator = Aggregator::new(true, 1000);
     let mut warned = HashSet::with_capacity(8);
     let mut batches = Vec::with_capacity(100);

@@ -1,0 +1,45 @@
+//! tally's own read → parse + aggregate path for one combined-format source read once from its start,
+//! without reporting: shared by `tests/allocation.rs` and `benches/throughput.rs` (included by path).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tally::aggregate::ServiceLines;
+use tally::config::{CredentialMode, LogFormat};
+use tally::parse::Parser;
+use tally::tail::{Chunk, Follower, TailOptions};
+use tally::telemetry::Metrics;
+
+const MAX_LINE_LENGTH: usize = 64 * 1024;
+
+/// What the parse step needs for source 0, as `tally run` sets it up with the defaults.
+pub fn combined_source() -> ServiceLines {
+    ServiceLines {
+        service_id: "1".into(),
+        parsers: vec![Some(Parser::new(LogFormat::Combined, CredentialMode::Auto))],
+        max_line_length: MAX_LINE_LENGTH,
+        flush_interval: Duration::from_secs(5),
+    }
+}
+
+/// tally's tailer reading `log` as it is (`--once`), its chunks in a channel of `capacity`.
+pub fn read_once(
+    log: &Path,
+    capacity: usize,
+    metrics: Arc<Metrics>,
+) -> (Follower, tokio::sync::mpsc::Receiver<Chunk>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+    let options = TailOptions {
+        start_at_end: false,
+        checkpoints: Vec::new(),
+        poll_interval: Duration::from_secs(1),
+        watch: false,
+        rotate_grace: Duration::ZERO,
+        max_line_length: MAX_LINE_LENGTH,
+        once: true,
+    };
+    let follower = Follower::spawn(0, log.display().to_string(), options, tx, metrics)
+        .expect("the tailer starts");
+    (follower, rx)
+}
