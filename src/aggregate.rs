@@ -139,11 +139,12 @@ impl Interner {
     }
 
     fn id(&mut self, credential: Credential<'_>) -> Result<u32, Skip> {
-        let known = match credential {
-            Credential::UserKey(raw) => self.user_keys.get(raw),
-            Credential::AppId(raw) => self.app_ids.get(raw),
+        let full = self.full();
+        let (table, raw) = match credential {
+            Credential::UserKey(raw) => (&mut self.user_keys, raw),
+            Credential::AppId(raw) => (&mut self.app_ids, raw),
         };
-        if let Some(known) = known {
+        if let Some(known) = table.get(raw) {
             return *known;
         }
         let id = credential.decode().map(|name| {
@@ -155,13 +156,9 @@ impl Interner {
         });
         // Past the limit, an unreportable credential is not remembered: a stream of them alone
         // (which never fills a batch, so never renews the tables) must not grow them.
-        if id.is_err() && self.full() {
-            return id;
+        if id.is_ok() || !full {
+            table.insert(raw.into(), id);
         }
-        match credential {
-            Credential::UserKey(raw) => self.user_keys.insert(raw.into(), id),
-            Credential::AppId(raw) => self.app_ids.insert(raw.into(), id),
-        };
         id
     }
 
