@@ -211,7 +211,10 @@ impl Aggregator {
             application,
             timestamp: request.timestamp,
             hits: 1,
-            code: self.response_codes.then_some(request.status),
+            // 3scale counts only three-digit codes, by class; NGINX's `000` (no response sent) and
+            // other odd values are reported without a code rather than as a made-up class.
+            code: (self.response_codes && (100..=599).contains(&request.status))
+                .then_some(request.status),
         });
         Ok(self.transactions.len() >= self.max_transactions || self.interner.full())
     }
@@ -284,6 +287,7 @@ pub fn parse_chunk(
         closed,
     };
     let (mut read, mut skipped) = (0u64, [0u64; 4]);
+    let mut first_line_time = 0;
     for (line, next) in chunk.lines() {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
@@ -294,6 +298,9 @@ pub fn parse_chunk(
             _ if line.len() > lines.max_line_length => Err(Skip::TooLong),
             Some(parser) => parser.parse(line).and_then(|request| {
                 line_time = request.timestamp;
+                if first_line_time == 0 {
+                    first_line_time = line_time;
+                }
                 aggregator.add(&request)
             }),
             None => Err(Skip::Malformed),
@@ -318,6 +325,9 @@ pub fn parse_chunk(
     }
     // Counted once per chunk: an atomic add per line would cost more than the parsing.
     Metrics::add(&metrics.lines_read, read);
+    metrics
+        .files
+        .parsed(chunk.source, chunk.file, first_line_time);
     for skip in [
         Skip::Malformed,
         Skip::NoCredential,

@@ -16,10 +16,11 @@ pub const DEFAULT_BACKEND_URL: &str = "https://su1.3scale.net";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{path}: cannot read the configuration: {source}")]
+    // The OS error is in the message, not a `source`: a whole chain printed would show it twice.
+    #[error("{path}: cannot read the configuration: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
@@ -104,6 +105,9 @@ impl BackendAuth {
 pub struct Backend {
     pub url: reqwest::Url,
     pub auth: BackendAuth,
+    /// How long making a connection may take.
+    pub connect_timeout: Duration,
+    /// How long a connected call waits for its answer (raised while 3scale is slow).
     pub timeout: Duration,
     /// Extra root certificates (PEM) to trust, beside the system's.
     pub ca_file: Option<PathBuf>,
@@ -200,6 +204,8 @@ pub struct Logging {
 pub struct Telemetry {
     /// Where /metrics, /healthz and /livez are served; None: nowhere.
     pub listen: Option<std::net::SocketAddr>,
+    /// /healthz fails when a service has had nothing accepted for this long while requests wait.
+    pub stalled_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -237,6 +243,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawTelemetry {
     listen: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "duration::optional")]
+    stalled_after: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -249,6 +257,8 @@ struct RawBackend {
     provider_key: Option<Spanned<String>>,
     provider_key_env: Option<Spanned<String>>,
     provider_key_file: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "duration::optional")]
+    connect_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "duration::optional")]
     timeout: Option<Duration>,
     ca_file: Option<Spanned<String>>,
@@ -509,7 +519,8 @@ impl Ctx<'_> {
         Ok(Backend {
             url,
             auth,
-            timeout: b.timeout.unwrap_or(Duration::from_secs(10)),
+            connect_timeout: b.connect_timeout.unwrap_or(Duration::from_secs(10)),
+            timeout: b.timeout.unwrap_or(Duration::from_secs(60)),
             ca_file,
             validate_credentials: b.validate_credentials.unwrap_or(true),
             valid_credential_ttl: b.valid_credential_ttl.unwrap_or(Duration::from_secs(3600)),
@@ -585,9 +596,9 @@ impl Ctx<'_> {
 impl Config {
     /// Reads and validates the configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Config::parse(path, &text)
     }
@@ -679,6 +690,10 @@ impl Config {
                     )
                 })?),
             },
+            stalled_after: raw
+                .telemetry
+                .stalled_after
+                .unwrap_or(Duration::from_secs(300)),
         };
         let max_line_length = match &raw.tail.max_line_length {
             None => 64 * 1024,
@@ -735,6 +750,7 @@ impl Config {
         line("[backend]".into());
         line(format!("url = {:?}", b.url.as_str()));
         line(format!("{field} = {:?}", secret.to_string()));
+        line(format!("connect_timeout = {:?}", dur(b.connect_timeout)));
         line(format!("timeout = {:?}", dur(b.timeout)));
         if let Some(ca) = &b.ca_file {
             line(format!("ca_file = {:?}", ca.display().to_string()));
@@ -801,6 +817,10 @@ impl Config {
             .map(|l| l.to_string())
             .unwrap_or_default();
         line(format!("\n[telemetry]\nlisten = {listen:?}"));
+        line(format!(
+            "stalled_after = {:?}",
+            dur(self.telemetry.stalled_after)
+        ));
         out
     }
 }
@@ -846,7 +866,9 @@ service_id = "42"
     fn defaults_fill_in() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.backend.url.as_str(), "https://su1.3scale.net/");
-        assert_eq!(c.backend.timeout, Duration::from_secs(10));
+        assert_eq!(c.backend.timeout, Duration::from_secs(60));
+        assert_eq!(c.backend.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.telemetry.stalled_after, Duration::from_secs(300));
         assert_eq!(c.report.flush_interval, Duration::from_secs(5));
         assert_eq!(c.report.max_transactions, 1000);
         assert!(c.report.response_codes);

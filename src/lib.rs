@@ -7,6 +7,7 @@
 pub mod aggregate;
 pub mod config;
 pub mod parse;
+pub mod preflight;
 pub mod report;
 pub mod run;
 pub mod state;

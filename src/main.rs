@@ -1,10 +1,18 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use tally::config::{Config, LogOutput};
-use tally::run::{run, RunOptions};
+use tally::preflight::{self, Findings};
+use tally::run::{run, Outcome, RunOptions};
+
+/// Exit codes: 0 done, 1 an error (3scale rejects the calls, a state that cannot be read...),
+/// 2 a bad configuration, 3 `--once` stopped before everything was accepted (nothing is lost: the
+/// next run reads the rest again from the checkpoints).
+const EXIT_BAD_CONFIG: u8 = 2;
+const EXIT_UNFINISHED: u8 = 3;
 
 /// Reports the API traffic recorded in access logs to 3scale.
 #[derive(Parser)]
@@ -26,6 +34,10 @@ enum Command {
         /// Read the files as they are now, report, and exit.
         #[arg(long)]
         once: bool,
+        /// With --once: stop after this long (e.g. "10m") even if 3scale has not accepted
+        /// everything yet; exits 3 then. Default: wait as long as it takes.
+        #[arg(long, value_name = "DURATION", requires = "once", value_parser = parse_duration)]
+        max_wait: Option<Duration>,
         /// Log JSON lines instead of text (overrides log.format).
         #[arg(long)]
         log_json: bool,
@@ -37,36 +49,64 @@ enum Command {
     },
 }
 
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("`{text}` is not a duration ({e})"))
+}
+
+/// Prints what preflight found that stops tally; true if anything did.
+fn report_errors(file: &Path, found: &Findings) -> bool {
+    for e in &found.errors {
+        eprintln!("error: {}: {e}", file.display());
+    }
+    !found.errors.is_empty()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config: file } => match Config::load(&file) {
             Ok(c) => {
+                let found = preflight::inspect(&c, true);
+                for w in &found.warnings {
+                    eprintln!("warning: {}: {w}", file.display());
+                }
+                if report_errors(&file, &found) {
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
                 print!("{}", c.effective());
                 ExitCode::SUCCESS
             }
             Err(e) => {
                 eprintln!("error: {e}");
-                ExitCode::from(2)
+                ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
         Command::Run {
-            config,
+            config: file,
             dry_run,
             once,
+            max_wait,
             log_json,
         } => {
-            let config = match Config::load(&config) {
+            let config = match Config::load(&file) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
-                    return ExitCode::from(2);
+                    return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
+            // --dry-run writes no state, so its folder need not be writable.
+            let found = preflight::inspect(&config, !dry_run);
+            if report_errors(&file, &found) {
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
             tally::telemetry::init_logging(
                 log_json || config.log.format == LogOutput::Json,
                 &config.log.level,
             );
+            for w in &found.warnings {
+                tracing::warn!("{w}");
+            }
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -78,8 +118,17 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(run(config, RunOptions { dry_run, once })) {
-                Ok(()) => ExitCode::SUCCESS,
+            let options = RunOptions {
+                dry_run,
+                once,
+                max_wait,
+            };
+            match runtime.block_on(run(config, options)) {
+                Ok(Outcome::Complete | Outcome::Stopped) => ExitCode::SUCCESS,
+                Ok(Outcome::Unfinished) => {
+                    tracing::warn!("stopped before 3scale accepted everything: the rest is kept and read again from the checkpoints at the next run");
+                    ExitCode::from(EXIT_UNFINISHED)
+                }
                 Err(e) => {
                     tracing::error!("{e:#}");
                     ExitCode::FAILURE

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::mpsc;
@@ -12,6 +13,7 @@ use crate::aggregate::{self, Aggregator, ServiceLines};
 use crate::config::Config;
 use crate::config::ReadFrom;
 use crate::parse::Parser;
+use crate::preflight;
 use crate::report::{self, ServiceReport, Sink};
 use crate::state::StateDir;
 use crate::tail::{Follower, TailOptions};
@@ -23,12 +25,26 @@ pub struct RunOptions {
     pub dry_run: bool,
     /// Read the files as they are now, report, and exit.
     pub once: bool,
+    /// With `once`: stop (as on SIGTERM) after this long, whatever is left.
+    pub max_wait: Option<Duration>,
 }
 
-pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
+/// How a run ended, without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// `--once`: everything in the files was read and accepted (or needed no report).
+    Complete,
+    /// Stopped by a signal while following: what was not accepted is kept for the next start.
+    Stopped,
+    /// `--once` stopped (a signal, `--max-wait`) before everything was read and accepted; the rest
+    /// is kept for the next run.
+    Unfinished,
+}
+
+pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome> {
     // Listen first: a SIGTERM that arrives while tally starts must stop it in order too.
-    let mut stop_signals = StopSignals::listen()?;
-    let metrics = Arc::new(Metrics::default());
+    let mut signals = Signals::listen()?;
+    let metrics = Arc::new(Metrics::new(config.telemetry.stalled_after));
     // --dry-run reads the checkpoints (it shows what would be sent next) but writes none.
     let state_dir = StateDir::open(&config.state.dir, options.dry_run)?;
     let patterns: Vec<String> = config.sources.iter().map(|s| s.path.clone()).collect();
@@ -40,6 +56,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     // One client, so one keep-alive connection pool, for every service.
     let client = Arc::new(report::Client::new(
         &config.backend.url,
+        config.backend.connect_timeout,
         config.backend.timeout,
         config.backend.ca_file.as_deref(),
     )?);
@@ -152,18 +169,48 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         "tally started"
     );
 
-    let mut summary = tokio::time::interval(config.log.stats_interval);
+    // --once logs what it waits for more often: someone is usually waiting for it to end.
+    let every = if options.once {
+        config.log.stats_interval.min(Duration::from_secs(10))
+    } else {
+        config.log.stats_interval
+    };
+    let mut summary = tokio::time::interval(every);
     summary.tick().await;
-    tokio::select! {
-        result = drain(&mut reporters) => {
-            // Only in --once mode do the reporters finish by themselves.
-            metrics.log_summary("done");
-            return result;
+    let deadline = options.max_wait.map(|d| tokio::time::Instant::now() + d);
+    let why = loop {
+        tokio::select! {
+            result = drain(&mut reporters) => {
+                // Only in --once mode do the reporters finish by themselves.
+                result?;
+                metrics.log_summary("done");
+                return Ok(Outcome::Complete);
+            }
+            signal = signals.recv() => match signal {
+                Signal::Hangup => tracing::warn!(
+                    "SIGHUP received: tally cannot reload its configuration yet, so it goes on as it is \
+                     (restart it to apply a changed configuration)"
+                ),
+                Signal::Stop(name) => break name.to_string(),
+            },
+            _ = sleep_until(deadline) => {
+                break format!("--max-wait {} passed", humantime::format_duration(options.max_wait.unwrap_or_default()));
+            }
+            _ = summary.tick() => {
+                metrics.log_summary("running");
+                metrics.files.log();
+                for warning in preflight::unmatched(&config) {
+                    tracing::warn!("{warning}");
+                }
+                if options.once {
+                    log_waiting(&metrics);
+                }
+            }
         }
-        _ = stop_signals.recv() => {}
-        _ = async { loop { summary.tick().await; metrics.log_summary("running"); metrics.files.log(); } } => {}
-    }
+    };
+    let read_everything = followers.iter().all(Follower::is_finished);
     tracing::info!(
+        why,
         grace = ?config.report.shutdown_grace,
         "stopping: no more reading, sending what was read"
     );
@@ -176,19 +223,62 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         let _ = joined.await;
         drain(&mut reporters).await
     };
-    match tokio::time::timeout(config.report.shutdown_grace, stop).await {
+    let drained = tokio::time::timeout(config.report.shutdown_grace, stop).await;
+    metrics.log_summary("stopped");
+    let kept = metrics.files.unaccepted();
+    let drained = match drained {
         Ok(result) => {
-            metrics.log_summary("stopped");
-            result
+            result?;
+            true
         }
         Err(_) => {
-            metrics.log_summary("stopped");
-            tracing::error!(
+            tracing::warn!(
                 grace = ?config.report.shutdown_grace,
-                "the grace period ended before everything read was reported; unsent requests are lost"
+                "the grace period ended before 3scale accepted everything read"
             );
-            Ok(())
+            false
         }
+    };
+    log_kept(&kept);
+    if !options.once {
+        return Ok(Outcome::Stopped);
+    }
+    Ok(if read_everything && drained && kept.is_empty() {
+        Outcome::Complete
+    } else {
+        Outcome::Unfinished
+    })
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `--once`: what it waits for, when 3scale has not accepted what was read.
+fn log_waiting(metrics: &Metrics) {
+    if let Some((service_id, waited, last_failure)) = metrics.longest_wait() {
+        let waited = humantime::format_duration(Duration::from_secs(waited.as_secs()));
+        let bytes: u64 = metrics
+            .files
+            .unaccepted()
+            .iter()
+            .map(|(_, c, r)| r - c)
+            .sum();
+        tracing::info!(service_id, %waited, bytes_not_accepted = bytes, last_failure = last_failure.as_deref().unwrap_or("none"),
+            "--once: waiting for 3scale to accept what was read (--max-wait sets a limit)");
+    }
+}
+
+/// At a stop: what 3scale has not accepted stays behind the checkpoints, so the next start reads
+/// it again. Nothing is lost; say so, with where.
+fn log_kept(kept: &[(Arc<std::path::Path>, u64, u64)]) {
+    for (path, committed, read) in kept {
+        tracing::warn!(path = %crate::telemetry::printable(&path.to_string_lossy()), from = committed, to = read,
+            "not accepted by 3scale yet: kept, and read again from the checkpoint at the next start (a report call under way now may count twice)");
     }
 }
 
@@ -200,25 +290,35 @@ async fn drain(reporters: &mut JoinSet<Result<(), report::ReportError>>) -> anyh
     Ok(())
 }
 
-/// SIGTERM (Kubernetes, systemd) and SIGINT (Ctrl-C).
-struct StopSignals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
+/// The signals tally acts on.
+enum Signal {
+    /// SIGTERM (Kubernetes, systemd) or SIGINT (Ctrl-C): stop in order.
+    Stop(&'static str),
+    /// SIGHUP (a closed terminal, a logrotate script): never a reason to stop.
+    Hangup,
 }
 
-impl StopSignals {
-    fn listen() -> anyhow::Result<StopSignals> {
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn listen() -> anyhow::Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
-        Ok(StopSignals {
+        Ok(Signals {
             term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
             int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?,
         })
     }
 
-    async fn recv(&mut self) {
+    async fn recv(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => Signal::Stop("SIGTERM"),
+            _ = self.int.recv() => Signal::Stop("SIGINT"),
+            _ = self.hup.recv() => Signal::Hangup,
         }
     }
 }

@@ -22,11 +22,13 @@ const SYNC_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("state folder {dir}: {message}: {source}")]
+    // The OS error is part of the message and deliberately not a `source`: an error chain printed
+    // whole (`{:#}`) would show it twice.
+    #[error("state folder {dir}: {message}: {error}")]
     Io {
         dir: PathBuf,
         message: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("state folder {0}: another tally is using it (a second tally would report the same lines twice)")]
     Locked(PathBuf),
@@ -86,10 +88,10 @@ impl StateDir {
     pub fn open(dir: &Path, read_only: bool) -> Result<StateDir, StateError> {
         let io = |message: &str| {
             let message = message.to_string();
-            move |source| StateError::Io {
+            move |error| StateError::Io {
                 dir: dir.to_path_buf(),
                 message,
-                source,
+                error,
             }
         };
         if read_only {
@@ -139,17 +141,21 @@ impl StateDir {
             dispatched: BTreeMap::new(),
             last_sync: None,
         };
-        match std::fs::read_to_string(&path) {
-            Ok(text) => state.parse(&text).map_err(|reason| StateError::Corrupt {
-                path: path.clone(),
-                reason,
-            })?,
+        match std::fs::read(&path) {
+            Ok(bytes) => std::str::from_utf8(&bytes)
+                .map_err(|_| "it is not text (invalid UTF-8)".to_string())
+                .and_then(|text| state.parse(text))
+                .map_err(|reason| StateError::Corrupt {
+                    path: path.clone(),
+                    // It quotes the file's lines, which may hold anything.
+                    reason: crate::telemetry::printable(&reason).into_owned(),
+                })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 return Err(StateError::Io {
                     dir: self.dir.clone(),
                     message: format!("cannot read {}", path.display()),
-                    source: e,
+                    error: e,
                 })
             }
         }
@@ -237,6 +243,11 @@ impl ServiceState {
         self.write()
     }
 
+    /// The byte ranges of report call `seq`, recorded by [`ServiceState::begin`].
+    pub fn call_ranges(&self, seq: u64) -> Vec<InFlight> {
+        self.in_flight.get(&seq).cloned().unwrap_or_default()
+    }
+
     /// Batch `seq`, and every batch before it, is accepted (or had nothing to send): advance the
     /// offsets.
     pub fn commit(&mut self, seq: u64, advances: &[Advance]) -> Result<(), StateError> {
@@ -278,10 +289,10 @@ impl ServiceState {
         let text = self.render();
         let temp = self.temp_path();
         let sync = self.last_sync.is_none_or(|t| t.elapsed() >= SYNC_EVERY);
-        let io = |message: &str, source| StateError::Io {
+        let io = |message: &str, error| StateError::Io {
             dir: self.dir.clone(),
             message: message.to_string(),
-            source,
+            error,
         };
         let mut file = File::create(&temp).map_err(|e| io("cannot write its temp file", e))?;
         file.write_all(text.as_bytes())
@@ -536,7 +547,19 @@ mod tests {
                 e.contains("is corrupt") && e.contains("Move the file away"),
                 "{e}"
             );
+            assert!(!e.chars().any(char::is_control), "{e:?}");
         }
+        // Random bytes, not even text.
+        std::fs::write(&path, [0xff, 0xfe, 0x00, 0x9b, 0x1b, b'\n', 0xc3]).unwrap();
+        let e = d
+            .service("42", patterns())
+            .err()
+            .expect("bytes")
+            .to_string();
+        assert!(
+            e.contains("is corrupt (it is not text") && e.contains("Move the file away"),
+            "{e}"
+        );
         // A temp file left by a crash mid-write is ignored and removed.
         std::fs::write(&path, &good).unwrap();
         std::fs::write(dir.path().join("service-42.state.tmp"), "half").unwrap();

@@ -219,10 +219,39 @@ impl Follower {
         let _ = self.wake.send(Wake::Scan);
     }
 
+    /// Whether the thread has ended (by itself in `once` mode, at the files' end).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
     /// Waits for the thread to end (it ends by itself in `once` mode).
     pub fn join(self) {
         let _ = self.thread.join();
     }
+}
+
+/// The files a `[[sources]]` path (a file or a glob) names now, with their identities and sizes.
+pub fn matching_files(pattern: &str) -> HashMap<PathBuf, (FileKey, u64)> {
+    let paths: Vec<PathBuf> = if is_glob(pattern) {
+        match glob::glob(pattern) {
+            Ok(found) => found.filter_map(Result::ok).collect(),
+            Err(_) => Vec::new(), // validated by the configuration already
+        }
+    } else {
+        vec![PathBuf::from(pattern)]
+    };
+    paths
+        .into_iter()
+        .filter_map(|p| {
+            let m = std::fs::metadata(&p).ok()?;
+            m.is_file().then(|| (p, (FileKey::of(&m), m.len())))
+        })
+        .collect()
+}
+
+/// Whether a `[[sources]]` path is a glob pattern rather than one file's path.
+pub fn is_glob(pattern: &str) -> bool {
+    pattern.contains(['*', '?', '['])
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -238,7 +267,7 @@ enum Wake {
 fn watch(pattern: &str, wake: std_mpsc::Sender<Wake>) -> Option<notify::RecommendedWatcher> {
     let literal: PathBuf = Path::new(pattern)
         .components()
-        .take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '[']))
+        .take_while(|c| !is_glob(&c.as_os_str().to_string_lossy()))
         .collect();
     let (dir, mode) = if literal == Path::new(pattern) {
         (
@@ -360,23 +389,8 @@ impl Tail {
         }
     }
 
-    /// The paths the pattern names now, with their identities and sizes.
     fn current_paths(&self) -> HashMap<PathBuf, (FileKey, u64)> {
-        let paths: Vec<PathBuf> = if self.pattern.contains(['*', '?', '[']) {
-            match glob::glob(&self.pattern) {
-                Ok(found) => found.filter_map(Result::ok).collect(),
-                Err(_) => Vec::new(), // validated by the configuration already
-            }
-        } else {
-            vec![PathBuf::from(&self.pattern)]
-        };
-        paths
-            .into_iter()
-            .filter_map(|p| {
-                let m = std::fs::metadata(&p).ok()?;
-                m.is_file().then(|| (p, (FileKey::of(&m), m.len())))
-            })
-            .collect()
+        matching_files(&self.pattern)
     }
 
     fn scan(&mut self) {

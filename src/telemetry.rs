@@ -4,9 +4,29 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::parse::Skip;
+use crate::report::Cause;
 use crate::tail::FileKey;
+
+/// The calls tally makes to 3scale, as `tally_call_failures_total` labels them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Report,
+    Authorize,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 2] = [Endpoint::Report, Endpoint::Authorize];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Report => "report",
+            Endpoint::Authorize => "authorize",
+        }
+    }
+}
 
 /// Process-wide counters. Every line read ends up counted as reported or as skipped under a reason.
 #[derive(Debug, Default)]
@@ -19,7 +39,10 @@ pub struct Metrics {
     pub requests_reported: AtomicU64,
     pub transactions_reported: AtomicU64,
     pub report_calls: AtomicU64,
-    pub report_failures: AtomicU64,
+    /// Failed calls by endpoint and cause (`Endpoint as usize`, `Cause as usize`).
+    call_failures: [[AtomicU64; Cause::ALL.len()]; Endpoint::ALL.len()],
+    /// Report calls sent again after an answer that did not come: each may count twice.
+    pub ambiguous_resends: AtomicU64,
     pub report_rejections: AtomicU64,
     pub truncations: AtomicU64,
     pub rotations: AtomicU64,
@@ -35,9 +58,99 @@ pub struct Metrics {
     /// What keeps tally from doing its job now (a service 3scale rejects, a state it cannot write, a
     /// log it cannot open), by what it is about.
     problems: Mutex<BTreeMap<String, String>>,
+    /// Per service: since when requests wait with nothing accepted, and the last failure.
+    services: Mutex<BTreeMap<String, Waiting>>,
+    stalled_after: StalledAfter,
+}
+
+/// How long a service may have requests waiting with nothing accepted before `/healthz` says so.
+#[derive(Debug)]
+struct StalledAfter(Duration);
+
+impl Default for StalledAfter {
+    fn default() -> StalledAfter {
+        StalledAfter(Duration::from_secs(300))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    since: Option<Instant>,
+    last_failure: Option<String>,
 }
 
 impl Metrics {
+    /// Metrics whose health turns bad when a service accepts nothing for `stalled_after` while
+    /// requests wait.
+    pub fn new(stalled_after: Duration) -> Metrics {
+        Metrics {
+            stalled_after: StalledAfter(stalled_after),
+            ..Metrics::default()
+        }
+    }
+
+    /// Counts a failed call to 3scale, and remembers it as the service's last failure.
+    pub fn call_failed(&self, service_id: &str, endpoint: Endpoint, cause: Cause, detail: &str) {
+        self.call_failures[endpoint as usize][cause as usize].fetch_add(1, Relaxed);
+        self.with_service(service_id, |w| {
+            w.last_failure = Some(format!("{} call: {detail}", endpoint.label()));
+        });
+    }
+
+    /// How many calls to `endpoint` failed for `cause`.
+    pub fn call_failures(&self, endpoint: Endpoint, cause: Cause) -> u64 {
+        self.call_failures[endpoint as usize][cause as usize].load(Relaxed)
+    }
+
+    fn with_service(&self, service_id: &str, f: impl FnOnce(&mut Waiting)) {
+        if let Ok(mut services) = self.services.lock() {
+            f(services.entry(service_id.to_string()).or_default());
+        }
+    }
+
+    /// Requests of the service wait for 3scale (from now, unless they already did).
+    pub fn waiting(&self, service_id: &str) {
+        self.with_service(service_id, |w| {
+            w.since.get_or_insert_with(Instant::now);
+        });
+    }
+
+    /// 3scale accepted a call of the service: `still_waiting` tells whether more requests wait.
+    pub fn accepted(&self, service_id: &str, still_waiting: bool) {
+        self.with_service(service_id, |w| {
+            w.since = still_waiting.then(Instant::now);
+            w.last_failure = None;
+        });
+    }
+
+    /// Services whose requests have waited longer than `stalled_after` with nothing accepted.
+    fn stalls(&self) -> Vec<String> {
+        let Ok(services) = self.services.lock() else {
+            return Vec::new();
+        };
+        services
+            .iter()
+            .filter_map(|(service_id, w)| {
+                let waited = w.since?.elapsed();
+                (waited > self.stalled_after.0).then(|| {
+                    let waited = humantime::format_duration(Duration::from_secs(waited.as_secs()));
+                    let why = w.last_failure.as_deref().unwrap_or("no answer yet");
+                    format!("service {service_id}: nothing accepted by 3scale for {waited} while requests wait (last failure: {why})")
+                })
+            })
+            .collect()
+    }
+
+    /// What waits for 3scale now, for the `--once` progress line: the service waiting longest,
+    /// how long, and its last failure.
+    pub fn longest_wait(&self) -> Option<(String, Duration, Option<String>)> {
+        let services = self.services.lock().ok()?;
+        services
+            .iter()
+            .filter_map(|(id, w)| Some((id.clone(), w.since?.elapsed(), w.last_failure.clone())))
+            .max_by_key(|(_, waited, _)| *waited)
+    }
+
     pub fn skipped(&self, reason: Skip, n: u64) {
         let counter = match reason {
             Skip::Malformed => &self.skipped_malformed,
@@ -84,14 +197,17 @@ impl Metrics {
 
     /// Why the process is unhealthy, if it is.
     pub fn problems(&self) -> Vec<String> {
-        self.problems
+        let mut problems: Vec<String> = self
+            .problems
             .lock()
             .map(|m| {
                 m.iter()
                     .map(|(what, why)| format!("{what}: {why}"))
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        problems.extend(self.stalls());
+        problems
     }
 
     /// Logs the counters in one structured line.
@@ -106,7 +222,15 @@ impl Metrics {
             skipped_invalid_credential = g(&self.skipped_invalid_credential),
             skipped_too_long = g(&self.skipped_too_long),
             report_calls = g(&self.report_calls),
-            report_failures = g(&self.report_failures),
+            report_failures = Cause::ALL
+                .iter()
+                .map(|&c| self.call_failures(Endpoint::Report, c))
+                .sum::<u64>(),
+            authorize_failures = Cause::ALL
+                .iter()
+                .map(|&c| self.call_failures(Endpoint::Authorize, c))
+                .sum::<u64>(),
+            ambiguous_resends = g(&self.ambiguous_resends),
             report_rejections = g(&self.report_rejections),
             dropped_too_old = g(&self.dropped_too_old),
             dropped_too_new = g(&self.dropped_too_new),
@@ -130,8 +254,8 @@ struct FileProgress {
     path: Arc<Path>,
     read: u64,
     committed: u64,
-    /// The log time of the last accepted line, 0 if none yet.
-    line_time: i64,
+    /// The log time of the oldest line read but not yet accepted, 0 if none waits.
+    oldest_waiting: i64,
 }
 
 impl Progress {
@@ -147,22 +271,52 @@ impl Progress {
                 path: path.clone(),
                 read: 0,
                 committed: 0,
-                line_time: 0,
+                oldest_waiting: 0,
             });
             entry.path = path.clone();
             entry.read = offset;
         });
     }
 
+    /// Lines of the file were parsed, the first of them logged at `first_line_time` (0: unknown).
+    pub fn parsed(&self, source: usize, key: FileKey, first_line_time: i64) {
+        self.with(|files| {
+            if let Some(entry) = files.get_mut(&(source, key)) {
+                if entry.oldest_waiting == 0 {
+                    entry.oldest_waiting = first_line_time;
+                }
+            }
+        });
+    }
+
+    /// 3scale accepted the file up to `offset`, whose last line was logged at `line_time`.
     pub fn committed(&self, source: usize, key: FileKey, offset: u64, line_time: i64) {
         self.with(|files| {
             if let Some(entry) = files.get_mut(&(source, key)) {
                 entry.committed = offset;
-                if line_time != 0 {
-                    entry.line_time = line_time;
-                }
+                // Lines read past `offset` are at least as new as the last accepted one: its time
+                // stands for theirs (a lag a little too high, never too low) until they are accepted.
+                entry.oldest_waiting = if offset >= entry.read {
+                    0
+                } else if line_time != 0 {
+                    line_time
+                } else {
+                    entry.oldest_waiting
+                };
             }
         });
+    }
+
+    /// The files with lines read but not accepted yet: (path, committed offset, read offset).
+    pub fn unaccepted(&self) -> Vec<(Arc<Path>, u64, u64)> {
+        let Ok(files) = self.files.lock() else {
+            return Vec::new();
+        };
+        files
+            .values()
+            .filter(|f| f.read > f.committed)
+            .map(|f| (f.path.clone(), f.committed, f.read))
+            .collect()
     }
 
     pub fn closed(&self, source: usize, key: FileKey) {
@@ -196,8 +350,8 @@ impl Progress {
                     committed: f.committed,
                     lag_bytes,
                     unread_bytes: size.saturating_sub(f.read),
-                    lag_seconds: if lag_bytes > 0 && f.line_time > 0 {
-                        (now - f.line_time).max(0)
+                    lag_seconds: if f.oldest_waiting > 0 {
+                        (now - f.oldest_waiting).max(0)
                     } else {
                         0
                     },
@@ -207,7 +361,7 @@ impl Progress {
     }
 
     /// Logs, per file, the bytes not yet accepted by 3scale (`lag_bytes`, of which `unread_bytes`
-    /// are not even read: backpressure) and the age of the last accepted line when behind.
+    /// are not even read: backpressure) and the age of the oldest line read but not accepted.
     pub fn log(&self) {
         for f in self.snapshot() {
             tracing::info!(
@@ -242,13 +396,33 @@ pub fn mask(credential: &str) -> String {
     }
     let head: String = chars[..4].iter().collect();
     let tail: String = chars[chars.len() - 4..].iter().collect();
-    format!("{head}…{tail}")
+    printable(&format!("{head}…{tail}")).into_owned()
 }
 
-/// A log line as tally's own logs show it: at most 200 bytes, lossy UTF-8, and the values of the
-/// credential parameters (`user_key`, `app_id`, `app_key`) masked.
+/// Text from outside (a log line, a file name, a backend's message) as tally's logs show it: control
+/// characters escaped (`\x1b`), so that a crafted line cannot drive the terminal that reads the log.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            use std::fmt::Write;
+            // Control characters (C0, DEL, C1) all fit in one byte.
+            let _ = write!(out, "\\x{:02x}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A log line as tally's own logs show it: at most 200 bytes, lossy UTF-8, control characters
+/// escaped, and the values of the credential parameters (`user_key`, `app_id`, `app_key`) masked.
 pub fn masked_line(line: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&line[..line.len().min(200)]);
+    let lossy = String::from_utf8_lossy(&line[..line.len().min(200)]);
+    let text = printable(&lossy);
     let mut out = String::with_capacity(text.len());
     let mut rest: &str = &text;
     while let Some(at) = ["user_key=", "app_id=", "app_key="]
@@ -420,11 +594,28 @@ fn prometheus(m: &Metrics) -> String {
         "Report calls made.",
         &one(g(&m.report_calls)),
     );
+    let failures: Vec<(String, u64)> = Endpoint::ALL
+        .iter()
+        .flat_map(|&e| {
+            Cause::ALL.iter().map(move |&c| {
+                (
+                    format!("{{endpoint=\"{}\",cause=\"{}\"}}", e.label(), c.label()),
+                    m.call_failures(e, c),
+                )
+            })
+        })
+        .collect();
     metric(
-        "report_failures_total",
+        "call_failures_total",
         "counter",
-        "Report calls that failed and are retried (5xx, timeout, connection).",
-        &one(g(&m.report_failures)),
+        "Calls to 3scale that failed, by endpoint and cause (report calls are retried; http_4xx is a rejection).",
+        &failures,
+    );
+    metric(
+        "ambiguous_resends_total",
+        "counter",
+        "Report calls sent again after their answer did not come (3scale may have processed them: each may count twice).",
+        &one(g(&m.ambiguous_resends)),
     );
     metric(
         "report_rejections_total",
@@ -528,6 +719,12 @@ mod tests {
             r#"1.2.3.4 - - [x] "GET /p?user_key=0123…cdef&x=1&app_key=supe…tkey HTTP/1.1" 200"#
         );
         assert_eq!(masked_line(b"garbage \xff"), "garbage \u{fffd}");
+        assert_eq!(
+            masked_line(b"bell\x07 esc\x1b[2J nul\x00 del\x7f"),
+            r"bell\x07 esc\x1b[2J nul\x00 del\x7f"
+        );
+        assert_eq!(printable("a\u{9b}b\tc"), r"a\x9bb\x09c");
+        assert_eq!(mask("\x1b[31mkey-0123"), r"\x1b[31…0123");
         assert!(masked_line(&[b'a'; 1000]).len() == 200);
     }
 

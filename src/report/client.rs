@@ -1,11 +1,55 @@
-//! The HTTP side of the Service Management API: report and authorize calls, and what their answers
-//! mean.
+//! The HTTP side of the Service Management API: report and authorize calls, what their answers
+//! mean, and the response timeout that adapts to a slow 3scale.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use super::MASK;
 use crate::aggregate::Application;
 use crate::config::BackendAuth;
+use crate::telemetry::printable;
+
+/// Why a call failed, as `tally_call_failures_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Connected, but the answer did not come within the response timeout.
+    Timeout,
+    /// The connection could not be made, or broke.
+    Connection,
+    /// 3scale (or a proxy in front of it) answered 5xx.
+    Http5xx,
+    /// 3scale refused the call as a whole (4xx).
+    Http4xx,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 4] = [
+        Cause::Timeout,
+        Cause::Connection,
+        Cause::Http5xx,
+        Cause::Http4xx,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Cause::Timeout => "timeout",
+            Cause::Connection => "connection",
+            Cause::Http5xx => "http_5xx",
+            Cause::Http4xx => "http_4xx",
+        }
+    }
+}
+
+/// A call that failed in a way worth retrying.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub cause: Cause,
+    /// What went wrong, for the log.
+    pub detail: String,
+    /// The request may have reached 3scale and been processed (its answer timed out, or the
+    /// connection broke after it was sent): resending it may count its transactions twice.
+    pub ambiguous: bool,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -18,8 +62,11 @@ pub enum ReportError {
         message: String,
     },
     /// 5xx, timeout, connection trouble: worth retrying.
-    #[error("report call failed, will retry: {0}")]
-    Transient(String),
+    #[error("call failed, will retry: {}", .0.detail)]
+    Transient(Failure),
+    /// A task of tally's own ended abnormally.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ReportError {
@@ -49,17 +96,70 @@ pub enum Existence {
     Missing,
 }
 
+/// How long a connected call waits for its answer. It doubles at each timeout (up to 16 times the
+/// configured value), is raised to twice any answer time seen by a probe, and decays back towards
+/// the configured value as answers come in time: a 3scale that got slow gets calls that wait long
+/// enough, instead of calls that give up, are processed anyway, and are sent again.
+#[derive(Debug)]
+pub struct ResponseTimeout {
+    configured: Duration,
+    current: Mutex<Duration>,
+}
+
+impl ResponseTimeout {
+    const CAP_FACTOR: u32 = 16;
+
+    pub fn new(configured: Duration) -> ResponseTimeout {
+        ResponseTimeout {
+            configured,
+            current: Mutex::new(configured),
+        }
+    }
+
+    pub fn get(&self) -> Duration {
+        self.current.lock().map_or(self.configured, |c| *c)
+    }
+
+    fn update(&self, f: impl FnOnce(Duration) -> Duration) -> Duration {
+        let cap = self.configured * Self::CAP_FACTOR;
+        match self.current.lock() {
+            Ok(mut c) => {
+                *c = f(*c).clamp(self.configured, cap);
+                *c
+            }
+            Err(_) => self.configured,
+        }
+    }
+
+    /// A call timed out: wait twice as long from now on.
+    pub fn timed_out(&self) -> Duration {
+        self.update(|c| c * 2)
+    }
+
+    /// 3scale answered in `took`: at least twice that from now on.
+    pub fn answered_in(&self, took: Duration) -> Duration {
+        self.update(|c| c.max(took * 2))
+    }
+
+    /// A call was answered in time, in `took`: decay by a quarter, never below twice `took`.
+    fn settle(&self, took: Duration) {
+        self.update(|c| c.min((c * 3 / 4).max(took * 2)));
+    }
+}
+
 /// Sends report and authorize calls over one keep-alive connection pool.
 pub struct Client {
     http: reqwest::Client,
     report: reqwest::Url,
     authorize: reqwest::Url,
+    pub timeout: ResponseTimeout,
 }
 
 impl Client {
     pub fn new(
         base: &reqwest::Url,
-        timeout: Duration,
+        connect_timeout: Duration,
+        response_timeout: Duration,
         ca_file: Option<&std::path::Path>,
     ) -> anyhow::Result<Client> {
         let join = |path: &str| {
@@ -67,8 +167,7 @@ impl Client {
                 .map_err(|e| anyhow::anyhow!("backend.url {base}: {e}"))
         };
         let mut http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
+            .connect_timeout(connect_timeout)
             .http1_only()
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("tally/", env!("CARGO_PKG_VERSION")));
@@ -88,37 +187,63 @@ impl Client {
             http,
             report: join("transactions.xml")?,
             authorize: join("transactions/authorize.xml")?,
+            timeout: ResponseTimeout::new(response_timeout),
         })
+    }
+
+    /// Sends a request with the current response timeout and reads the answer's status and body.
+    async fn exchange(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(u16, String), ReportError> {
+        let timeout = self.timeout.get();
+        let started = Instant::now();
+        let answer = async {
+            let response = request.timeout(timeout).send().await?;
+            let status = response.status().as_u16();
+            let text = response.text().await?;
+            Ok::<_, reqwest::Error>((status, text))
+        }
+        .await;
+        match answer {
+            Ok(answer) => {
+                self.timeout.settle(started.elapsed());
+                Ok(answer)
+            }
+            Err(e) => {
+                let failure = classify(e, timeout);
+                if failure.cause == Cause::Timeout {
+                    self.timeout.timed_out();
+                }
+                Err(ReportError::Transient(failure))
+            }
+        }
     }
 
     /// One report call. `body` is an encoded [`super::ReportForm`] holding `auth`'s secret.
     pub async fn report(&self, body: &str, auth: &BackendAuth) -> Result<(), ReportError> {
-        let response = self
+        let request = self
             .http
             .post(self.report.clone())
             .header(
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
             )
-            .body(body.to_owned())
-            .send()
-            .await
-            .map_err(|e| ReportError::Transient(describe(e)))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(());
-        }
-        let text = response.text().await.unwrap_or_default();
-        if status.is_client_error() {
-            let (code, message) = xml_error(&text);
-            return Err(ReportError::Rejected {
-                status: status.as_u16(),
-                code,
-                message,
+            .body(body.to_owned());
+        let (status, text) = self.exchange(request).await?;
+        match status {
+            200..=299 => Ok(()),
+            400..=499 => {
+                let (code, message) = xml_error(&text);
+                Err(ReportError::Rejected {
+                    status,
+                    code,
+                    message,
+                }
+                .redact(auth.field().1.expose()))
             }
-            .redact(auth.field().1.expose()));
+            _ => Err(unexpected(status)),
         }
-        Err(ReportError::Transient(format!("HTTP {}", status.as_u16())))
     }
 
     /// Asks 3scale whether an application exists.
@@ -130,19 +255,12 @@ impl Client {
     ) -> Result<Existence, ReportError> {
         let (field, secret) = auth.field();
         let (credential, value) = application.field();
-        let response = self
-            .http
-            .get(self.authorize.clone())
-            .query(&[
-                (field, secret.expose()),
-                ("service_id", service_id),
-                (credential, value),
-            ])
-            .send()
-            .await
-            .map_err(|e| ReportError::Transient(describe(e)))?;
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap_or_default();
+        let request = self.http.get(self.authorize.clone()).query(&[
+            (field, secret.expose()),
+            ("service_id", service_id),
+            (credential, value),
+        ]);
+        let (status, text) = self.exchange(request).await?;
         let (code, message) = xml_error(&text);
         match (status, code.as_str()) {
             (200 | 409, _) => Ok(Existence::Exists),
@@ -155,8 +273,45 @@ impl Client {
                 message,
             }
             .redact(secret.expose())),
-            _ => Err(ReportError::Transient(format!("HTTP {status}"))),
+            _ => Err(unexpected(status)),
         }
+    }
+}
+
+/// An answer that is neither success nor refusal (5xx, or a 1xx/3xx a proxy made up): 3scale did
+/// not take the call; try again.
+fn unexpected(status: u16) -> ReportError {
+    ReportError::Transient(Failure {
+        cause: if status >= 500 {
+            Cause::Http5xx
+        } else {
+            Cause::Connection
+        },
+        detail: format!("HTTP {status}"),
+        ambiguous: false,
+    })
+}
+
+/// What a failed exchange means. A call that never connected cannot have been processed; any other
+/// failure (timed out waiting, connection broken) may have reached 3scale.
+fn classify(e: reqwest::Error, timeout: Duration) -> Failure {
+    let connect = e.is_connect();
+    let cause = if connect {
+        Cause::Connection
+    } else if e.is_timeout() {
+        Cause::Timeout
+    } else {
+        Cause::Connection
+    };
+    let detail = if cause == Cause::Timeout {
+        format!("no answer within {}", humantime::format_duration(timeout))
+    } else {
+        describe(e)
+    };
+    Failure {
+        cause,
+        detail,
+        ambiguous: !connect,
     }
 }
 
@@ -175,10 +330,11 @@ fn describe(e: reqwest::Error) -> String {
         text.push_str(&c.to_string());
         cause = c.source();
     }
-    text
+    printable(&text).into_owned()
 }
 
 /// `<error code="CODE">message</error>` → (CODE, message); the raw text when the body is not that.
+/// Both come from outside: control characters are escaped.
 pub fn xml_error(body: &str) -> (String, String) {
     let parsed = (|| {
         let start = body.find("<error")?;
@@ -188,13 +344,13 @@ pub fn xml_error(body: &str) -> (String, String) {
         let msg_at = code_end + rest[code_end..].find('>')? + 1;
         let msg_end = msg_at + rest[msg_at..].find("</error>")?;
         Some((
-            rest[code_at..code_end].to_string(),
-            unescape(&rest[msg_at..msg_end]),
+            printable(&rest[code_at..code_end]).into_owned(),
+            printable(&unescape(&rest[msg_at..msg_end])).into_owned(),
         ))
     })();
     parsed.unwrap_or_else(|| {
         let excerpt: String = body.chars().take(200).collect();
-        ("unknown".to_string(), excerpt)
+        ("unknown".to_string(), printable(&excerpt).into_owned())
     })
 }
 
@@ -217,5 +373,36 @@ mod tests {
             ("service_token_invalid".into(), "service token \"x\" is invalid".into())
         );
         assert_eq!(xml_error("oops"), ("unknown".into(), "oops".into()));
+        assert_eq!(
+            xml_error("<error code=\"x\">a\u{1b}[31mb</error>").1,
+            "a\\x1b[31mb"
+        );
+    }
+
+    #[test]
+    fn the_response_timeout_doubles_on_timeouts_and_decays_back() {
+        let t = ResponseTimeout::new(Duration::from_secs(10));
+        assert_eq!(t.timed_out(), Duration::from_secs(20));
+        assert_eq!(t.timed_out(), Duration::from_secs(40));
+        // A probe answered in 50 s: wait at least twice that.
+        assert_eq!(
+            t.answered_in(Duration::from_secs(50)),
+            Duration::from_secs(100)
+        );
+        // Capped at 16 times the configured value.
+        for _ in 0..10 {
+            t.timed_out();
+        }
+        assert_eq!(t.get(), Duration::from_secs(160));
+        // Answers in time decay it by a quarter, never below twice the answer time...
+        t.settle(Duration::from_secs(1));
+        assert_eq!(t.get(), Duration::from_secs(120));
+        t.settle(Duration::from_secs(55));
+        assert_eq!(t.get(), Duration::from_secs(110));
+        // ...nor below the configured value.
+        for _ in 0..20 {
+            t.settle(Duration::from_millis(10));
+        }
+        assert_eq!(t.get(), Duration::from_secs(10));
     }
 }

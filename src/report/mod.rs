@@ -17,14 +17,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-pub use client::{xml_error, Client, Existence, ReportError};
+pub use client::{xml_error, Cause, Client, Existence, Failure, ReportError, ResponseTimeout};
 pub use credentials::Credentials;
 pub use form::{encode, ReportForm};
 
 use crate::aggregate::{Application, Batch, Transaction, Transactions};
 use crate::config::BackendAuth;
-use crate::state::{Advance, ServiceState, StateError};
-use crate::telemetry::{mask, Metrics};
+use crate::state::{Advance, InFlight, ServiceState, StateError};
+use crate::telemetry::{mask, Endpoint, Metrics};
 
 /// What masks the service token or provider key wherever a report body is shown.
 pub const MASK: &str = "***";
@@ -124,6 +124,17 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner().clone())
     }
 
+    /// Counts a failed call and logs it (at warn: each is retried).
+    fn failed(&self, endpoint: Endpoint, e: &ReportError) {
+        let (cause, detail) = match e {
+            ReportError::Transient(f) => (f.cause, f.detail.as_str()),
+            ReportError::Rejected { .. } => (Cause::Http4xx, "rejected"),
+            ReportError::Internal(_) => return,
+        };
+        self.metrics
+            .call_failed(&self.service_id, endpoint, cause, detail);
+    }
+
     /// After a rejection: counts it, marks the service unhealthy, then either gives up (`--once`:
     /// nobody would fix the configuration while tally waits) or waits and picks up a changed secret.
     async fn after_rejection(&self, e: ReportError) -> Result<(), ReportError> {
@@ -197,6 +208,9 @@ pub async fn run(
                     continue;
                 };
                 seq += 1;
+                if !batch.transactions.is_empty() {
+                    shared.metrics.waiting(&shared.service_id);
+                }
                 keep_sendable(&shared, &mut batch.transactions, &sink, credentials.as_mut()).await?;
                 let done = batch.transactions.is_empty();
                 if !done {
@@ -208,24 +222,30 @@ pub async fn run(
                             calls.spawn(async move { (seq, Ok(())) });
                         }
                         Sink::Backend(client) => {
-                            let (client, shared, transactions) = (client.clone(), shared.clone(), batch.transactions);
-                            calls.spawn(async move { (seq, send(&client, &shared, transactions).await) });
+                            let call = Call {
+                                transactions: batch.transactions,
+                                ranges: state.call_ranges(seq),
+                            };
+                            let (client, shared) = (client.clone(), shared.clone());
+                            calls.spawn(async move { (seq, send(&client, &shared, call).await) });
                         }
                     }
                 }
                 pending.push_back(Pending { seq, advances: batch.advances, done });
             }
             Some(finished) = calls.join_next() => {
-                let (finished_seq, result) = finished.map_err(|e| ReportError::Transient(format!("a report task failed: {e}")))?;
+                let (finished_seq, result) = finished.map_err(|e| ReportError::Internal(format!("a report task failed: {e}")))?;
                 result?;
                 if let Some(p) = pending.iter_mut().find(|p| p.seq == finished_seq) {
                     p.done = true;
                 }
             }
         }
+        let mut committed = false;
         while pending.front().is_some_and(|p| p.done) {
             let p = pending.pop_front().expect("checked");
             persist(&shared, &mut backoff, || state.commit(p.seq, &p.advances)).await;
+            committed = true;
             for a in &p.advances {
                 if a.closed {
                     shared.metrics.files.closed(a.source, a.key);
@@ -237,24 +257,32 @@ pub async fn run(
                 }
             }
         }
+        if committed {
+            shared
+                .metrics
+                .accepted(&shared.service_id, !pending.is_empty());
+        }
     }
     Ok(())
 }
 
+/// One report call's transactions, and the byte ranges of the files they come from (for the log
+/// when the call is sent again).
+struct Call {
+    transactions: Transactions,
+    ranges: Vec<InFlight>,
+}
+
 /// One call, retried until 3scale accepts it: transient failures with backoff, rejections slowly.
 /// Before each try, transactions that have left 3scale's time window meanwhile are taken out.
-async fn send(
-    client: &Client,
-    shared: &Shared,
-    mut transactions: Transactions,
-) -> Result<(), ReportError> {
+async fn send(client: &Client, shared: &Shared, mut call: Call) -> Result<(), ReportError> {
     let mut body = shared
         .bodies
         .lock()
         .ok()
         .and_then(|mut b| b.pop())
         .unwrap_or_default();
-    let result = send_with(client, shared, &mut transactions, &mut body).await;
+    let result = send_with(client, shared, &mut call, &mut body).await;
     if let Ok(mut bodies) = shared.bodies.lock() {
         bodies.push(body);
     }
@@ -264,7 +292,7 @@ async fn send(
 async fn send_with(
     client: &Client,
     shared: &Shared,
-    transactions: &mut Transactions,
+    call: &mut Call,
     body: &mut String,
 ) -> Result<(), ReportError> {
     // The batch was taken through the time window when it was dispatched.
@@ -273,6 +301,7 @@ async fn send_with(
     loop {
         attempt += 1;
         let auth = shared.auth();
+        let transactions = &mut call.transactions;
         let form = ReportForm {
             auth: &auth,
             service_id: &shared.service_id,
@@ -292,18 +321,81 @@ async fn send_with(
                 count_reported(&shared.metrics, transactions);
                 return Ok(());
             }
+            Err(
+                e @ ReportError::Transient(Failure {
+                    ambiguous: true, ..
+                }),
+            ) => {
+                shared.failed(Endpoint::Report, &e);
+                tracing::warn!(service_id = %shared.service_id, error = %e, attempt,
+                    "a report call got no answer: 3scale may have processed it; it is sent again once 3scale answers");
+                wait_for_an_answer(client, shared, transactions).await?;
+                drop_outside_window(shared, transactions);
+                if transactions.is_empty() {
+                    return Ok(());
+                }
+                Metrics::add(&shared.metrics.ambiguous_resends, 1);
+                let timeout = humantime::format_duration(client.timeout.get());
+                for r in &call.ranges {
+                    tracing::warn!(service_id = %shared.service_id, path = %r.path.display(), from = r.from, to = r.to, %timeout,
+                        "resending a report call that got no answer: if 3scale processed the first one, these lines count twice");
+                }
+                continue;
+            }
             Err(e @ ReportError::Transient(_)) => {
-                Metrics::add(&shared.metrics.report_failures, 1);
+                shared.failed(Endpoint::Report, &e);
                 let wait = backoff.next_delay();
                 tracing::warn!(service_id = %shared.service_id, error = %e, attempt, retry_in = ?wait, "report failed");
                 tokio::time::sleep(wait).await;
             }
-            Err(e @ ReportError::Rejected { .. }) => shared.after_rejection(e).await?,
+            Err(e @ ReportError::Rejected { .. }) => {
+                shared.failed(Endpoint::Report, &e);
+                shared.after_rejection(e).await?
+            }
+            Err(e @ ReportError::Internal(_)) => return Err(e),
         }
         // Before the next try: what left 3scale's time window while this one failed.
-        drop_outside_window(shared, transactions);
-        if transactions.is_empty() {
+        drop_outside_window(shared, &mut call.transactions);
+        if call.transactions.is_empty() {
             return Ok(());
+        }
+    }
+}
+
+/// After a report call got no answer: probes 3scale with an authorize call for one of the call's
+/// applications (it counts nothing) until 3scale answers, however it answers, and raises the
+/// response timeout to at least twice the time that answer took. Sending the call again before
+/// that would risk one more duplicate per try.
+async fn wait_for_an_answer(
+    client: &Client,
+    shared: &Shared,
+    transactions: &Transactions,
+) -> Result<(), ReportError> {
+    let Some((application, _)) = transactions.iter().next() else {
+        return Ok(());
+    };
+    let mut backoff = Backoff::for_calls();
+    loop {
+        Metrics::add(&shared.metrics.authorize_calls, 1);
+        let started = std::time::Instant::now();
+        match client
+            .authorize(&shared.auth(), &shared.service_id, application)
+            .await
+        {
+            Ok(_) | Err(ReportError::Rejected { .. }) => {
+                let timeout = client.timeout.answered_in(started.elapsed());
+                tracing::info!(service_id = %shared.service_id, answered_in = ?started.elapsed(), timeout = %humantime::format_duration(timeout),
+                    "3scale answers again");
+                return Ok(());
+            }
+            Err(e @ ReportError::Transient(_)) => {
+                shared.failed(Endpoint::Authorize, &e);
+                let wait = backoff.next_delay();
+                tracing::warn!(service_id = %shared.service_id, error = %e, retry_in = ?wait,
+                    "3scale does not answer yet; the report call waits");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e @ ReportError::Internal(_)) => return Err(e),
         }
     }
 }
@@ -400,6 +492,7 @@ async fn keep_sendable(
                 tokio::time::sleep(wait).await;
             }
             Err(e @ ReportError::Rejected { .. }) => shared.after_rejection(e).await?,
+            Err(e @ ReportError::Internal(_)) => return Err(e),
         }
         // The wait may have taken some transactions out of 3scale's time window.
         drop_outside_window(shared, transactions);
@@ -440,7 +533,10 @@ async fn authorize_all(
             return Ok(answers);
         };
         let (application, existence) =
-            done.map_err(|e| ReportError::Transient(format!("an authorize task failed: {e}")))?;
+            done.map_err(|e| ReportError::Internal(format!("an authorize task failed: {e}")))?;
+        if let Err(e) = &existence {
+            shared.failed(Endpoint::Authorize, e);
+        }
         answers.push((application, existence?));
     }
 }

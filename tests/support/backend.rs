@@ -147,6 +147,8 @@ impl Backend {
         self.with(|s| s.drop_next = calls);
     }
 
+    /// Every call is processed (recorded) at once, and answered `delay` later: a slow 3scale, whose
+    /// late answers may come after the client gave up on a call that was processed all the same.
     pub fn set_delay(&self, delay: Duration) {
         self.with(|s| s.delay = delay);
     }
@@ -277,7 +279,10 @@ async fn handle(
         s.max_concurrent = s.max_concurrent.max(s.concurrent);
         (s.delay, failure, drop)
     };
-    let answer = answer(req, &state, delay, failure, drop).await;
+    let answer = answer(req, &state, failure, drop).await;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     state.lock().unwrap().concurrent -= 1;
     answer
 }
@@ -285,13 +290,9 @@ async fn handle(
 async fn answer(
     req: Request<Incoming>,
     state: &Arc<Mutex<State>>,
-    delay: Duration,
     failure: Option<u16>,
     drop: bool,
 ) -> Result<Answer, DropConnection> {
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
     if drop {
         return Err(DropConnection);
     }

@@ -128,8 +128,17 @@ pub fn write_config_with(
     sources: &[(&Path, &str)],
     extra: &str,
 ) -> PathBuf {
+    // A short response timeout keeps the tests quick, unless the test sets its own.
+    let timeout = if backend_extra
+        .lines()
+        .any(|l| l.trim_start().starts_with("timeout"))
+    {
+        ""
+    } else {
+        "timeout = \"2s\"\n"
+    };
     let mut text = format!(
-        "[backend]\nurl = \"{backend_url}\"\nservice_token = \"{token}\"\ntimeout = \"2s\"\n{backend_extra}"
+        "[backend]\nurl = \"{backend_url}\"\nservice_token = \"{token}\"\n{timeout}{backend_extra}"
     );
     for (path, service_id) in sources {
         text.push_str(&format!(
