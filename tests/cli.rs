@@ -226,3 +226,71 @@ fn json_logs_are_one_object_per_line() {
     }
     assert!(err.contains("\"reason\":\"malformed\""), "{err}");
 }
+
+/// `check` looks at the machine too: a folder given as a log path and a state folder that cannot be
+/// made are errors; a path that names no file yet and a file read by two sources are warnings, which
+/// `run` logs as well.
+#[test]
+fn check_finds_paths_and_state_folders_that_cannot_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("logs")).unwrap();
+    std::fs::write(d.join("logs/access.log"), "").unwrap();
+    let config = d.join("tally.toml");
+    let write = |sources: &[(&str, &str)], state: &str| {
+        let mut text = "[backend]\nservice_token = \"t\"\n".to_string();
+        for (path, service) in sources {
+            text.push_str(&format!(
+                "[[sources]]\npath = \"{path}\"\nservice_id = \"{service}\"\n"
+            ));
+        }
+        text.push_str(&format!("[state]\ndir = \"{state}\"\n"));
+        std::fs::write(&config, text).unwrap();
+    };
+    let check = || tally(&["check", "--config", config.to_str().unwrap()]);
+
+    write(&[("logs", "1")], "state");
+    let (code, _, err) = check();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("tally.toml: sources[0].path: ") && err.contains("logs is a folder"),
+        "{err}"
+    );
+
+    write(&[("logs/access.log", "1")], "logs/access.log/state");
+    let (code, _, err) = check();
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("state.dir: ") && err.contains("is not a folder"),
+        "{err}"
+    );
+
+    write(
+        &[
+            ("logs/*.log", "1"),
+            ("logs/access.log", "2"),
+            ("logs/next.log", "1"),
+        ],
+        "state",
+    );
+    let (code, out, err) = check();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("[backend]"), "{out}");
+    assert!(
+        err.contains("warning: ")
+            && err.contains("sources[2].path: ")
+            && err.contains("next.log does not exist yet"),
+        "{err}"
+    );
+    assert!(
+        err.contains("is read by sources[0] (service 1) and sources[1] (service 2)"),
+        "{err}"
+    );
+    assert!(!d.join("state").exists(), "check creates nothing");
+
+    // `run` refuses the same errors with the same message, before starting.
+    write(&[("logs", "1")], "state");
+    let (code, _, err) = tally(&["run", "--once", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("logs is a folder"), "{err}");
+}

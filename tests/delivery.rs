@@ -44,13 +44,18 @@ fn free_port() -> u16 {
 
 /// GET on tally's telemetry port: (status, body).
 fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    try_http_get(port, path).expect("tally's telemetry port answers")
+}
+
+/// The same, or the error while tally is not listening yet.
+fn try_http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n")?;
     let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out[9..12].parse().unwrap();
+    s.read_to_string(&mut out)?;
+    let status = out[9..12].parse().expect("an HTTP status");
     let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-    (status, body)
+    Ok((status, body))
 }
 
 fn stop(mut tally: Tally) -> String {
@@ -394,4 +399,143 @@ fn sources_with_their_own_token_report_to_their_service() {
         vec![("1".into(), "ka".into()), ("2".into(), "kb".into())]
     );
     assert!(!tally.logs().contains("token-two"));
+}
+
+/// Polls `/healthz` until its status is `status`; returns its body.
+fn wait_for_health(port: u16, status: u16) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let answer = try_http_get(port, "/healthz");
+        match &answer {
+            Ok((got, body)) if *got == status => return body.clone(),
+            _ => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/healthz still {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The value of one sample in a Prometheus text exposition (`name{labels}` as written).
+fn sample(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{metrics}"))
+}
+
+/// Every call failing (authorize and report) is visible: failures counted by endpoint and cause,
+/// the lag of lines held in memory grows, and /healthz fails once nothing has been accepted for
+/// `stalled_after`, naming the last failure. Then everything arrives, exactly once.
+#[test]
+fn an_outage_shows_in_metrics_lag_and_health() {
+    let s = Scenario::new();
+    s.backend.fail_next(usize::MAX, 500);
+    let port = free_port();
+    let config = s.config(
+        "",
+        &format!(
+            "[report]\nflush_interval = \"100ms\"\n[telemetry]\nlisten = \"127.0.0.1:{port}\"\nstalled_after = \"1s\"\n"
+        ),
+    );
+    let t = now() - 40;
+    append(&s, &[(t, "/?user_key=a", 200), (t, "/?user_key=b", 500)]);
+    let tally = Tally::start(&config, &[]);
+    let body = wait_for_health(port, 503);
+    assert!(
+        body.contains("service 42: nothing accepted by 3scale for")
+            && body.contains("last failure: authorize call: HTTP 500"),
+        "{body}"
+    );
+    let (_, metrics) = http_get(port, "/metrics");
+    assert!(
+        sample(
+            &metrics,
+            "tally_call_failures_total{endpoint=\"authorize\",cause=\"http_5xx\"}"
+        ) >= 1,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "tally_call_failures_total{endpoint=\"report\",cause=\"http_5xx\"}"
+        ),
+        0
+    );
+    let lag = metrics
+        .lines()
+        .find(|l| l.starts_with("tally_file_lag_seconds{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .expect("a lag sample");
+    assert!(
+        lag >= 40,
+        "the waiting lines are 40 s old, lag {lag}:\n{metrics}"
+    );
+    s.backend.fail_next(0, 500);
+    s.backend
+        .wait_until(WAIT, "both requests", |b| b.transactions().len() >= 2);
+    wait_for_health(port, 200);
+    // A credential known by now: its report calls fail, and are counted as such.
+    s.backend.fail_next(3, 503);
+    append(&s, &[(now(), "/?user_key=a", 200)]);
+    s.backend
+        .wait_until(WAIT, "the third request", |b| b.transactions().len() >= 3);
+    let (_, metrics) = http_get(port, "/metrics");
+    assert_eq!(
+        sample(
+            &metrics,
+            "tally_call_failures_total{endpoint=\"report\",cause=\"http_5xx\"}"
+        ),
+        3
+    );
+    assert_eq!(sample(&metrics, "tally_ambiguous_resends_total"), 0);
+    stop(tally);
+    assert_eq!(hits(&s), expect(&[("a", 2), ("b", 1)]));
+}
+
+/// NGINX logs `000` when it sent no response; 3scale counts only three-digit codes of the known
+/// classes, so such a request is reported (its hit counts) without a code.
+#[test]
+fn a_status_outside_100_to_599_is_reported_without_a_code() {
+    let s = Scenario::new();
+    let t = now();
+    s.append(&combined_line(t, "GET", "/?user_key=a", 200));
+    s.append(&combined_line(t, "GET", "/?user_key=a", 200).replace(" 200 ", " 000 "));
+    s.append(&combined_line(t, "GET", "/?user_key=a", 200).replace(" 200 ", " 999 "));
+    Tally::run_once(&s.config("", ""));
+    let mut codes: Vec<Option<String>> = s
+        .backend
+        .transactions()
+        .into_iter()
+        .map(|t| t.code)
+        .collect();
+    codes.sort();
+    assert_eq!(codes, vec![None, None, Some("200".to_string())]);
+    assert_eq!(hits(&s), expect(&[("a", 3)]));
+}
+
+/// A line from anything but NGINX may hold terminal control sequences: tally's text log shows them
+/// escaped, never raw.
+#[test]
+fn control_characters_from_a_line_never_reach_the_log_raw() {
+    let s = Scenario::new();
+    s.append("\u{1b}]0;owned\u{7}\u{1b}[2J garbage \u{0} line\n");
+    s.append(&combined_line(now(), "GET", "/?user_key=a", 200));
+    let tally = Tally::run_once(&s.config("", ""));
+    let log = std::fs::read(&tally.log).unwrap();
+    assert!(
+        !log.iter().any(|&b| b == 0x1b || b == 0x07 || b == 0),
+        "{}",
+        tally.logs()
+    );
+    assert!(
+        tally
+            .logs()
+            .contains(r"\x1b]0;owned\x07\x1b[2J garbage \x00 line"),
+        "{}",
+        tally.logs()
+    );
+    assert_eq!(hits(&s), expect(&[("a", 1)]));
 }

@@ -390,6 +390,61 @@ fn sigint_with_the_backend_down_exits_within_the_grace_period() {
     assert!(tally.wait(WAIT).success(), "{}", tally.logs());
     let logs = tally.logs();
     assert!(logs.contains("grace period ended"), "{logs}");
+    // Not "lost": kept behind the checkpoint, with where.
+    assert!(
+        logs.contains("not accepted by 3scale yet: kept") && logs.contains("from=0 to="),
+        "{logs}"
+    );
+    assert!(!logs.contains("lost"), "{logs}");
+}
+
+/// `--once` as a backfill job with 3scale down: `--max-wait` ends it, with exit code 3 and what is
+/// kept; so does a SIGTERM. The next run delivers everything, once.
+#[test]
+fn once_stopped_before_everything_was_accepted_exits_3_and_keeps_the_rest() {
+    let s = Scenario::new();
+    s.backend.fail_next(usize::MAX, 503);
+    let t = now();
+    s.append(&combined_line(t, "GET", "/?user_key=k", 200).repeat(3));
+    let config = s.config(
+        "",
+        "[report]\nflush_interval = \"100ms\"\nshutdown_grace = \"1s\"\n",
+    );
+    let mut tally = Tally::start(&config, &["--once", "--max-wait", "1s"]);
+    let status = tally.wait(WAIT);
+    let logs = tally.logs();
+    assert_eq!(status.code(), Some(3), "{logs}");
+    assert!(logs.contains("why=\"--max-wait 1s passed\""), "{logs}");
+    assert!(logs.contains("not accepted by 3scale yet: kept"), "{logs}");
+    // Stopped by a signal: the same.
+    let tally = Tally::start(&config, &["--once"]);
+    tally.wait_for_log("HTTP 503", WAIT);
+    tally.signal("TERM");
+    let mut tally = tally;
+    assert_eq!(tally.wait(WAIT).code(), Some(3), "{}", tally.logs());
+    assert!(s.backend.transactions().is_empty());
+    s.backend.fail_next(0, 503);
+    Tally::run_once(&config);
+    assert_eq!(s.backend.hits(), 3);
+    assert_eq!(s.backend.transactions().len(), 3);
+}
+
+/// A closed terminal or a logrotate script's SIGHUP never stops tally.
+#[test]
+fn sighup_is_logged_and_ignored() {
+    let s = Scenario::new();
+    let config = s.config("", "[report]\nflush_interval = \"100ms\"\n");
+    let tally = Tally::start(&config, &[]);
+    tally.wait_for_log("tally started", WAIT);
+    tally.signal("HUP");
+    tally.wait_for_log("SIGHUP received", WAIT);
+    s.append(&combined_line(now(), "GET", "/?user_key=after-hup", 200));
+    s.backend
+        .wait_until(WAIT, "the line after SIGHUP", |b| b.hits() >= 1);
+    tally.signal("TERM");
+    let mut tally = tally;
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    assert_eq!(s.backend.hits(), 1);
 }
 
 #[test]
