@@ -219,14 +219,18 @@ impl Aggregator {
         Ok(self.transactions.len() >= self.max_transactions || self.interner.full())
     }
 
-    /// Records how far the open batch takes a file (the latest position of a file wins).
+    /// Records how far the open batch takes a file (the latest position of a file wins; the batch's
+    /// data of the file starts at the earliest).
     pub fn advance(&mut self, advance: Advance) {
         match self
             .advances
             .iter_mut()
             .find(|a| a.source == advance.source && a.key == advance.key)
         {
-            Some(a) => *a = advance,
+            Some(a) => {
+                let from = a.from.min(advance.from);
+                *a = Advance { from, ..advance };
+            }
             None => self.advances.push(advance),
         }
     }
@@ -281,6 +285,7 @@ pub fn parse_chunk(
         source: chunk.source,
         key: chunk.file,
         fingerprint: chunk.fingerprint,
+        from: base,
         offset,
         line_time,
         path: chunk.path.clone(),

@@ -61,6 +61,8 @@ pub struct Advance {
     pub source: usize,
     pub key: FileKey,
     pub fingerprint: Fingerprint,
+    /// Where the batch's data of this file starts.
+    pub from: u64,
     pub offset: u64,
     /// The log time of the last line parsed up to `offset`, or 0 if unknown.
     pub line_time: i64,
@@ -138,7 +140,6 @@ impl StateDir {
             sources: Vec::new(),
             files: BTreeMap::new(),
             in_flight: BTreeMap::new(),
-            dispatched: BTreeMap::new(),
             last_sync: None,
         };
         match std::fs::read(&path) {
@@ -177,8 +178,6 @@ pub struct ServiceState {
     files: BTreeMap<(String, FileKey), FileCheckpoint>,
     /// The report calls under way, by batch number (those of an earlier run under 0).
     in_flight: BTreeMap<u64, Vec<InFlight>>,
-    /// How far each file's batches were sent (not yet accepted), for the in-flight ranges.
-    dispatched: BTreeMap<(String, FileKey), u64>,
     last_sync: Option<Instant>,
 }
 
@@ -219,28 +218,50 @@ impl ServiceState {
         self.patterns.get(source).cloned().unwrap_or_default()
     }
 
-    /// Marks report call `seq`, covering `advances`, as under way, before it is sent.
-    pub fn begin(&mut self, seq: u64, advances: &[Advance]) -> Result<(), StateError> {
-        let ranges = advances
-            .iter()
-            .map(|a| {
-                let key = (self.pattern(a.source), a.key);
-                let sent = self
-                    .dispatched
-                    .get(&key)
-                    .copied()
-                    .or_else(|| self.files.get(&key).map(|c| c.offset));
-                self.dispatched.insert(key, a.offset);
-                InFlight {
+    /// Records what must hold before anything of batch `seq` is sent: a file of which nothing has
+    /// been accepted yet gets a checkpoint at the batch's start in it, so that a crash before its
+    /// first acceptance reads it again (even rotated away meanwhile: it is found by its identity);
+    /// and, when `sending`, the call as under way with the byte ranges it covers.
+    pub fn begin(
+        &mut self,
+        seq: u64,
+        advances: &[Advance],
+        sending: bool,
+    ) -> Result<(), StateError> {
+        let mut changed = false;
+        for a in advances {
+            let source = self.pattern(a.source);
+            if let std::collections::btree_map::Entry::Vacant(entry) =
+                self.files.entry((source.clone(), a.key))
+            {
+                entry.insert(FileCheckpoint {
+                    source,
+                    key: a.key,
+                    fingerprint: a.fingerprint,
+                    offset: a.from,
+                    line_time: 0,
                     path: a.path.to_path_buf(),
-                    // A file truncated since then starts again at 0.
-                    from: sent.filter(|&from| from <= a.offset).unwrap_or(0),
+                });
+                changed = true;
+            }
+        }
+        if sending {
+            let ranges = advances
+                .iter()
+                .map(|a| InFlight {
+                    path: a.path.to_path_buf(),
+                    from: a.from,
                     to: a.offset,
-                }
-            })
-            .collect();
-        self.in_flight.insert(seq, ranges);
-        self.write()
+                })
+                .collect();
+            self.in_flight.insert(seq, ranges);
+            changed = true;
+        }
+        if changed {
+            self.write()
+        } else {
+            Ok(())
+        }
     }
 
     /// The byte ranges of report call `seq`, recorded by [`ServiceState::begin`].
@@ -255,7 +276,6 @@ impl ServiceState {
             let key = (self.pattern(a.source), a.key);
             if a.closed {
                 self.files.remove(&key);
-                self.dispatched.remove(&key);
                 continue;
             }
             let line_time = match (a.line_time, self.files.get(&key)) {
@@ -453,6 +473,7 @@ mod tests {
             source,
             key: FileKey { dev: 1, ino },
             fingerprint: Fingerprint { len: 10, hash: 99 },
+            from: offset.saturating_sub(50),
             offset,
             line_time: 1_700_000_000,
             path: Arc::from(Path::new("/logs/a b%.log")),
@@ -472,11 +493,11 @@ mod tests {
             let mut s = d.service("42", patterns()).unwrap();
             assert!(!s.knows_source("/logs/*.log"));
             s.start_sources(&patterns()).unwrap();
-            s.begin(1, &[advance(0, 7, 100, false)]).unwrap();
+            s.begin(1, &[advance(0, 7, 100, false)], true).unwrap();
             s.commit(1, &[advance(0, 7, 100, false), advance(1, 8, 5, false)])
                 .unwrap();
-            s.begin(2, &[advance(0, 7, 250, false)]).unwrap();
-            s.begin(3, &[advance(0, 7, 300, false)]).unwrap();
+            s.begin(2, &[advance(0, 7, 250, false)], true).unwrap();
+            s.begin(3, &[advance(0, 7, 300, false)], true).unwrap();
         }
         let d = StateDir::open(dir.path(), false).unwrap();
         let s = d.service("42", patterns()).unwrap();
@@ -494,7 +515,27 @@ mod tests {
             from,
             to,
         };
-        assert_eq!(s.in_flight(), vec![range(100, 250), range(250, 300)]);
+        assert_eq!(s.in_flight(), vec![range(200, 250), range(250, 300)]);
+    }
+
+    /// A file read but never accepted yet, then rotated away: without a checkpoint a crash would
+    /// forget it. The first batch that touches it records one at the batch's start.
+    #[test]
+    fn a_file_gets_a_checkpoint_before_its_first_batch_is_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let d = StateDir::open(dir.path(), false).unwrap();
+            let mut s = d.service("42", patterns()).unwrap();
+            // A batch with nothing to send still records it; a later one does not move it.
+            s.begin(1, &[advance(0, 7, 100, false)], false).unwrap();
+            s.begin(2, &[advance(0, 7, 300, false)], true).unwrap();
+            assert_eq!(s.call_ranges(1), vec![]);
+            assert_eq!(s.call_ranges(2).len(), 1);
+        }
+        let d = StateDir::open(dir.path(), false).unwrap();
+        let s = d.service("42", patterns()).unwrap();
+        let c = s.checkpoints("/logs/*.log");
+        assert_eq!((c.len(), c[0].offset), (1, 50));
     }
 
     #[test]
@@ -593,8 +634,7 @@ mod tests {
                 sources: Vec::new(),
                 files: BTreeMap::new(),
                 in_flight: BTreeMap::new(),
-                dispatched: BTreeMap::new(),
-                last_sync: None,
+                    last_sync: None,
             };
             let _ = s.parse(&text);
         }

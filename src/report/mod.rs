@@ -202,7 +202,11 @@ pub async fn run(
     let mut backoff = Backoff::for_calls();
     while open || !pending.is_empty() {
         tokio::select! {
-            batch = batches.recv(), if open && calls.len() < concurrency => {
+            // Counted in `pending`, not in `calls`: a call accepted behind a slower one stays in the
+            // state as under way until that one is accepted too (checkpoints advance in order), and
+            // a crash would send it again. So at most `concurrency` calls can count twice, however
+            // slow one call is.
+            batch = batches.recv(), if open && pending.len() < concurrency => {
                 let Some(mut batch) = batch else {
                     open = false;
                     continue;
@@ -213,8 +217,8 @@ pub async fn run(
                 }
                 keep_sendable(&shared, &mut batch.transactions, &sink, credentials.as_mut()).await?;
                 let done = batch.transactions.is_empty();
+                persist(&shared, &mut backoff, || state.begin(seq, &batch.advances, !done)).await;
                 if !done {
-                    persist(&shared, &mut backoff, || state.begin(seq, &batch.advances)).await;
                     match &sink {
                         Sink::DryRun(url) => {
                             print_dry_run(url, &shared, &batch.transactions);
