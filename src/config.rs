@@ -608,7 +608,7 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
+            message: redact_excerpt(e.to_string().trim_end()),
         })?;
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -825,6 +825,34 @@ impl Config {
     }
 }
 
+/// A TOML error quotes the line it is about: when that line sets a secret (a key naming a token,
+/// key, secret or password, even misspelt), its value is masked.
+fn redact_excerpt(message: &str) -> String {
+    let secret_key = |key: &str| {
+        let key = key.to_ascii_lowercase();
+        ["tok", "key", "secret", "pass"]
+            .iter()
+            .any(|word| key.contains(word))
+    };
+    message
+        .lines()
+        .map(|line| {
+            // The excerpt's lines look like `12 | key = value`.
+            let excerpt = line
+                .split_once(" | ")
+                .filter(|(number, _)| number.trim().parse::<usize>().is_ok());
+            match excerpt {
+                Some((number, content)) => match content.split_once('=') {
+                    Some((key, _)) if secret_key(key) => format!("{number} | {key}= ***"),
+                    _ => line.to_string(),
+                },
+                None => line.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn dur(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
@@ -908,6 +936,24 @@ service_id = "42"
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("line 6"), "{e}");
         assert!(e.contains("flush_intervall"), "{e}");
+    }
+
+    /// A syntax error on a secret's line (a token left unquoted, a misspelt key) must not print
+    /// the secret with the excerpt of the line.
+    #[test]
+    fn a_syntax_error_never_quotes_a_secret() {
+        for text in [
+            "[backend]\nservice_token = tok-SECRET-7f3a9c\n",
+            "[backend]\nservice_tokn = \"tok-SECRET-7f3a9c\"\n",
+            "[backend]\nprovider_key = \"tok-SECRET-7f3a9c\n",
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains("line 2"), "{e}");
+            assert!(!e.contains("SECRET"), "{e}");
+        }
+        // Other lines are quoted as they are.
+        let e = parse("[backend]\ntimeout = 5s\n").unwrap_err().to_string();
+        assert!(e.contains("timeout = 5s"), "{e}");
     }
 
     #[test]

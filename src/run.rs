@@ -302,6 +302,9 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    /// Caught and never acted on: a write past a file-size limit (`ulimit -f`, systemd's
+    /// `LimitFSIZE=`) then fails with an error tally reports, instead of killing it.
+    _file_too_large: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -311,6 +314,8 @@ impl Signals {
             term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
             int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
             hup: signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?,
+            _file_too_large: signal(SignalKind::from_raw(libc::SIGXFSZ))
+                .context("cannot listen for SIGXFSZ")?,
         })
     }
 

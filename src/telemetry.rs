@@ -684,7 +684,7 @@ fn prometheus(m: &Metrics) -> String {
     metric(
         "file_lag_seconds",
         "gauge",
-        "Age of the last accepted line of each file, while behind.",
+        "Age of the oldest line of each file read but not yet accepted by 3scale (0 when none waits).",
         &per_file(|f| f.lag_seconds as u64),
     );
     let healthy = u64::from(m.problems().is_empty());

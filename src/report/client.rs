@@ -20,14 +20,18 @@ pub enum Cause {
     Http5xx,
     /// 3scale refused the call as a whole (4xx).
     Http4xx,
+    /// An answer that is not 3scale's (a report answered other than 202, an authorize answer that
+    /// is not its XML): something else answers at `backend.url`.
+    Unexpected,
 }
 
 impl Cause {
-    pub const ALL: [Cause; 4] = [
+    pub const ALL: [Cause; 5] = [
         Cause::Timeout,
         Cause::Connection,
         Cause::Http5xx,
         Cause::Http4xx,
+        Cause::Unexpected,
     ];
 
     pub fn label(self) -> &'static str {
@@ -36,6 +40,7 @@ impl Cause {
             Cause::Connection => "connection",
             Cause::Http5xx => "http_5xx",
             Cause::Http4xx => "http_4xx",
+            Cause::Unexpected => "unexpected_answer",
         }
     }
 }
@@ -131,9 +136,10 @@ impl ResponseTimeout {
         }
     }
 
-    /// A call timed out: wait twice as long from now on.
-    pub fn timed_out(&self) -> Duration {
-        self.update(|c| c * 2)
+    /// A call made with timeout `used` timed out: wait twice that from now on. Calls under way
+    /// together that time out together double it once, not once each.
+    pub fn timed_out(&self, used: Duration) -> Duration {
+        self.update(|c| c.max(used * 2))
     }
 
     /// 3scale answered in `took`: at least twice that from now on.
@@ -141,7 +147,7 @@ impl ResponseTimeout {
         self.update(|c| c.max(took * 2))
     }
 
-    /// A call was answered in time, in `took`: decay by a quarter, never below twice `took`.
+    /// A report call was answered in time, in `took`: decay by a quarter, never below twice `took`.
     fn settle(&self, took: Duration) {
         self.update(|c| c.min((c * 3 / 4).max(took * 2)));
     }
@@ -192,9 +198,11 @@ impl Client {
     }
 
     /// Sends a request with the current response timeout and reads the answer's status and body.
+    /// The answer time of a report call (the call that matters) lets the timeout decay.
     async fn exchange(
         &self,
         request: reqwest::RequestBuilder,
+        settle: bool,
     ) -> Result<(u16, String), ReportError> {
         let timeout = self.timeout.get();
         let started = Instant::now();
@@ -207,13 +215,15 @@ impl Client {
         .await;
         match answer {
             Ok(answer) => {
-                self.timeout.settle(started.elapsed());
+                if settle {
+                    self.timeout.settle(started.elapsed());
+                }
                 Ok(answer)
             }
             Err(e) => {
                 let failure = classify(e, timeout);
                 if failure.cause == Cause::Timeout {
-                    self.timeout.timed_out();
+                    self.timeout.timed_out(timeout);
                 }
                 Err(ReportError::Transient(failure))
             }
@@ -230,9 +240,11 @@ impl Client {
                 "application/x-www-form-urlencoded",
             )
             .body(body.to_owned());
-        let (status, text) = self.exchange(request).await?;
+        let (status, text) = self.exchange(request, true).await?;
         match status {
-            200..=299 => Ok(()),
+            // 3scale answers 202 and nothing else: a 200 comes from something that is not 3scale
+            // (a portal, a mistyped URL), and taking it as accepted would lose the call.
+            202 => Ok(()),
             400..=499 => {
                 let (code, message) = xml_error(&text);
                 Err(ReportError::Rejected {
@@ -260,10 +272,12 @@ impl Client {
             ("service_id", service_id),
             (credential, value),
         ]);
-        let (status, text) = self.exchange(request).await?;
+        let (status, text) = self.exchange(request, false).await?;
         let (code, message) = xml_error(&text);
         match (status, code.as_str()) {
-            (200 | 409, _) => Ok(Existence::Exists),
+            // 3scale's answer about an application that exists is a <status> document; anything
+            // else vouches for nothing.
+            (200 | 409, _) if text.contains("<status>") => Ok(Existence::Exists),
             // The application exists but the call lacked its key or it is suspended: a report is fine.
             (403, "application_key_invalid" | "application_not_active") => Ok(Existence::Exists),
             (403 | 404, "user_key_invalid" | "application_not_found") => Ok(Existence::Missing),
@@ -278,16 +292,20 @@ impl Client {
     }
 }
 
-/// An answer that is neither success nor refusal (5xx, or a 1xx/3xx a proxy made up): 3scale did
-/// not take the call; try again.
+/// An answer that is neither success nor refusal: a 5xx, or one that is not 3scale's (another
+/// 2xx, a 1xx/3xx, a 200 without 3scale's XML). 3scale did not take the call; try again.
 fn unexpected(status: u16) -> ReportError {
+    let (cause, detail) = if status >= 500 {
+        (Cause::Http5xx, format!("HTTP {status}"))
+    } else {
+        (
+            Cause::Unexpected,
+            format!("HTTP {status}, not an answer of 3scale's Service Management API: check backend.url"),
+        )
+    };
     ReportError::Transient(Failure {
-        cause: if status >= 500 {
-            Cause::Http5xx
-        } else {
-            Cause::Connection
-        },
-        detail: format!("HTTP {status}"),
+        cause,
+        detail,
         ambiguous: false,
     })
 }
@@ -304,7 +322,7 @@ fn classify(e: reqwest::Error, timeout: Duration) -> Failure {
         Cause::Connection
     };
     let detail = if cause == Cause::Timeout {
-        format!("no answer within {}", humantime::format_duration(timeout))
+        format!("no answer within {}", shown(timeout))
     } else {
         describe(e)
     };
@@ -313,6 +331,11 @@ fn classify(e: reqwest::Error, timeout: Duration) -> Failure {
         detail,
         ambiguous: !connect,
     }
+}
+
+/// A duration as logs show it: to the millisecond.
+pub fn shown(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
 }
 
 /// reqwest's error with its causes, which say what actually went wrong (refused, reset, timed out).
@@ -382,8 +405,13 @@ mod tests {
     #[test]
     fn the_response_timeout_doubles_on_timeouts_and_decays_back() {
         let t = ResponseTimeout::new(Duration::from_secs(10));
-        assert_eq!(t.timed_out(), Duration::from_secs(20));
-        assert_eq!(t.timed_out(), Duration::from_secs(40));
+        assert_eq!(t.timed_out(t.get()), Duration::from_secs(20));
+        // A second call sent with the old timeout, timing out at the same moment: no compounding.
+        assert_eq!(
+            t.timed_out(Duration::from_secs(10)),
+            Duration::from_secs(20)
+        );
+        assert_eq!(t.timed_out(t.get()), Duration::from_secs(40));
         // A probe answered in 50 s: wait at least twice that.
         assert_eq!(
             t.answered_in(Duration::from_secs(50)),
@@ -391,7 +419,7 @@ mod tests {
         );
         // Capped at 16 times the configured value.
         for _ in 0..10 {
-            t.timed_out();
+            t.timed_out(t.get());
         }
         assert_eq!(t.get(), Duration::from_secs(160));
         // Answers in time decay it by a quarter, never below twice the answer time...

@@ -334,12 +334,15 @@ async fn send_with(
                 tracing::warn!(service_id = %shared.service_id, error = %e, attempt,
                     "a report call got no answer: 3scale may have processed it; it is sent again once 3scale answers");
                 wait_for_an_answer(client, shared, transactions).await?;
+                // 3scale answers other calls, but this one may keep failing the same way (a
+                // connection broken after 3scale processed it): not faster than the backoff.
+                tokio::time::sleep(backoff.next_delay()).await;
                 drop_outside_window(shared, transactions);
                 if transactions.is_empty() {
                     return Ok(());
                 }
                 Metrics::add(&shared.metrics.ambiguous_resends, 1);
-                let timeout = humantime::format_duration(client.timeout.get());
+                let timeout = client::shown(client.timeout.get());
                 for r in &call.ranges {
                     tracing::warn!(service_id = %shared.service_id, path = %r.path.display(), from = r.from, to = r.to, %timeout,
                         "resending a report call that got no answer: if 3scale processed the first one, these lines count twice");
@@ -387,8 +390,9 @@ async fn wait_for_an_answer(
             .await
         {
             Ok(_) | Err(ReportError::Rejected { .. }) => {
-                let timeout = client.timeout.answered_in(started.elapsed());
-                tracing::info!(service_id = %shared.service_id, answered_in = ?started.elapsed(), timeout = %humantime::format_duration(timeout),
+                let took = started.elapsed();
+                let timeout = client.timeout.answered_in(took);
+                tracing::info!(service_id = %shared.service_id, answered_in = %client::shown(took), timeout = %client::shown(timeout),
                     "3scale answers again");
                 return Ok(());
             }
