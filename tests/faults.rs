@@ -48,6 +48,11 @@ impl World {
     /// A configuration reporting the access log to service 42 through the proxy. A `timeout` in
     /// `backend_extra` replaces the helper's own.
     fn config(&self, backend_extra: &str, extra: &str) -> PathBuf {
+        self.config_with(backend_extra, extra, "")
+    }
+
+    /// The same, with `telemetry_extra` keys in the [telemetry] table.
+    fn config_with(&self, backend_extra: &str, extra: &str, telemetry_extra: &str) -> PathBuf {
         let config = write_config_with(
             self.s.dir.path(),
             &self.proxy.url(),
@@ -55,7 +60,7 @@ impl World {
             backend_extra,
             &[(&self.s.log, "42")],
             &format!(
-                "{extra}\n[telemetry]\nlisten = \"127.0.0.1:{}\"\n",
+                "{extra}\n[telemetry]\nlisten = \"127.0.0.1:{}\"\n{telemetry_extra}",
                 self.port
             ),
         );
@@ -95,6 +100,31 @@ impl World {
     fn healthz(&self) -> (u16, String) {
         telemetry_get(self.port, "/healthz")
     }
+
+    /// Polls /healthz until it answers `status` with a body holding `needle`; the body.
+    fn wait_for_health(&self, status: u16, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (now, body) = self.healthz();
+            if now == status && body.contains(needle) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/healthz never answered {status} with `{needle}`; now {now}:\n{body}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `tally_file_lag_seconds` of the access log.
+    fn lag_seconds(&self) -> u64 {
+        let name = format!(
+            "tally_file_lag_seconds{{path=\"{}\"}}",
+            self.s.log.display()
+        );
+        value(&self.metrics(), &name)
+    }
 }
 
 /// What the backend accepted, sorted.
@@ -132,17 +162,102 @@ fn value(metrics: &str, name: &str) -> u64 {
     metric(metrics, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}")) as u64
 }
 
-/// Report failures tally counted.
-fn report_failures(metrics: &str) -> u64 {
-    value(metrics, "tally_report_failures_total")
+/// Failed calls tally counted for `endpoint` ("report", "authorize") and `cause` ("timeout",
+/// "connection", "http_5xx", "http_4xx").
+fn failures(metrics: &str, endpoint: &str, cause: &str) -> u64 {
+    value(
+        metrics,
+        &format!("tally_call_failures_total{{endpoint=\"{endpoint}\",cause=\"{cause}\"}}"),
+    )
+}
+
+fn resends(metrics: &str) -> u64 {
+    value(metrics, "tally_ambiguous_resends_total")
+}
+
+/// What tally logs for each report call it sends again after it got no answer.
+const RESENDING: &str = "resending a report call";
+
+/// The (from, to) byte ranges tally logged as resent.
+fn resent_ranges(logs: &str) -> Vec<(u64, u64)> {
+    logs.lines()
+        .filter(|l| l.contains(RESENDING))
+        .map(|l| {
+            let field = |name: &str| -> u64 {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name)?.parse().ok())
+                    .unwrap_or_else(|| panic!("no {name} in the resend line: {l}"))
+            };
+            (field("from="), field("to="))
+        })
+        .collect()
+}
+
+/// Checks tally's failure counters against what the proxy served the report endpoint: each fault
+/// counted once under its cause, and each fault after which the call may have reached 3scale (no
+/// answer, a broken connection, an answer that is not HTTP) resent once, logged with its range.
+fn assert_report_failures_counted(w: &World, metrics: &str, logs: &str, faults: &[Fault]) {
+    let cause = |f: Fault| match f {
+        Fault::Status500 | Fault::Status500Text => "http_5xx",
+        Fault::Reset | Fault::ProcessThenReset | Fault::Garbage => "connection",
+        Fault::Hang => "timeout",
+        other => panic!("no cause for {other:?}"),
+    };
+    for c in ["timeout", "connection", "http_5xx", "http_4xx"] {
+        let served: u64 = faults
+            .iter()
+            .filter(|&&f| cause(f) == c)
+            .map(|&f| w.proxy.applied(Endpoint::Report, f) as u64)
+            .sum();
+        assert_eq!(
+            failures(metrics, "report", c),
+            served,
+            "report calls failed for {c}: the proxy served {faults:?} {:?} times\n{metrics}",
+            faults
+                .iter()
+                .map(|&f| w.proxy.applied(Endpoint::Report, f))
+                .collect::<Vec<_>>()
+        );
+    }
+    let ambiguous: u64 = faults
+        .iter()
+        .filter(|&&f| {
+            matches!(
+                f,
+                Fault::Reset | Fault::ProcessThenReset | Fault::Garbage | Fault::Hang
+            )
+        })
+        .map(|&f| w.proxy.applied(Endpoint::Report, f) as u64)
+        .sum();
+    assert_eq!(resends(metrics), ambiguous, "{metrics}");
+    assert_eq!(
+        resent_ranges(logs).len() as u64,
+        ambiguous,
+        "one `{RESENDING}` line per resend:\n{logs}"
+    );
+}
+
+/// Checks the authorize failures: every round of checks the proxy failed shows, and never more
+/// than it served (a failed round abandons the calls still under way, uncounted).
+fn assert_authorize_failures_counted(w: &World, metrics: &str, faults: &[(Fault, &str)]) {
+    for &(fault, cause) in faults {
+        let served = w.proxy.applied(Endpoint::Authorize, fault) as u64;
+        let counted = failures(metrics, "authorize", cause);
+        assert!(
+            counted >= 1 && counted <= served,
+            "authorize failures for {cause}: {counted}, the proxy served {fault:?} {served} times\n{metrics}"
+        );
+    }
 }
 
 /// The common course of the fault tests: 40 lines; `authorize_faults` one after the other (each until
 /// the proxy has served it `times` times: the batch waits on its credential check, so no report
 /// call may be made), then the checks pass and `report_faults` follow (each `times` times; nothing
 /// may arrive),
-/// then everything passes; 20 more lines. Every line must arrive exactly once. Returns tally's
-/// metrics at the end and its log.
+/// then everything passes; 20 more lines. While the last report fault holds, `/healthz` must say
+/// the service is stalled (`stalled_after` is 1 s here) with its last failure, and the file's lag
+/// in seconds must grow; once everything passes, health and lag come back. Every line must arrive
+/// exactly once. Returns tally's metrics once everything is accepted, and its log.
 fn faults_then_pass(
     w: &World,
     backend_extra: &str,
@@ -158,9 +273,10 @@ fn faults_then_pass(
     w.proxy.set(first);
     let mut expected = w.append(0, 40);
     let tally = Tally::start(
-        &w.config(
+        &w.config_with(
             backend_extra,
             "[report]\nflush_interval = \"100ms\"\nmax_transactions = 10\n",
+            "stalled_after = \"1s\"\n",
         ),
         &[],
     );
@@ -196,6 +312,18 @@ fn faults_then_pass(
             |p| p.applied(Endpoint::Report, fault) >= before + times,
         );
     }
+    let health = w.wait_for_health(503, "service 42: nothing accepted by 3scale for");
+    assert!(health.contains("last failure: report call"), "{health}");
+    let lag = w.lag_seconds();
+    assert!(
+        lag >= 40,
+        "the lines wait since about a minute: lag {lag} s"
+    );
+    let deadline = Instant::now() + WAIT;
+    while w.lag_seconds() <= lag {
+        assert!(Instant::now() < deadline, "the lag stays at {lag} s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         w.backend().transactions().is_empty(),
         "nothing was forwarded, yet the backend has {:?}",
@@ -207,7 +335,9 @@ fn faults_then_pass(
     expected.extend(w.append(40, 20));
     w.backend()
         .wait_until(WAIT, "all 60 lines", |b| b.transactions().len() >= 60);
-    let metrics = w.metrics();
+    let metrics = wait_until_all_accepted(w);
+    assert_eq!(w.lag_seconds(), 0, "{metrics}");
+    w.wait_for_health(200, "");
     let logs = stop(tally);
     assert_eq!(
         received(w.backend()),
@@ -231,35 +361,21 @@ fn faults_then_pass(
     (metrics, logs)
 }
 
-/// The number of times the proxy served `faults` to report calls.
-fn served(w: &World, endpoint: Endpoint, faults: &[Fault]) -> u64 {
-    faults
-        .iter()
-        .map(|&f| w.proxy.applied(endpoint, f) as u64)
-        .sum()
-}
-
 #[test]
 fn http_500s_on_authorize_and_report_then_pass_deliver_every_line_once() {
     let w = World::new();
     let (metrics, logs) = faults_then_pass(&w, "", &[Fault::Status500], &[Fault::Status500], 3);
-    assert_eq!(
-        report_failures(&metrics),
-        served(&w, Endpoint::Report, &[Fault::Status500]),
-        "every 500 answered to a report call is counted:\n{metrics}"
-    );
+    assert_report_failures_counted(&w, &metrics, &logs, &[Fault::Status500]);
+    assert_authorize_failures_counted(&w, &metrics, &[(Fault::Status500, "http_5xx")]);
     assert!(logs.contains("HTTP 500"), "{logs}");
 }
 
 #[test]
 fn connection_resets_then_pass_deliver_every_line_once() {
     let w = World::new();
-    let (metrics, _) = faults_then_pass(&w, "", &[Fault::Reset], &[Fault::Reset], 3);
-    assert_eq!(
-        report_failures(&metrics),
-        served(&w, Endpoint::Report, &[Fault::Reset]),
-        "{metrics}"
-    );
+    let (metrics, logs) = faults_then_pass(&w, "", &[Fault::Reset], &[Fault::Reset], 3);
+    assert_report_failures_counted(&w, &metrics, &logs, &[Fault::Reset]);
+    assert_authorize_failures_counted(&w, &metrics, &[(Fault::Reset, "connection")]);
 }
 
 #[test]
@@ -267,29 +383,23 @@ fn a_backend_that_hangs_then_passes_delivers_every_line_once() {
     let w = World::new();
     let (metrics, logs) =
         faults_then_pass(&w, "timeout = \"1s\"\n", &[Fault::Hang], &[Fault::Hang], 3);
-    assert_eq!(
-        report_failures(&metrics),
-        served(&w, Endpoint::Report, &[Fault::Hang]),
-        "{metrics}"
-    );
-    assert!(logs.contains("timed out"), "{logs}");
+    assert_report_failures_counted(&w, &metrics, &logs, &[Fault::Hang]);
+    assert_authorize_failures_counted(&w, &metrics, &[(Fault::Hang, "timeout")]);
 }
 
 #[test]
 fn garbage_answers_then_pass_deliver_every_line_once() {
     let w = World::new();
-    let report_faults = [Fault::Garbage, Fault::Status500Text];
-    let (metrics, _) = faults_then_pass(
+    let faults = [Fault::Garbage, Fault::Status500Text];
+    let (metrics, logs) = faults_then_pass(&w, "", &faults, &faults, 2);
+    assert_report_failures_counted(&w, &metrics, &logs, &faults);
+    assert_authorize_failures_counted(
         &w,
-        "",
-        &[Fault::Garbage, Fault::Status500Text],
-        &report_faults,
-        2,
-    );
-    assert_eq!(
-        report_failures(&metrics),
-        served(&w, Endpoint::Report, &report_faults),
-        "{metrics}"
+        &metrics,
+        &[
+            (Fault::Garbage, "connection"),
+            (Fault::Status500Text, "http_5xx"),
+        ],
     );
 }
 
@@ -565,4 +675,238 @@ fn a_200_that_is_not_a_report_answer_does_not_count_as_accepted() {
         sorted(expected),
         "lines answered `200 OK` by something that is not 3scale were taken as reported:\n{logs}"
     );
+}
+
+/// Lines that each name themselves by their timestamp (`t0 + i`), with their byte ranges in the
+/// access log, so that each transaction the backend accepted maps back to its line and its bytes.
+struct Numbered {
+    t0: i64,
+    /// (what line i must arrive as, its first byte, just past its last byte)
+    lines: Vec<(Seen, u64, u64)>,
+    end: u64,
+}
+
+impl Numbered {
+    fn new() -> Numbered {
+        Numbered {
+            t0: now() - 3000,
+            lines: Vec::new(),
+            end: 0,
+        }
+    }
+
+    fn append(&mut self, w: &World, n: usize) {
+        let mut text = String::new();
+        for _ in 0..n {
+            let i = self.lines.len();
+            let key = format!("key-{}", i % 7);
+            let code = [200, 404, 500, 201, 503][i % 5];
+            let t = self.t0 + i as i64;
+            let line = combined_line(t, "GET", &format!("/v1/x?user_key={key}"), code);
+            let start = self.end;
+            self.end += line.len() as u64;
+            self.lines
+                .push(((key, code.to_string(), t), start, self.end));
+            text += &line;
+        }
+        w.s.append(&text);
+    }
+
+    fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    /// Holds what arrived to what tally said: every line arrived, and at most once more per resent
+    /// range it lies in (exactly once more when `processed`: every try reached the backend). No
+    /// other transaction arrived. Returns the duplicates.
+    fn check(&self, b: &Backend, ranges: &[(u64, u64)], processed: bool, logs: &str) -> usize {
+        let mut count = vec![0usize; self.len()];
+        for t in b.transactions() {
+            let i = usize::try_from(t.timestamp() - self.t0)
+                .ok()
+                .filter(|&i| i < self.len())
+                .unwrap_or_else(|| panic!("a transaction of no line: {t:?}"));
+            let (seen, _, _) = &self.lines[i];
+            assert_eq!(
+                (t.credential(), t.code.clone().unwrap_or_default()),
+                (seen.0.clone(), seen.1.clone()),
+                "line {i} arrived changed"
+            );
+            count[i] += 1;
+        }
+        let mut duplicates = 0;
+        for (i, (_, start, end)) in self.lines.iter().enumerate() {
+            let resent = ranges
+                .iter()
+                .filter(|(from, to)| from <= start && end <= to)
+                .count();
+            let expected = if processed {
+                1 + resent..=1 + resent
+            } else {
+                1..=1 + resent
+            };
+            assert!(
+                expected.contains(&count[i]),
+                "line {i} (bytes {start}..{end}) arrived {} times, in {resent} resent ranges \
+                 {ranges:?}; expected {expected:?}\n{logs}",
+                count[i]
+            );
+            duplicates += count[i] - 1;
+        }
+        duplicates
+    }
+}
+
+/// Polls /metrics until every byte of the access log is accepted (no call under way any more).
+fn wait_until_all_accepted(w: &World) -> String {
+    let deadline = Instant::now() + WAIT;
+    let path = w.s.log.display().to_string();
+    loop {
+        let metrics = w.metrics();
+        let lag = metric(
+            &metrics,
+            &format!("tally_file_lag_bytes{{path=\"{path}\"}}"),
+        );
+        if lag == Some(0.0) {
+            return metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not everything accepted (lag {lag:?}):\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The slow-3scale case: 3scale takes 1.5 s to answer, tally's response timeout is 1 s. The first
+/// calls time out after 3scale processed them and are resent once (logged, counted), then the
+/// raised timeout lets every later call get its answer. So the duplicates are the lines of the calls
+/// that were under way when 3scale slowed down (at most `concurrency` calls, each resent once), and
+/// they do not grow with the length of the slow period (here at least 12 calls long; before the
+/// ambiguous-call handling every try timed out and was processed again: 1.3x-5.8x).
+fn a_slow_3scale(all_endpoints: bool) {
+    const CONCURRENCY: u64 = 2;
+    const MAX_TRANSACTIONS: u64 = 10;
+    const SLOW_CALLS: usize = 12;
+    let w = World::new();
+    let mut lines = Numbered::new();
+    lines.append(&w, 40);
+    let tally = Tally::start(
+        &w.config(
+            "timeout = \"1s\"\n",
+            &format!(
+                "[report]\nflush_interval = \"100ms\"\nmax_transactions = {MAX_TRANSACTIONS}\nconcurrency = {CONCURRENCY}\n"
+            ),
+        ),
+        &[],
+    );
+    w.backend()
+        .wait_until(WAIT, "the first 40 lines", |b| b.transactions().len() >= 40);
+    let slow = Fault::Delay(Duration::from_millis(1500));
+    if all_endpoints {
+        w.proxy.set(slow);
+    } else {
+        w.proxy.set_for(Endpoint::Report, slow);
+    }
+    // Lines keep coming while 3scale is slow, for at least SLOW_CALLS report calls.
+    let deadline = Instant::now() + WAIT;
+    while w.proxy.applied(Endpoint::Report, slow) < SLOW_CALLS {
+        lines.append(&w, 5);
+        assert!(
+            Instant::now() < deadline,
+            "only {} slow report calls:\n{}",
+            w.proxy.applied(Endpoint::Report, slow),
+            tally.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200)); // the pace of the writes
+    }
+    w.proxy.set(Fault::Pass);
+    lines.append(&w, 10);
+    let metrics = wait_until_all_accepted(&w);
+    let logs = stop(tally);
+    let resent = resends(&metrics);
+    let ranges = resent_ranges(&logs);
+    let duplicates = lines.check(w.backend(), &ranges, true, &logs);
+    assert!(
+        resent >= 1,
+        "no call timed out: the test did not make 3scale slow\n{logs}"
+    );
+    assert!(
+        resent <= CONCURRENCY,
+        "{resent} resends: more than the {CONCURRENCY} calls under way when 3scale slowed down \
+         (the slow period was {} report calls long)\n{logs}",
+        w.proxy.applied(Endpoint::Report, slow)
+    );
+    assert_eq!(
+        ranges.len() as u64,
+        resent,
+        "one `{RESENDING}` line per resend\n{logs}"
+    );
+    assert_eq!(
+        failures(&metrics, "report", "timeout"),
+        resent,
+        "each report timeout, and only they, resent once\n{metrics}"
+    );
+    assert!(duplicates as u64 <= resent * MAX_TRANSACTIONS);
+    assert_eq!(
+        w.backend().transactions().len(),
+        lines.len() + duplicates,
+        "lines written + duplicates"
+    );
+    assert!(w.backend().dropped().is_empty());
+}
+
+#[test]
+fn a_slow_3scale_duplicates_only_the_calls_under_way_when_it_slowed_down() {
+    a_slow_3scale(true);
+}
+
+#[test]
+fn a_slow_report_endpoint_duplicates_only_the_calls_under_way_when_it_slowed_down() {
+    a_slow_3scale(false);
+}
+
+/// Connections broken after 3scale processed the call (a load balancer or a backend that dies after
+/// the work, before the answer): each try may count. tally cannot avoid counting the calls it
+/// resends, but it must resend with the backoff the README promises for connection errors (0.5 s
+/// doubling), not at once in a loop: over 4 s of this fault a handful of tries, each logged as
+/// resent, and every line arriving once more per resend that covered it.
+#[test]
+fn connections_broken_after_processing_are_retried_with_backoff() {
+    let w = World::new();
+    let mut lines = Numbered::new();
+    lines.append(&w, 10);
+    let tally = Tally::start(
+        &w.config(
+            "",
+            "[report]\nflush_interval = \"100ms\"\nmax_transactions = 10\n",
+        ),
+        &[],
+    );
+    w.backend()
+        .wait_until(WAIT, "the first 10 lines", |b| b.transactions().len() >= 10);
+    w.proxy.set_for(Endpoint::Report, Fault::ProcessThenReset);
+    lines.append(&w, 10);
+    w.proxy
+        .wait_until(WAIT, "a report call broken after processing", |p| {
+            p.applied(Endpoint::Report, Fault::ProcessThenReset) >= 1
+        });
+    // The fault holds for 4 s (a sleep that keeps it, not a synchronization).
+    std::thread::sleep(Duration::from_secs(4));
+    w.proxy.set(Fault::Pass);
+    let tries = w.proxy.applied(Endpoint::Report, Fault::ProcessThenReset);
+    let metrics = wait_until_all_accepted(&w);
+    let logs = stop(tally);
+    // Backoff from 0.5 s doubling, each wait at least half its step: 0.25 + 0.5 + 1 + 2 = 3.75 s
+    // for 5 tries; 8 leaves room for a loaded machine.
+    assert!(
+        tries <= 8,
+        "{tries} report calls in 4 s of broken connections (and {} authorize probes): no backoff \
+         between resends; the log has {} `{RESENDING}` lines",
+        w.proxy.requests("/transactions/authorize.xml"),
+        logs.matches(RESENDING).count()
+    );
+    let ranges = resent_ranges(&logs);
+    assert_eq!(resends(&metrics), ranges.len() as u64, "{metrics}");
+    lines.check(w.backend(), &ranges, true, &logs);
 }

@@ -9,6 +9,7 @@
 //!   returns the answer only after the delay, by which time tally may have given up on it;
 //! - [`Fault::Hang`] never answers and never forwards (the connection stays open until tally closes it);
 //! - [`Fault::Reset`] closes the connection with a TCP RST (SO_LINGER 0), without forwarding;
+//!   [`Fault::ProcessThenReset`] does so once the backend has processed it;
 //! - [`Fault::Status500`] answers 500 with a 3scale-style XML error body, [`Fault::Status500Text`] 500
 //!   with an HTML body, [`Fault::Garbage`] bytes that are not HTTP (then closes), and
 //!   [`Fault::Ok200Garbage`] a `200 OK` whose body is not XML; none of them forwards.
@@ -36,6 +37,9 @@ pub enum Fault {
     Hang,
     /// Read it, then close the connection with a TCP RST, without forwarding.
     Reset,
+    /// Forward it (the backend processes it), then close the connection to tally with a TCP RST
+    /// instead of returning the answer.
+    ProcessThenReset,
     /// Answer 500 with an XML error body, without forwarding.
     Status500,
     /// Answer 500 with a body that is not XML, without forwarding.
@@ -374,6 +378,11 @@ async fn connection(mut client: TcpStream, backend: SocketAddr, state: Arc<Mutex
             Fault::Reset => {
                 let _ = client.set_zero_linger();
                 return; // dropping the socket with SO_LINGER 0 sends a RST
+            }
+            Fault::ProcessThenReset => {
+                let _ = forward(backend, &request.bytes).await;
+                let _ = client.set_zero_linger();
+                return;
             }
             Fault::Status500 => response(
                 "500 Internal Server Error",
