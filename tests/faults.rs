@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use support::backend::Backend;
 use support::proxy::{Endpoint, Fault, Proxy};
 use support::{
-    combined_line, metric, now, telemetry_get, telemetry_port, write_config_with, Scenario, Tally,
+    combined_line, metric, now, telemetry_get, telemetry_port, telemetry_try_get,
+    write_config_with, Scenario, Tally,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -583,7 +584,8 @@ fn a_file_size_limit_does_not_kill_tally() {
                 tally.logs()
             );
         }
-        if w.healthz().0 == 503 {
+        // tally may die between the two looks: an unanswered GET is looked at again.
+        if matches!(telemetry_try_get(w.port, "/healthz"), Ok((503, _))) {
             break;
         }
         assert!(Instant::now() < deadline, "/healthz never turned 503");
@@ -909,4 +911,42 @@ fn connections_broken_after_processing_are_retried_with_backoff() {
     let ranges = resent_ranges(&logs);
     assert_eq!(resends(&metrics), ranges.len() as u64, "{metrics}");
     lines.check(w.backend(), &ranges, true, &logs);
+}
+
+/// `--once --max-wait` as a backfill job against a 3scale whose report endpoint hangs (a call that
+/// would wait for its 10 s response timeout): it gives up at `--max-wait` plus the shutdown grace
+/// with exit code 3, the call under way recorded as such; the next run says so, and, 3scale
+/// answering again, delivers every line once (the hung call never reached the backend).
+#[test]
+fn once_with_max_wait_gives_up_on_a_hanging_3scale_and_the_next_run_delivers_everything() {
+    let w = World::new();
+    let expected = w.append(0, 30);
+    w.proxy.set_for(Endpoint::Report, Fault::Hang);
+    let config = w.config(
+        "timeout = \"10s\"\n",
+        "[report]\nflush_interval = \"100ms\"\nshutdown_grace = \"1s\"\n",
+    );
+    let started = Instant::now();
+    let mut tally = Tally::start(&config, &["--once", "--max-wait", "2s"]);
+    let status = tally.wait(WAIT);
+    let took = started.elapsed();
+    let logs = tally.logs();
+    assert_eq!(status.code(), Some(3), "{logs}");
+    assert!(
+        took < Duration::from_secs(10),
+        "--max-wait 2s and a 1 s grace took {took:?}:\n{logs}"
+    );
+    assert!(w.proxy.applied(Endpoint::Report, Fault::Hang) >= 1);
+    assert!(w.backend().transactions().is_empty());
+    w.proxy.set(Fault::Pass);
+    let next = Tally::run_once(&config);
+    assert!(
+        next.logs()
+            .contains("a report call was under way when tally stopped"),
+        "{}",
+        next.logs()
+    );
+    assert_eq!(received(w.backend()), sorted(expected));
+    w.proxy
+        .wait_until(WAIT, "no call open at the proxy", |p| p.open() == 0);
 }

@@ -359,31 +359,35 @@ pub fn telemetry_port() -> u16 {
 /// `GET path` on tally's telemetry port over a plain TCP stream: (status, body). Panics on no
 /// answer within 10 s.
 pub fn telemetry_get(port: u16, path: &str) -> (u16, String) {
+    telemetry_try_get(port, path).unwrap_or_else(|e| panic!("GET {path} on tally's telemetry: {e}"))
+}
+
+/// The same, an error instead of a panic when tally does not answer (it may have died).
+pub fn telemetry_try_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
-    let mut stream =
-        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to tally's telemetry");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("read timeout");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: tally\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send the request");
+    )?;
     let mut answer = Vec::new();
-    stream
-        .read_to_end(&mut answer)
-        .expect("read tally's telemetry answer");
+    stream.read_to_end(&mut answer)?;
     let answer = String::from_utf8_lossy(&answer).to_string();
     let status = answer
         .get(9..12)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not an HTTP answer: {answer:?}"),
+            )
+        })?;
     let body = answer
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
 }
 
 /// The value of the Prometheus sample `name` (with its labels, exactly as tally writes them, e.g.
