@@ -270,3 +270,130 @@ impl Drop for Scenario {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fault injection and telemetry helpers (tests/faults.rs, tests/secrets.rs).
+// ---------------------------------------------------------------------------------------------
+
+pub mod proxy;
+
+/// A tally started by [`Tally::start_with`]: its stderr goes through a pipe that a thread copies to
+/// the log file, so that a file-size limit set on tally never applies to its own log. It derefs to
+/// the [`Tally`]; `wait` also waits for the last log bytes to be copied.
+pub struct PipedTally {
+    pub tally: Tally,
+    copier: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PipedTally {
+    /// Waits for the process to exit (or panics after `timeout`) and for its log to be copied.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let status = self.tally.wait(timeout);
+        if let Some(copier) = self.copier.take() {
+            let _ = copier.join();
+        }
+        status
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.tally.child.id() as i32
+    }
+}
+
+impl std::ops::Deref for PipedTally {
+    type Target = Tally;
+    fn deref(&self) -> &Tally {
+        &self.tally
+    }
+}
+
+impl std::ops::DerefMut for PipedTally {
+    fn deref_mut(&mut self) -> &mut Tally {
+        &mut self.tally
+    }
+}
+
+impl Tally {
+    /// Starts `tally ARGS...` (the whole command line after the binary) with `RUST_LOG=rust_log`,
+    /// after `setup` has adjusted the command. stdout goes to a file, stderr through a pipe.
+    pub fn start_with(
+        dir: &Path,
+        args: &[&std::ffi::OsStr],
+        rust_log: &str,
+        setup: impl FnOnce(&mut Command),
+    ) -> PipedTally {
+        static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let log = dir.join(format!("tally-piped-{n}.stderr"));
+        let stdout = dir.join(format!("tally-piped-{n}.stdout"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+        command
+            .args(args)
+            .env("RUST_LOG", rust_log)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(Stdio::piped());
+        setup(&mut command);
+        let mut child = command.spawn().expect("start tally");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let mut file = std::fs::File::create(&log).expect("stderr file");
+        let copier = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut stderr, &mut file);
+        });
+        PipedTally {
+            tally: Tally { child, log, stdout },
+            copier: Some(copier),
+        }
+    }
+}
+
+/// A loopback port free a moment ago (bound, then released), for tally's telemetry.
+pub fn telemetry_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// `GET path` on tally's telemetry port over a plain TCP stream: (status, body). Panics on no
+/// answer within 10 s.
+pub fn telemetry_get(port: u16, path: &str) -> (u16, String) {
+    telemetry_try_get(port, path).unwrap_or_else(|e| panic!("GET {path} on tally's telemetry: {e}"))
+}
+
+/// The same, an error instead of a panic when tally does not answer (it may have died).
+pub fn telemetry_try_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: tally\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    let status = answer
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not an HTTP answer: {answer:?}"),
+            )
+        })?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of the Prometheus sample `name` (with its labels, exactly as tally writes them, e.g.
+/// `tally_call_failures_total{endpoint="report",cause="timeout"}`), if the text has it.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
