@@ -4,11 +4,13 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use support::backend::Backend;
-use support::{combined_line, now, write_config_with, Scenario, Tally};
+use support::{
+    combined_line, metric, now, telemetry_get, telemetry_port, telemetry_try_get,
+    write_config_with, Scenario, Tally,
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -34,30 +36,6 @@ fn expect(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// GET on tally's telemetry port: (status, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    try_http_get(port, path).expect("tally's telemetry port answers")
-}
-
-/// The same, or the error while tally is not listening yet.
-fn try_http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out[9..12].parse().expect("an HTTP status");
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
-    Ok((status, body))
-}
-
 fn stop(mut tally: Tally) -> String {
     tally.signal("TERM");
     assert!(tally.wait(WAIT).success(), "{}", tally.logs());
@@ -80,7 +58,7 @@ fn an_unknown_credential_never_reaches_3scale_and_the_rest_of_its_batch_does() {
             (t, "/?user_key=good-key-1234", 201),
         ],
     );
-    let port = free_port();
+    let port = telemetry_port();
     let tally = Tally::start(
         &s.config("", &format!("[telemetry]\nlisten = \"127.0.0.1:{port}\"\n")),
         &[],
@@ -88,7 +66,7 @@ fn an_unknown_credential_never_reaches_3scale_and_the_rest_of_its_batch_does() {
     s.backend.wait_until(WAIT, "the known credentials", |b| {
         b.transactions().len() >= 3
     });
-    let (_, metrics) = http_get(port, "/metrics");
+    let (_, metrics) = telemetry_get(port, "/metrics");
     let logs = stop(tally);
     assert_eq!(hits(&s), expect(&[("good-key-1234", 2), ("app-ok", 1)]));
     assert!(
@@ -256,7 +234,7 @@ fn a_rejected_token_marks_tally_unhealthy_keeps_the_data_and_resumes_once_fixed(
     s.backend.set_token("42", "the-new-token");
     let token_file = s.dir.path().join("token");
     std::fs::write(&token_file, "tok\n").unwrap();
-    let port = free_port();
+    let port = telemetry_port();
     let config = write_config_with(
         s.dir.path(),
         &s.backend.url(),
@@ -275,14 +253,14 @@ fn a_rejected_token_marks_tally_unhealthy_keeps_the_data_and_resumes_once_fixed(
     append(&s, &[(t, "/?user_key=a", 200), (t, "/?user_key=b", 404)]);
     let tally = Tally::start(&config, &[]);
     tally.wait_for_logs("service_token_invalid", 2, WAIT);
-    let (status, body) = http_get(port, "/healthz");
+    let (status, body) = telemetry_get(port, "/healthz");
     assert_eq!(status, 503, "{body}");
     assert!(
         body.contains("service 42") && body.contains("service_token_invalid"),
         "{body}"
     );
     assert!(!body.contains("the-new-token") && !tally.logs().contains("\"tok\""));
-    assert_eq!(http_get(port, "/livez").0, 200);
+    assert_eq!(telemetry_get(port, "/livez").0, 200);
     assert!(s.backend.transactions().is_empty());
     // Slow retries, not a tight loop: a few calls per second at most.
     let calls = s.backend.calls();
@@ -291,11 +269,11 @@ fn a_rejected_token_marks_tally_unhealthy_keeps_the_data_and_resumes_once_fixed(
     s.backend
         .wait_until(WAIT, "both requests", |b| b.transactions().len() >= 2);
     let deadline = std::time::Instant::now() + WAIT;
-    while http_get(port, "/healthz").0 != 200 {
+    while telemetry_get(port, "/healthz").0 != 200 {
         assert!(std::time::Instant::now() < deadline, "still unhealthy");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (_, metrics) = http_get(port, "/metrics");
+    let (_, metrics) = telemetry_get(port, "/metrics");
     assert!(metrics.contains("tally_healthy 1"), "{metrics}");
     let logs = stop(tally);
     assert_eq!(hits(&s), expect(&[("a", 1), ("b", 1)]));
@@ -405,7 +383,7 @@ fn sources_with_their_own_token_report_to_their_service() {
 fn wait_for_health(port: u16, status: u16) -> String {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let answer = try_http_get(port, "/healthz");
+        let answer = telemetry_try_get(port, "/healthz");
         match &answer {
             Ok((got, body)) if *got == status => return body.clone(),
             _ => {}
@@ -418,12 +396,9 @@ fn wait_for_health(port: u16, status: u16) -> String {
     }
 }
 
-/// The value of one sample in a Prometheus text exposition (`name{labels}` as written).
+/// The value of one sample of `/metrics` (`name{labels}` as written).
 fn sample(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{metrics}"))
+    metric(metrics, name).unwrap_or_else(|| panic!("no sample {name} in:\n{metrics}")) as u64
 }
 
 /// Every call failing (authorize and report) is visible: failures counted by endpoint and cause,
@@ -433,7 +408,7 @@ fn sample(metrics: &str, name: &str) -> u64 {
 fn an_outage_shows_in_metrics_lag_and_health() {
     let s = Scenario::new();
     s.backend.fail_next(usize::MAX, 500);
-    let port = free_port();
+    let port = telemetry_port();
     let config = s.config(
         "",
         &format!(
@@ -449,7 +424,7 @@ fn an_outage_shows_in_metrics_lag_and_health() {
             && body.contains("last failure: authorize call: HTTP 500"),
         "{body}"
     );
-    let (_, metrics) = http_get(port, "/metrics");
+    let (_, metrics) = telemetry_get(port, "/metrics");
     assert!(
         sample(
             &metrics,
@@ -482,7 +457,7 @@ fn an_outage_shows_in_metrics_lag_and_health() {
     append(&s, &[(now(), "/?user_key=a", 200)]);
     s.backend
         .wait_until(WAIT, "the third request", |b| b.transactions().len() >= 3);
-    let (_, metrics) = http_get(port, "/metrics");
+    let (_, metrics) = telemetry_get(port, "/metrics");
     assert_eq!(
         sample(
             &metrics,

@@ -65,14 +65,6 @@ impl World {
                 self.port
             ),
         );
-        if backend_extra
-            .lines()
-            .any(|l| l.trim_start().starts_with("timeout "))
-        {
-            let text = std::fs::read_to_string(&config).expect("read the configuration");
-            std::fs::write(&config, text.replacen("timeout = \"2s\"\n", "", 1))
-                .expect("write the configuration");
-        }
         config
     }
 

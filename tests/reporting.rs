@@ -196,17 +196,22 @@ fn large_batches_are_split_within_the_backend_limit() {
     assert!(backend.refusals().is_empty());
 }
 
+/// 50 requests ten seconds ago, 10 for each of the user_keys `k0` to `k4`.
+fn append_fifty_requests_of_five_keys(s: &Scenario) {
+    let t0 = now() - 10;
+    let text: String = (0..50)
+        .map(|i| combined_line(t0, "GET", &format!("/?user_key=k{}", i % 5), 200))
+        .collect();
+    s.append(&text);
+}
+
 #[test]
 fn transient_failures_are_retried_without_loss_or_duplicates() {
     let s = Scenario::new();
     let backend = &s.backend;
     backend.fail_next(3, 503);
     backend.drop_next(2);
-    let t0 = now() - 10;
-    let text: String = (0..50)
-        .map(|i| combined_line(t0, "GET", &format!("/?user_key=k{}", i % 5), 200))
-        .collect();
-    s.append(&text);
+    append_fifty_requests_of_five_keys(&s);
     // Credentials unchecked, so every call counted here is a report call.
     let config = s.config("validate_credentials = false\n", "");
     let tally = Tally::run_once(&config);
@@ -241,11 +246,7 @@ fn a_failing_report_is_retried_and_not_resent_as_ambiguous() {
     let s = Scenario::new();
     let backend = &s.backend;
     backend.fail_next(3, 503);
-    let t0 = now() - 10;
-    let text: String = (0..50)
-        .map(|i| combined_line(t0, "GET", &format!("/?user_key=k{}", i % 5), 200))
-        .collect();
-    s.append(&text);
+    append_fifty_requests_of_five_keys(&s);
     let config = s.config("validate_credentials = false\n", "");
     let tally = Tally::run_once(&config);
     assert_eq!(backend.hits(), 50);
