@@ -90,7 +90,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
             Aggregator::new(config.report.response_codes, config.report.max_transactions);
         let mut state = state_dir.service(service_id, patterns.clone())?;
         for f in state.in_flight() {
-            tracing::warn!(service_id, path = %f.path.display(), from = f.from, to = f.to,
+            tracing::warn!(service_id, path = %crate::telemetry::shown_path(&f.path), from = f.from, to = f.to,
                 "a report call was under way when tally stopped: its lines are sent again (if 3scale had \
                  processed that call, they count twice)");
         }
@@ -277,7 +277,7 @@ fn log_waiting(metrics: &Metrics) {
 /// it again. Nothing is lost; say so, with where.
 fn log_kept(kept: &[(Arc<std::path::Path>, u64, u64)]) {
     for (path, committed, read) in kept {
-        tracing::warn!(path = %crate::telemetry::printable(&path.to_string_lossy()), from = committed, to = read,
+        tracing::warn!(path = %crate::telemetry::shown_path(path), from = committed, to = read,
             "not accepted by 3scale yet: kept, and read again from the checkpoint at the next start (a report call under way now may count twice)");
     }
 }

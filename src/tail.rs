@@ -293,7 +293,7 @@ fn watch(pattern: &str, wake: std_mpsc::Sender<Wake>) -> Option<notify::Recommen
     match watcher.watch(&dir, mode) {
         Ok(()) => Some(watcher),
         Err(e) => {
-            tracing::info!(dir = %dir.display(), error = %e, "cannot watch the folder yet, relying on the poll");
+            tracing::info!(dir = %crate::telemetry::shown_path(&dir), error = %e, "cannot watch the folder yet, relying on the poll");
             None
         }
     }
@@ -411,7 +411,7 @@ impl Tail {
                 r.shown = Arc::from(new_path.as_path());
                 r.path = Some(new_path);
             } else {
-                tracing::info!(path = %path.display(), "file rotated or deleted: reading it to its end");
+                tracing::info!(path = %crate::telemetry::shown_path(&path), "file rotated or deleted: reading it to its end");
                 Metrics::add(&self.metrics.rotations, 1);
                 r.path = None;
                 r.orphaned = Some(Instant::now());
@@ -444,7 +444,7 @@ impl Tail {
                 .map(|(p, _)| (p.clone(), true))
                 .or_else(|| find_in_folder(&c.path, c.key).map(|p| (p, false)));
             let Some((path, matched)) = found else {
-                tracing::warn!(path = %c.path.display(), offset = c.offset,
+                tracing::warn!(path = %crate::telemetry::shown_path(&c.path), offset = c.offset,
                     "a file read before is gone: lines written to it after the checkpoint, if any, are lost");
                 self.send_closed(&c);
                 continue;
@@ -452,7 +452,7 @@ impl Tail {
             let file = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot reopen a file read before");
+                    tracing::warn!(path = %crate::telemetry::shown_path(&path), error = %e, "cannot reopen a file read before");
                     continue;
                 }
             };
@@ -462,14 +462,14 @@ impl Tail {
             } else {
                 // Same identity, other first bytes: truncated and regrown, or the inode number reused
                 // by a new file. Either way its content is new: read it from its start.
-                tracing::info!(path = %path.display(), "the file's first bytes changed since the checkpoint: reading it from its start");
+                tracing::info!(path = %crate::telemetry::shown_path(&path), "the file's first bytes changed since the checkpoint: reading it from its start");
                 self.send_closed(&c);
                 0
             };
             if matched {
                 current.remove(&path);
             }
-            tracing::info!(path = %path.display(), offset, "resuming at the checkpoint");
+            tracing::info!(path = %crate::telemetry::shown_path(&path), offset, "resuming at the checkpoint");
             self.open(path, c.key, offset, Some(file));
             if !matched {
                 // Rotated away while tally was down: finish it.
@@ -501,20 +501,22 @@ impl Tail {
             Ok(_) => return, // the next scan sees the new file
             Err(e) => {
                 // Logged once, not at every poll, and shown on /healthz until it opens.
-                let what = format!("log file {}", path.display());
+                let what = format!("log file {}", crate::telemetry::shown_path(&path));
                 if self
                     .metrics
                     .set_problem(&what, Some(format!("cannot open it: {e}")))
                 {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot open log file; tally tries again at every poll");
+                    tracing::warn!(path = %crate::telemetry::shown_path(&path), error = %e, "cannot open log file; tally tries again at every poll");
                 }
                 return;
             }
         };
-        self.metrics
-            .set_problem(&format!("log file {}", path.display()), None);
+        self.metrics.set_problem(
+            &format!("log file {}", crate::telemetry::shown_path(&path)),
+            None,
+        );
         let fingerprint = Fingerprint::read(&file, Fingerprint::MAX).unwrap_or_default();
-        tracing::info!(path = %path.display(), offset, "following file");
+        tracing::info!(path = %crate::telemetry::shown_path(&path), offset, "following file");
         let reader = Reader {
             shown: Arc::from(path.as_path()),
             path: Some(path),
@@ -572,17 +574,20 @@ impl Tail {
                 }
                 Ok(n) if r.read_failing => {
                     r.read_failing = false;
-                    metrics.set_problem(&format!("log file {}", r.shown.display()), None);
+                    metrics.set_problem(
+                        &format!("log file {}", crate::telemetry::shown_path(&r.shown)),
+                        None,
+                    );
                     n
                 }
                 Ok(n) => n,
                 Err(e) => {
                     data.truncate(kept);
                     r.partial = data;
-                    let what = format!("log file {}", r.shown.display());
+                    let what = format!("log file {}", crate::telemetry::shown_path(&r.shown));
                     r.read_failing = true;
                     if metrics.set_problem(&what, Some(format!("cannot read it: {e}"))) {
-                        tracing::warn!(path = %r.shown.display(), error = %e, "read failed; tally tries again at every pass");
+                        tracing::warn!(path = %crate::telemetry::shown_path(&r.shown), error = %e, "read failed; tally tries again at every pass");
                     }
                     return true;
                 }
@@ -611,7 +616,7 @@ impl Tail {
             let Some(last_nl) = memchr::memrchr(b'\n', &data[from..]).map(|i| from + i) else {
                 r.partial = data;
                 if r.partial.len() > options.max_line_length {
-                    tracing::warn!(path = %r.shown.display(), limit = options.max_line_length, "line too long: skipped");
+                    tracing::warn!(path = %crate::telemetry::shown_path(&r.shown), limit = options.max_line_length, "line too long: skipped");
                     metrics.skipped(crate::parse::Skip::TooLong, 1);
                     Metrics::add(&metrics.lines_read, 1);
                     r.partial = Vec::new();
@@ -622,7 +627,7 @@ impl Tail {
             r.partial = data[last_nl + 1..].to_vec();
             data.truncate(last_nl + 1);
             let chunk = r.chunk(*source, data, r.offset - r.partial.len() as u64, false);
-            tracing::debug!(path = %r.shown.display(), end_offset = chunk.end_offset, bytes = chunk.len(), "read lines");
+            tracing::debug!(path = %crate::telemetry::shown_path(&r.shown), end_offset = chunk.end_offset, bytes = chunk.len(), "read lines");
             metrics.files.read(*source, r.key, &r.shown, r.offset);
             // Blocks while the pipeline is behind: the file is the buffer.
             if out.blocking_send(chunk).is_err() {
@@ -654,7 +659,7 @@ impl Tail {
                 data.clear();
             }
             let chunk = r.chunk(self.source, data, r.offset, true);
-            tracing::info!(path = %r.shown.display(), offset = r.offset, "finished a rotated or deleted file");
+            tracing::info!(path = %crate::telemetry::shown_path(&r.shown), offset = r.offset, "finished a rotated or deleted file");
             if self.out.blocking_send(chunk).is_err() {
                 return false;
             }
@@ -672,7 +677,7 @@ fn check_still_same(r: &mut Reader, metrics: &Metrics) {
         && r.fingerprint.len > 0
         && Fingerprint::read(&r.file, r.fingerprint.len).is_ok_and(|f| f != r.fingerprint);
     if shrunk || replaced {
-        tracing::warn!(path = %r.shown.display(), size = m.len(), offset = r.offset,
+        tracing::warn!(path = %crate::telemetry::shown_path(&r.shown), size = m.len(), offset = r.offset,
             "file truncated or replaced in place: reading it again from its start");
         Metrics::add(&metrics.truncations, 1);
         r.offset = 0;

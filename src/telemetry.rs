@@ -344,7 +344,7 @@ impl Progress {
                     .map_or(f.read, |m| m.len());
                 let lag_bytes = size.saturating_sub(f.committed);
                 FileStatus {
-                    path: f.path.display().to_string(),
+                    path: shown_path(&f.path),
                     size,
                     read: f.read,
                     committed: f.committed,
@@ -416,6 +416,11 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// A file's path as logs show it: file names come from outside too (a glob matches what it finds).
+pub fn shown_path(path: &Path) -> String {
+    printable(&path.to_string_lossy()).into_owned()
 }
 
 /// A log line as tally's own logs show it: at most 200 bytes, lossy UTF-8, control characters

@@ -513,4 +513,26 @@ fn control_characters_from_a_line_never_reach_the_log_raw() {
         tally.logs()
     );
     assert_eq!(hits(&s), expect(&[("a", 1)]));
+
+    // A file name is text from outside too: a glob finds what is there.
+    let dir = s.path("logs");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("x\u{1b}[2Jy.log"),
+        combined_line(now(), "GET", "/?user_key=b", 200),
+    )
+    .unwrap();
+    let config = write_config_with(
+        s.dir.path(),
+        &s.backend.url(),
+        "tok",
+        "",
+        &[(&dir.join("*.log"), "42")],
+        "",
+    );
+    let tally = Tally::run_once(&config);
+    let log = std::fs::read(&tally.log).unwrap();
+    assert!(!log.contains(&0x1b), "{}", tally.logs());
+    assert!(tally.logs().contains(r"x\x1b[2Jy.log"), "{}", tally.logs());
+    assert_eq!(hits(&s), expect(&[("a", 1), ("b", 1)]));
 }

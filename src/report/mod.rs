@@ -344,7 +344,7 @@ async fn send_with(
                 Metrics::add(&shared.metrics.ambiguous_resends, 1);
                 let timeout = client::shown(client.timeout.get());
                 for r in &call.ranges {
-                    tracing::warn!(service_id = %shared.service_id, path = %r.path.display(), from = r.from, to = r.to, %timeout,
+                    tracing::warn!(service_id = %shared.service_id, path = %crate::telemetry::shown_path(&r.path), from = r.from, to = r.to, %timeout,
                         "resending a report call that got no answer: if 3scale processed the first one, these lines count twice");
                 }
                 continue;
