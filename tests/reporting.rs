@@ -480,3 +480,22 @@ fn several_services_are_reported_separately() {
     assert_eq!(per_service["1"], vec!["ka"; 3]);
     assert_eq!(per_service["2"], vec!["kb"; 2]);
 }
+
+/// A path that names no file is said at start and again at every stats interval, until the file
+/// appears; then it is read.
+#[test]
+fn a_path_that_names_no_file_is_logged_until_it_appears() {
+    let s = Scenario::new();
+    let config = s.config(
+        "",
+        "[report]\nflush_interval = \"100ms\"\n[log]\nstats_interval = \"200ms\"\n",
+    );
+    let tally = Tally::start(&config, &[]);
+    tally.wait_for_logs("access.log does not exist yet", 3, WAIT);
+    s.append(&combined_line(now(), "GET", "/?user_key=k", 200));
+    s.backend.wait_until(WAIT, "the line", |b| b.hits() >= 1);
+    tally.signal("TERM");
+    let mut tally = tally;
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    assert_eq!(s.backend.hits(), 1);
+}
