@@ -106,6 +106,7 @@ http {{
             .process_group(0);
         // Out of the terminal's process group, NGINX no longer gets its Ctrl-C: should the test
         // process die without running Drop, the master gets SIGQUIT, which stops its workers.
+        // (The signal follows the thread that spawns it: the test's, which outlives this value.)
         // SAFETY: prctl is async-signal-safe and touches nothing of the parent's memory.
         unsafe {
             command.pre_exec(|| {
