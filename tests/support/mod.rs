@@ -22,16 +22,28 @@ impl Tally {
         let dir = config.parent().expect("config in a folder");
         let log = dir.join(format!("tally-{n}.stderr"));
         let stdout = dir.join(format!("tally-{n}.stdout"));
-        let child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+        command
             .args(["run", "--config"])
             .arg(config)
             .args(extra)
             .env("RUST_LOG", "tally=debug")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout).expect("stdout file"))
-            .stderr(std::fs::File::create(&log).expect("stderr file"))
-            .spawn()
-            .expect("start tally");
+            .stderr(std::fs::File::create(&log).expect("stderr file"));
+        // Drop kills tally when a test ends or panics; this covers a test process that is killed
+        // itself (a CI timeout), which runs no Drop. The signal follows the spawning thread: the
+        // test's, which outlives this value.
+        // SAFETY: prctl is async-signal-safe and touches nothing of the parent's memory.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("start tally");
         Tally { child, log, stdout }
     }
 
