@@ -152,9 +152,30 @@ fn append_to(path: &Path) -> File {
         .unwrap()
 }
 
-fn stop(mut tally: Tally) {
+/// Stops tally as a service manager does, and returns its log.
+fn stop(mut tally: Tally) -> String {
     tally.signal("TERM");
     assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    tally.logs()
+}
+
+/// A counter of the summary tally logs when it stops (`stopped lines_read=... truncations=...`).
+fn final_counter(logs: &str, name: &str) -> u64 {
+    let summary = logs
+        .lines()
+        .rfind(|l| l.contains(" stopped lines_read="))
+        .unwrap_or_else(|| panic!("no final summary in tally's log:\n{logs}"));
+    field(summary, name).unwrap_or_else(|| panic!("no number {name}= in {summary}"))
+}
+
+/// The number in field `name=` of a log line (text format).
+fn field(line: &str, name: &str) -> Option<u64> {
+    line.split(&format!(" {name}="))
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn rename_and_create_rotation(watch: bool) {
@@ -183,8 +204,11 @@ fn rename_and_create_rotation(watch: bool) {
         w.write(10 + round as u64);
     }
     s.wait_for(w.next as usize);
-    stop(tally);
+    let logs = stop(tally);
     s.assert_exactly_once(w.next);
+    // Each rotation is seen once (each round waits until the new file is followed), as a rotation.
+    assert_eq!(final_counter(&logs, "rotations"), 3, "{logs}");
+    assert_eq!(final_counter(&logs, "truncations"), 0, "{logs}");
 }
 
 fn copytruncate_rotation(watch: bool) {
@@ -202,13 +226,16 @@ fn copytruncate_rotation(watch: bool) {
         w.write(5);
     }
     s.wait_for(w.next as usize);
-    let logs = tally.logs();
-    stop(tally);
+    let logs = stop(tally);
     s.assert_exactly_once(w.next);
-    assert!(
-        logs.matches("file truncated or replaced in place").count() >= 3,
+    // Each truncation is seen once (each round waits for its lines before the next), as such.
+    assert_eq!(
+        logs.matches("file truncated or replaced in place").count(),
+        3,
         "{logs}"
     );
+    assert_eq!(final_counter(&logs, "truncations"), 3, "{logs}");
+    assert_eq!(final_counter(&logs, "rotations"), 0, "{logs}");
 }
 
 fn truncated_and_regrown_between_two_looks(watch: bool) {
@@ -286,15 +313,19 @@ fn files_that_appear_later_and_glob_matches(watch: bool) {
     let mut a = Writer::open(&s.path("logs/a.log"));
     a.write(20);
     s.wait_for(20);
-    let mut b = Writer::open(&s.path("logs/b.log"));
-    b.next = 20;
-    b.write(15);
+    // The file the pattern does not match comes first: were it followed, it would be read no later
+    // than b.log, so before b.log's lines arrive and tally is stopped.
     let mut ignored = Writer::open(&s.path("logs/b.txt"));
     ignored.next = 5000;
     ignored.write(3);
+    let mut b = Writer::open(&s.path("logs/b.log"));
+    b.next = 20;
+    b.write(15);
     s.wait_for(35);
-    stop(tally);
+    let logs = stop(tally);
     s.assert_exactly_once(35);
+    // Not even read: neither old.log's lines from before the start nor b.txt's.
+    assert_eq!(final_counter(&logs, "lines_read"), 35, "{logs}");
 }
 
 fn long_lines_and_invalid_utf8_do_not_stop_reading(watch: bool) {
@@ -315,10 +346,14 @@ fn long_lines_and_invalid_utf8_do_not_stop_reading(watch: bool) {
         .unwrap(); // over the limit, whole
     w.write(5);
     s.wait_for(15);
-    let logs = tally.logs();
-    stop(tally);
+    let logs = stop(tally);
     s.assert_exactly_once(15);
+    // The 1 MB line (dropped while read) and the 5000-byte one (whole, dropped when parsed) are
+    // too long, the garbage is malformed: 15 + 3 lines read.
     assert!(logs.contains("line too long"), "{logs}");
+    assert_eq!(final_counter(&logs, "skipped_too_long"), 2, "{logs}");
+    assert_eq!(final_counter(&logs, "skipped_malformed"), 1, "{logs}");
+    assert_eq!(final_counter(&logs, "lines_read"), 18, "{logs}");
 }
 
 /// kill -9 at random moments over a steady stream of writes: after the last restart, every line has
@@ -425,17 +460,9 @@ fn under_way_ranges(logs: &str) -> Vec<(u64, u64)> {
     logs.lines()
         .filter(|l| l.contains("a report call was under way when tally stopped"))
         .map(|l| {
-            let field = |name: &str| -> u64 {
-                let value = l
-                    .split(&format!(" {name}="))
-                    .nth(1)
-                    .and_then(|rest| rest.split(' ').next())
-                    .unwrap_or_else(|| panic!("no {name}= in: {l}"));
-                value
-                    .parse()
-                    .unwrap_or_else(|e| panic!("{name}={value} in {l}: {e}"))
-            };
-            (field("from"), field("to"))
+            let number =
+                |name| field(l, name).unwrap_or_else(|| panic!("no number {name}= in {l}"));
+            (number("from"), number("to"))
         })
         .collect()
 }
@@ -464,8 +491,7 @@ fn restart_resumes_at_the_checkpoint_and_read_from_applies_once() {
     w.write(7); // while tally is down
     let tally = Tally::start(Path::new(&config), &[]);
     s.wait_for(12);
-    let logs = tally.logs();
-    stop(tally);
+    let logs = stop(tally);
     s.assert_exactly_once(12);
     assert!(logs.contains("resuming at the checkpoint"), "{logs}");
 }
@@ -573,26 +599,40 @@ fn a_backend_outage_stops_reading_ahead_and_memory_stays_bounded() {
         ),
         &[],
     );
-    tally.wait_for_log("unread_bytes", WAIT);
     tally.wait_for_log("HTTP 503", WAIT);
-    let status = std::fs::read_to_string(format!("/proc/{}/status", tally.child.id())).unwrap();
+    // Measured once reading has stopped, when the queues are as full as they get: the file's
+    // progress line (every 200 ms) shows the same read offset three times in a row.
+    let deadline = Instant::now() + WAIT;
+    let unread = loop {
+        let logs = tally.logs();
+        let progress: Vec<(u64, u64)> = logs
+            .lines()
+            .filter(|l| l.contains("file progress"))
+            .filter_map(|l| Some((field(l, "read")?, field(l, "unread_bytes")?)))
+            .collect();
+        if let [.., (a, _), (b, _), (c, unread)] = progress[..] {
+            if a == b && b == c {
+                break unread;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tally did not stop reading within {WAIT:?} while the backend was down:\n{logs}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let status = std::fs::read_to_string(format!("/proc/{}/status", tally.child.id()))
+        .expect("read tally's /proc status");
     let rss_kib: u64 = status
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|n| n.parse().ok())
-        .unwrap();
-    let logs = tally.logs();
-    let unread: u64 = logs
-        .lines()
-        .rev()
-        .find_map(|l| l.split(" unread_bytes=").nth(1))
-        .and_then(|r| r.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap();
+        .expect("VmRSS in /proc status");
     assert!(
         unread > 10_000_000,
-        "tally read ahead of a backend that is down:\n{logs}"
+        "tally read ahead of a backend that is down:\n{}",
+        tally.logs()
     );
     assert!(
         rss_kib < 64 * 1024,
