@@ -228,7 +228,7 @@ fn a_timeout_is_retried() {
     let backend = &s.backend;
     backend.set_delay(Duration::from_secs(3));
     s.append(&combined_line(now(), "GET", "/?user_key=slow", 200));
-    let config = s.config("", "");
+    let config = s.config("timeout = \"2s\"\n", "");
     let tally = Tally::start(&config, &["--once"]);
     tally.wait_for_log("timed out", WAIT);
     backend.set_delay(Duration::ZERO);
