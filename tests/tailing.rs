@@ -253,8 +253,9 @@ fn truncated_and_regrown_between_two_looks(watch: bool) {
     w.file.set_len(0).unwrap();
     w.write(60); // more bytes than before the truncation
     s.wait_for(90);
-    stop(tally);
+    let logs = stop(tally);
     s.assert_exactly_once(90);
+    assert_eq!(final_counter(&logs, "truncations"), 1, "{logs}");
 }
 
 fn deleted_file_is_finished_and_closed(watch: bool) {
@@ -289,8 +290,11 @@ fn deleted_file_is_finished_and_closed(watch: bool) {
     w2.next = 55;
     w2.write(5);
     s.wait_for(60);
-    stop(tally);
+    let logs = stop(tally);
     s.assert_exactly_once(60);
+    // The deletion is seen once; the new file is a new file, not a truncation of the old one.
+    assert_eq!(final_counter(&logs, "rotations"), 1, "{logs}");
+    assert_eq!(final_counter(&logs, "truncations"), 0, "{logs}");
 }
 
 fn files_that_appear_later_and_glob_matches(watch: bool) {
