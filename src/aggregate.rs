@@ -281,11 +281,13 @@ pub fn parse_chunk(
     let mut line_time = 0;
     // A copy per chunk: the parser caches the last time field it read.
     let mut parser = lines.parsers.get(chunk.source).copied().flatten();
-    let at = |offset: u64, line_time: i64, closed: bool| Advance {
+    // Where the open batch's data of this chunk starts: the chunk's start, then each split point.
+    let mut from = base;
+    let at = |from: u64, offset: u64, line_time: i64, closed: bool| Advance {
         source: chunk.source,
         key: chunk.file,
         fingerprint: chunk.fingerprint,
-        from: base,
+        from,
         offset,
         line_time,
         path: chunk.path.clone(),
@@ -313,7 +315,9 @@ pub fn parse_chunk(
         match added {
             Ok(batch_full) => {
                 if batch_full {
-                    aggregator.advance(at(base + next as u64, line_time, false));
+                    let split = base + next as u64;
+                    aggregator.advance(at(from, split, line_time, false));
+                    from = split;
                     full.extend(aggregator.take());
                 }
             }
@@ -341,7 +345,7 @@ pub fn parse_chunk(
     ] {
         metrics.skipped(skip, skipped[skip as usize]);
     }
-    aggregator.advance(at(chunk.end_offset, line_time, chunk.closed));
+    aggregator.advance(at(from, chunk.end_offset, line_time, chunk.closed));
     full
 }
 
@@ -394,6 +398,53 @@ mod tests {
     }
 
     type Flat = (Application, i64, u64, Option<u16>);
+
+    /// A batch that fills up inside a chunk ends there; the next one starts there, not at the
+    /// chunk's start (its byte range is what a resend or a restart says, and where a file with no
+    /// checkpoint yet gets one).
+    #[test]
+    fn a_batch_split_inside_a_chunk_starts_at_the_split() {
+        use crate::config::{CredentialMode, LogFormat};
+        use crate::tail::{Chunk, FileKey, Fingerprint};
+        let line = "1.2.3.4 - - [10/Oct/2026:13:55:36 +0000] \"GET /?user_key=k HTTP/1.1\" 200 1 \"-\" \"a\"\n";
+        let len = line.len() as u64;
+        let lines = ServiceLines {
+            service_id: "42".into(),
+            parsers: vec![Some(Parser::new(LogFormat::Combined, CredentialMode::Auto))],
+            max_line_length: 1 << 16,
+            flush_interval: std::time::Duration::from_secs(1),
+        };
+        let chunk = |from: u64, n: usize| {
+            Chunk::new(
+                0,
+                FileKey { dev: 1, ino: 2 },
+                Fingerprint { len: 0, hash: 0 },
+                Arc::from(std::path::Path::new("/access.log")),
+                from + n as u64 * len,
+                line.repeat(n).into_bytes(),
+                false,
+            )
+        };
+        let mut aggregator = Aggregator::new(true, 2);
+        let (metrics, mut warned) = (Metrics::default(), Default::default());
+        let full = parse_chunk(&lines, &mut aggregator, &chunk(0, 3), &metrics, &mut warned);
+        let range = |b: &Batch| (b.advances[0].from, b.advances[0].offset);
+        assert_eq!(
+            full.iter().map(range).collect::<Vec<_>>(),
+            vec![(0, 2 * len)]
+        );
+        let full = parse_chunk(
+            &lines,
+            &mut aggregator,
+            &chunk(3 * len, 1),
+            &metrics,
+            &mut warned,
+        );
+        assert_eq!(
+            full.iter().map(range).collect::<Vec<_>>(),
+            vec![(2 * len, 4 * len)]
+        );
+    }
 
     fn tx(key: &str, timestamp: i64, hits: u64, code: Option<u16>) -> Flat {
         (Application::UserKey(key.into()), timestamp, hits, code)

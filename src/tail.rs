@@ -98,7 +98,7 @@ pub struct Chunk {
 
 impl Chunk {
     /// `data` holds complete lines only (and is below 4 GiB: chunks are read in small blocks).
-    fn new(
+    pub(crate) fn new(
         source: usize,
         file: FileKey,
         fingerprint: Fingerprint,

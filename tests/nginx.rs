@@ -7,6 +7,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,6 +24,8 @@ fn nginx_binary() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// A running NGINX. Its master leads a process group of its own, so that stopping it reaches its
+/// workers too: a SIGKILL to the master alone leaves them running.
 struct Nginx {
     child: Child,
     port: u16,
@@ -31,8 +34,14 @@ struct Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Err(e) = self.stop() {
+            // A second panic while unwinding would abort the test binary and hide the first one.
+            if std::thread::panicking() {
+                eprintln!("{e}");
+            } else {
+                panic!("{e}");
+            }
+        }
     }
 }
 
@@ -83,7 +92,8 @@ http {{
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .arg("-c")
             .arg(&conf_path)
             .arg("-p")
@@ -92,9 +102,21 @@ http {{
             .arg(dir.join("error.log"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("nginx.stderr")).unwrap())
-            .spawn()
-            .expect("start nginx");
+            .stderr(std::fs::File::create(dir.join("nginx.stderr")).expect("nginx.stderr file"))
+            .process_group(0);
+        // Out of the terminal's process group, NGINX no longer gets its Ctrl-C: should the test
+        // process die without running Drop, the master gets SIGQUIT, which stops its workers.
+        // (The signal follows the thread that spawns it: the test's, which outlives this value.)
+        // SAFETY: prctl is async-signal-safe and touches nothing of the parent's memory.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("start nginx");
         let nginx = Nginx {
             child,
             port,
@@ -112,6 +134,48 @@ http {{
         nginx
     }
 
+    /// Stops NGINX as `nginx -s quit` does (SIGQUIT: the master lets its workers finish and waits
+    /// for them), then SIGKILLs whatever is left of its process group and checks that none of it
+    /// remains. An error if the graceful stop took longer than WAIT or a process survived.
+    fn stop(&mut self) -> Result<(), String> {
+        let pgid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill has no memory effects.
+        unsafe { libc::kill(pgid, libc::SIGQUIT) };
+        let exited = wait_for_exit_unreaped(pgid, WAIT)?;
+        // The master is a zombie now (or still running): until it is reaped its pid, which is the
+        // group's id, cannot be reused, so this reaches only what NGINX started (workers of a
+        // master that did not stop in time, or that died without stopping them).
+        // SAFETY: as above; ESRCH (nothing left) is the expected case.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        self.child
+            .wait()
+            .map_err(|e| format!("cannot reap nginx (pid {pgid}): {e}"))?;
+        // Workers orphaned by the SIGKILL are reaped by init, not at once: poll.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            // SAFETY: signal 0 only checks that a process of the group exists.
+            if unsafe { libc::kill(-pgid, 0) } == -1 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ESRCH) {
+                    break;
+                }
+                return Err(format!("cannot check nginx's process group {pgid}: {e}"));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "processes of nginx's group {pgid} are still there {WAIT:?} after SIGKILL"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !exited {
+            return Err(format!(
+                "nginx (pid {pgid}) did not stop within {WAIT:?} of SIGQUIT; it was killed"
+            ));
+        }
+        Ok(())
+    }
+
     /// Sends one GET and returns the status NGINX answered.
     fn get(&self, target: &str) -> u16 {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
@@ -119,6 +183,31 @@ http {{
         let mut answer = String::new();
         s.read_to_string(&mut answer).unwrap();
         answer[9..12].parse().unwrap()
+    }
+}
+
+/// Polls until child `pid` has exited, leaving it unreaped (a zombie), or `timeout` passes. True if
+/// it exited.
+fn wait_for_exit_unreaped(pid: libc::pid_t, timeout: Duration) -> Result<bool, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // SAFETY: siginfo_t is plain data; waitid writes to it only.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        // SAFETY: `info` is a valid siginfo_t.
+        if unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) } == -1 {
+            let e = std::io::Error::last_os_error();
+            return Err(format!("cannot wait for nginx (pid {pid}): {e}"));
+        }
+        // With WNOHANG, si_pid stays 0 while the child runs.
+        // SAFETY: waitid filled `info` in (or left it zeroed).
+        if unsafe { info.si_pid() } != 0 {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

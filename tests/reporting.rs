@@ -270,7 +270,12 @@ fn a_timeout_is_resent_once_after_3scale_answers_again() {
     backend.set_delay(Duration::from_secs(3));
     s.append(&combined_line(now(), "GET", "/?user_key=slow", 200));
     // Credentials unchecked: the first call is the report.
-    let config = s.config("validate_credentials = false\n", "");
+    let config = s.config(
+        "validate_credentials = false
+timeout = \"2s\"
+",
+        "",
+    );
     let tally = Tally::start(&config, &["--once"]);
     tally.wait_for_log("a report call got no answer", WAIT);
     backend.set_delay(Duration::ZERO);
