@@ -141,7 +141,8 @@ http {{
         let pgid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
         // SAFETY: kill has no memory effects.
         unsafe { libc::kill(pgid, libc::SIGQUIT) };
-        let exited = wait_for_exit_unreaped(pgid, WAIT)?;
+        // An error here still goes on to the SIGKILL, so that nothing is left in any case.
+        let exited = wait_for_exit_unreaped(pgid, WAIT);
         // The master is a zombie now (or still running): until it is reaped its pid, which is the
         // group's id, cannot be reused, so this reaches only what NGINX started (workers of a
         // master that did not stop in time, or that died without stopping them).
@@ -168,7 +169,7 @@ http {{
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        if !exited {
+        if !exited? {
             return Err(format!(
                 "nginx (pid {pgid}) did not stop within {WAIT:?} of SIGQUIT; it was killed"
             ));
