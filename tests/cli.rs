@@ -1,14 +1,51 @@
 //! `tally check` and `tally run --dry-run`, as a user runs them.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs the command to its end, like `output()`, but kills it and fails the test if it has not
+/// ended within a minute: a hung tally must not hang the test run.
+fn run(command: &mut Command) -> Output {
+    use std::io::Read;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the command");
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} did not end within a minute");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
 
 fn tally(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+    let out = run(Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run tally");
+        .env_remove("RUST_LOG"));
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -45,11 +82,9 @@ fn check_prints_the_effective_config_with_the_secret_masked() {
 
 #[test]
 fn check_accepts_the_reference_config() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tally"))
+    let out = run(Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["check", "--config", &example("tally.toml")])
-        .env("THREESCALE_SERVICE_TOKEN", "reference-token")
-        .output()
-        .unwrap();
+        .env("THREESCALE_SERVICE_TOKEN", "reference-token"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -130,12 +165,10 @@ fn check_names_the_bad_key_and_its_line() {
 #[test]
 fn dry_run_prints_every_report_call_and_sends_nothing() {
     // The README's first command: the sample log moved to the last minutes, then a dry run.
-    let out = Command::new("bash")
+    let out = run(Command::new("bash")
         .arg(example("example.sh"))
         .env("TALLY_BIN", env!("CARGO_BIN_EXE_tally"))
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
+        .env_remove("RUST_LOG"));
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),

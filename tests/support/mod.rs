@@ -14,6 +14,21 @@ pub struct Tally {
     pub stdout: PathBuf,
 }
 
+/// Drop kills tally when a test ends or panics; this covers a test process that is killed itself
+/// (a CI timeout), which runs no Drop. The signal follows the spawning thread: the test's, which
+/// outlives the process value.
+fn die_with_the_test(command: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches nothing of the parent's memory.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(command, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 impl Tally {
     /// Starts `tally run --config CONFIG EXTRA...`. Each start logs to files of its own.
     pub fn start(config: &Path, extra: &[&str]) -> Tally {
@@ -31,18 +46,7 @@ impl Tally {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout).expect("stdout file"))
             .stderr(std::fs::File::create(&log).expect("stderr file"));
-        // Drop kills tally when a test ends or panics; this covers a test process that is killed
-        // itself (a CI timeout), which runs no Drop. The signal follows the spawning thread: the
-        // test's, which outlives this value.
-        // SAFETY: prctl is async-signal-safe and touches nothing of the parent's memory.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_the_test(&mut command);
         let child = command.spawn().expect("start tally");
         Tally { child, log, stdout }
     }
@@ -348,6 +352,7 @@ impl Tally {
             .stdout(std::fs::File::create(&stdout).expect("stdout file"))
             .stderr(Stdio::piped());
         setup(&mut command);
+        die_with_the_test(&mut command);
         let mut child = command.spawn().expect("start tally");
         let mut stderr = child.stderr.take().expect("piped stderr");
         let mut file = std::fs::File::create(&log).expect("stderr file");
