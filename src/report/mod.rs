@@ -124,7 +124,7 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner().clone())
     }
 
-    /// Counts a failed call and logs it (at warn: each is retried).
+    /// Counts a failed call, by cause, as the service's last failure (the callers log it).
     fn failed(&self, endpoint: Endpoint, e: &ReportError) {
         let (cause, detail) = match e {
             ReportError::Transient(f) => (f.cause, f.detail.as_str()),
