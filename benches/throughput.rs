@@ -90,7 +90,8 @@ fn main() {
     .unwrap();
     let start = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["run", "--once", "--config"])
+        // A run that cannot finish (the local backend refusing it) ends with an error, not a hang.
+        .args(["run", "--once", "--max-wait", "10m", "--config"])
         .arg(&config)
         .stderr(Stdio::inherit())
         .spawn()
@@ -432,13 +433,18 @@ impl CountingBackend {
                                 let (txs, reports, auths) =
                                     (txs.clone(), reports.clone(), auths.clone());
                                 async move {
-                                    let status = if req
+                                    // As 3scale answers: an authorize <status> document, an
+                                    // empty 202 to a report.
+                                    let (status, answer) = if req
                                         .uri()
                                         .path()
                                         .starts_with("/transactions/authorize")
                                     {
                                         auths.fetch_add(1, Ordering::Relaxed);
-                                        200
+                                        (
+                                            200,
+                                            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><status><authorized>true</authorized></status>",
+                                        )
                                     } else {
                                         let body = req
                                             .into_body()
@@ -451,12 +457,12 @@ impl CountingBackend {
                                                 .count();
                                         txs.fetch_add(n as u64, Ordering::Relaxed);
                                         reports.fetch_add(1, Ordering::Relaxed);
-                                        202
+                                        (202, "")
                                     };
                                     Ok::<_, std::convert::Infallible>(
                                         hyper::Response::builder()
                                             .status(status)
-                                            .body(Full::new(Bytes::new()))
+                                            .body(Full::new(Bytes::from_static(answer.as_bytes())))
                                             .unwrap(),
                                     )
                                 }
