@@ -266,6 +266,8 @@ pub struct ServiceLines {
     pub parsers: Vec<Option<Parser>>,
     pub max_line_length: usize,
     pub flush_interval: std::time::Duration,
+    /// Test-only: a chunk holding these bytes makes the aggregation panic.
+    pub panic_on: Option<Vec<u8>>,
 }
 
 /// Parses one chunk's lines into the aggregator; returns the batches they filled.
@@ -276,6 +278,11 @@ pub fn parse_chunk(
     metrics: &Metrics,
     warned: &mut std::collections::HashSet<Skip>,
 ) -> Vec<Batch> {
+    if let Some(marker) = &lines.panic_on {
+        if memchr::memmem::find(chunk.data(), marker).is_some() {
+            panic!("test hook: a line holds the panic marker");
+        }
+    }
     let mut full = Vec::new();
     let base = chunk.end_offset - chunk.len() as u64;
     let mut line_time = 0;
@@ -413,6 +420,7 @@ mod tests {
             parsers: vec![Some(Parser::new(LogFormat::Combined, CredentialMode::Auto))],
             max_line_length: 1 << 16,
             flush_interval: std::time::Duration::from_secs(1),
+            panic_on: None,
         };
         let chunk = |from: u64, n: usize| {
             Chunk::new(

@@ -66,6 +66,11 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
             .with_context(|| format!("telemetry.listen {listen}"))?;
     }
     let mut reporters = JoinSet::new();
+    // Every aggregation task: a panic there must stop tally, not close the service's batches as if
+    // its logs had ended. Tasks are named by id, for the message.
+    let mut aggregations = JoinSet::new();
+    let mut stage_of = std::collections::HashMap::new();
+    let panic_on = std::env::var_os(PANIC_HOOK).map(|v| v.into_encoded_bytes());
     let mut followers = Vec::new();
     for (service_id, sources) in services {
         let (chunk_tx, chunk_rx) = mpsc::channel(4);
@@ -85,6 +90,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
             parsers,
             max_line_length: config.tail.max_line_length,
             flush_interval: config.report.flush_interval,
+            panic_on: panic_on.clone(),
         };
         let aggregator =
             Aggregator::new(config.report.response_codes, config.report.max_transactions);
@@ -105,13 +111,14 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
             .collect();
         let started: Vec<String> = sources.iter().map(|&i| patterns[i].clone()).collect();
         state.start_sources(&started)?;
-        tokio::spawn(aggregate::run(
+        let task = aggregations.spawn(aggregate::run(
             lines,
             aggregator,
             chunk_rx,
             batch_tx,
             metrics.clone(),
         ));
+        stage_of.insert(task.id(), format!("aggregation of service {service_id}"));
         let sink = if options.dry_run {
             Sink::DryRun(config.backend.url.clone())
         } else {
@@ -139,7 +146,8 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
                 )),
             },
         };
-        reporters.spawn(report::run(service, batch_rx, metrics.clone()));
+        let task = reporters.spawn(report::run(service, batch_rx, metrics.clone()));
+        stage_of.insert(task.id(), format!("reporting of service {service_id}"));
         for ((i, first_run), checkpoints) in sources.into_iter().zip(first_run).zip(checkpoints) {
             let source = &config.sources[i];
             let tail = TailOptions {
@@ -180,12 +188,19 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
     let deadline = options.max_wait.map(|d| tokio::time::Instant::now() + d);
     let why = loop {
         tokio::select! {
-            result = drain(&mut reporters) => {
-                // Only in --once mode do the reporters finish by themselves.
+            result = drain(&mut reporters, &stage_of) => {
+                // Only in --once mode do the reporters finish by themselves: after every
+                // aggregation, which must have ended well.
                 result?;
+                watch_aggregations(&mut aggregations, &stage_of, &metrics).await;
+                if let Some(death) = metrics.first_death() {
+                    anyhow::bail!("{death}");
+                }
                 metrics.log_summary("done");
                 return Ok(Outcome::Complete);
             }
+            death = metrics.a_stage_died() => anyhow::bail!("{death}"),
+            _ = watch_aggregations(&mut aggregations, &stage_of, &metrics), if !aggregations.is_empty() => {}
             signal = signals.recv() => match signal {
                 Signal::Hangup => tracing::warn!(
                     "SIGHUP received: tally cannot reload its configuration yet, so it goes on as it is \
@@ -221,7 +236,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         let joined =
             tokio::task::spawn_blocking(move || followers.into_iter().for_each(Follower::join));
         let _ = joined.await;
-        drain(&mut reporters).await
+        drain(&mut reporters, &stage_of).await
     };
     let drained = tokio::time::timeout(config.report.shutdown_grace, stop).await;
     metrics.log_summary("stopped");
@@ -248,6 +263,34 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
     } else {
         Outcome::Unfinished
     })
+}
+
+/// The name of the test-only hook: a line holding its value makes the aggregation panic, so that a
+/// test can check that tally stops with an error and loses nothing when restarted.
+const PANIC_HOOK: &str = "TALLY_TEST_PANIC_ON";
+
+/// The stage a task ran, by task id.
+type Stages = std::collections::HashMap<tokio::task::Id, String>;
+
+/// A task that ended abnormally: which stage, and why (a panic's message).
+fn died(e: tokio::task::JoinError, stages: &Stages) -> (String, String) {
+    let stage = stages.get(&e.id()).cloned().unwrap_or_default();
+    let why = if e.is_panic() {
+        crate::telemetry::panic_text(&*e.into_panic())
+    } else {
+        e.to_string()
+    };
+    (stage, why)
+}
+
+/// Joins aggregation tasks as they end (until none is left); one that panicked is a stage death.
+async fn watch_aggregations(aggregations: &mut JoinSet<()>, stages: &Stages, metrics: &Metrics) {
+    while let Some(ended) = aggregations.join_next().await {
+        if let Err(e) = ended {
+            let (stage, why) = died(e, stages);
+            metrics.stage_died(&stage, &why);
+        }
+    }
 }
 
 /// Sleeps until `deadline`, or forever without one.
@@ -283,9 +326,18 @@ fn log_kept(kept: &[(Arc<std::path::Path>, u64, u64)]) {
 }
 
 /// Waits for every reporter; the first error wins.
-async fn drain(reporters: &mut JoinSet<Result<(), report::ReportError>>) -> anyhow::Result<()> {
+async fn drain(
+    reporters: &mut JoinSet<Result<(), report::ReportError>>,
+    stages: &Stages,
+) -> anyhow::Result<()> {
     while let Some(done) = reporters.join_next().await {
-        done.context("a report task failed")??;
+        match done {
+            Ok(result) => result?,
+            Err(e) => {
+                let (stage, why) = died(e, stages);
+                anyhow::bail!("{stage} stopped abnormally: {why}");
+            }
+        }
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ use notify::Watcher;
 use tokio::sync::mpsc;
 
 use crate::state::FileCheckpoint;
-use crate::telemetry::Metrics;
+use crate::telemetry::{panic_text, shown_path, Metrics};
 
 /// A file's identity: the same file under whatever name it has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -122,9 +122,14 @@ impl Chunk {
         }
     }
 
-    /// The bytes of the chunk's lines.
+    /// How many bytes the chunk's lines take.
     pub fn len(&self) -> usize {
         self.data.len()
+    }
+
+    /// The chunk's lines, newlines included.
+    pub fn data(&self) -> &[u8] {
+        &self.data
     }
 
     pub fn is_empty(&self) -> bool {
@@ -204,7 +209,14 @@ impl Follower {
         };
         let thread = std::thread::Builder::new()
             .name(format!("tail-{source}"))
-            .spawn(move || tail.run(wakes))?;
+            .spawn(move || {
+                // A panic here would end this source's reading in silence: say it, so tally stops.
+                let run = std::panic::AssertUnwindSafe(|| tail.run(wakes));
+                if let Err(payload) = std::panic::catch_unwind(run) {
+                    let stage = format!("follower of {}", shown_path(Path::new(&tail.pattern)));
+                    tail.metrics.stage_died(&stage, &panic_text(&*payload));
+                }
+            })?;
         Ok(Follower {
             stop,
             wake,

@@ -60,6 +60,9 @@ pub struct Metrics {
     problems: Mutex<BTreeMap<String, String>>,
     /// Per service: since when requests wait with nothing accepted, and the last failure.
     services: Mutex<BTreeMap<String, Waiting>>,
+    /// Stages that stopped abnormally (a panic), and a wake-up for whoever waits for one.
+    deaths: Mutex<Vec<String>>,
+    died: tokio::sync::Notify,
     stalled_after: StalledAfter,
 }
 
@@ -86,6 +89,36 @@ impl Metrics {
         Metrics {
             stalled_after: StalledAfter(stalled_after),
             ..Metrics::default()
+        }
+    }
+
+    /// A stage of the pipeline stopped abnormally: logged, `/healthz` fails, and tally must stop with
+    /// an error (its supervisor restarts it; it resumes from its checkpoints).
+    pub fn stage_died(&self, stage: &str, why: &str) {
+        tracing::error!(stage, error = %printable(why),
+            "a stage of tally stopped abnormally: tally stops with an error (restarted, it resumes from its checkpoints)");
+        self.set_problem(
+            stage,
+            Some(format!("stopped abnormally: {}", printable(why))),
+        );
+        if let Ok(mut deaths) = self.deaths.lock() {
+            deaths.push(format!("{stage} stopped abnormally: {why}"));
+        }
+        self.died.notify_one();
+    }
+
+    /// The first stage that stopped abnormally, if one did.
+    pub fn first_death(&self) -> Option<String> {
+        self.deaths.lock().ok()?.first().cloned()
+    }
+
+    /// Waits until a stage stops abnormally; returns the first.
+    pub async fn a_stage_died(&self) -> String {
+        loop {
+            if let Some(death) = self.first_death() {
+                return death;
+            }
+            self.died.notified().await;
         }
     }
 
@@ -416,6 +449,15 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// What a panic said, from its payload.
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 /// A file's path as logs show it: file names come from outside too (a glob matches what it finds).

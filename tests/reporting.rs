@@ -504,3 +504,57 @@ fn a_path_that_names_no_file_is_logged_until_it_appears() {
     assert!(tally.wait(WAIT).success(), "{}", tally.logs());
     assert_eq!(s.backend.hits(), 1);
 }
+
+/// A stage that panics must not look like the logs' end: tally logs it, exits non-zero (for its
+/// supervisor to restart it), and the restart loses and duplicates nothing. The test-only hook
+/// `TALLY_TEST_PANIC_ON` makes the aggregation panic on a chunk holding its value.
+#[test]
+fn a_panicking_stage_stops_tally_with_an_error_and_a_restart_loses_nothing() {
+    let s = Scenario::new();
+    let config = s.config("", "[report]\nflush_interval = \"100ms\"\n");
+    let t = now();
+    let first: String = (0..10)
+        .map(|i| combined_line(t, "GET", &format!("/?user_key=k{i}"), 200))
+        .collect();
+    s.append(&first);
+    let mut tally = Tally::start_with(
+        s.dir.path(),
+        &["run".as_ref(), "--config".as_ref(), config.as_os_str()],
+        "tally=debug",
+        |c| {
+            c.env("TALLY_TEST_PANIC_ON", "PANIC-HERE");
+        },
+    );
+    s.backend
+        .wait_until(WAIT, "the first 10 lines", |b| b.hits() >= 10);
+    let rest: String = std::iter::once(combined_line(t, "GET", "/PANIC-HERE?user_key=p", 200))
+        .chain((10..20).map(|i| combined_line(t, "GET", &format!("/?user_key=k{i}"), 200)))
+        .collect();
+    s.append(&rest);
+    let status = tally.wait(WAIT);
+    let logs = tally.logs();
+    assert_eq!(status.code(), Some(1), "{logs}");
+    assert!(
+        logs.contains("aggregation of service 42 stopped abnormally: test hook"),
+        "{logs}"
+    );
+    assert_eq!(s.backend.hits(), 10);
+    // Restarted as a supervisor would (without the hook): the rest, once.
+    let tally = Tally::start(&config, &[]);
+    s.backend
+        .wait_until(WAIT, "all 21 lines", |b| b.hits() >= 21);
+    tally.signal("TERM");
+    let mut tally = tally;
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let mut keys: Vec<String> = s
+        .backend
+        .transactions()
+        .iter()
+        .map(|t| t.credential())
+        .collect();
+    keys.sort();
+    let mut expected: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    expected.push("p".into());
+    expected.sort();
+    assert_eq!(keys, expected);
+}

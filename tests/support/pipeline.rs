@@ -20,6 +20,7 @@ pub fn combined_source() -> ServiceLines {
         parsers: vec![Some(Parser::new(LogFormat::Combined, CredentialMode::Auto))],
         max_line_length: MAX_LINE_LENGTH,
         flush_interval: Duration::from_secs(5),
+        panic_on: None,
     }
 }
 
