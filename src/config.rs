@@ -147,6 +147,9 @@ pub enum CredentialMode {
 
 #[derive(Debug, Clone)]
 pub struct Source {
+    /// What the source is known by in the state (its checkpoints) and the logs: given, or its
+    /// path. A name keeps the checkpoints when the path changes.
+    pub name: String,
     /// A file path or a glob pattern, made absolute against the configuration file's folder.
     pub path: String,
     pub service_id: String,
@@ -274,6 +277,7 @@ struct RawBackend {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSource {
+    name: Option<Spanned<String>>,
     path: Spanned<String>,
     service_id: Spanned<String>,
     format: Option<LogFormat>,
@@ -582,7 +586,19 @@ impl Ctx<'_> {
             [&s.provider_key, &s.provider_key_env, &s.provider_key_file],
         ];
         let auth = self.auth(&format!("sources[{i}]"), raw.span().start, fields)?;
+        let name = match &s.name {
+            None => path.clone(),
+            Some(n) if n.get_ref().trim().is_empty() || n.get_ref().chars().any(char::is_control) => {
+                return Err(self.invalid(
+                    &key("name"),
+                    n.span().start,
+                    "give a name of printable characters, or leave it out (the path is the name then)",
+                ))
+            }
+            Some(n) => n.get_ref().trim().to_string(),
+        };
         Ok(Source {
+            name,
             path,
             service_id: service_id.to_string(),
             format: s.format.unwrap_or(LogFormat::Combined),
@@ -661,6 +677,22 @@ impl Config {
                 text.find("max_age").unwrap_or(0),
                 "3scale drops whole calls holding transactions older than 24h: use at most 24h (default 23h 55m)",
             ));
+        }
+        // A source's name keys its checkpoints: two alike would share them.
+        for (i, s) in sources.iter().enumerate() {
+            if let Some(j) = sources[..i]
+                .iter()
+                .position(|o| o.name == s.name && o.service_id == s.service_id)
+            {
+                return Err(ctx.invalid(
+                    &format!("sources[{i}]"),
+                    raw.sources[i].span().start,
+                    format!(
+                        "sources[{j}] of service {} has the same name `{}` (a source without a name is named by its path): give each its own name",
+                        s.service_id, s.name
+                    ),
+                ));
+            }
         }
         // Sources of one service must agree on its credentials.
         for (i, s) in sources.iter().enumerate() {
@@ -767,6 +799,7 @@ impl Config {
         line(format!("rejected_retry = {:?}", dur(b.rejected_retry)));
         for s in &self.sources {
             line("\n[[sources]]".into());
+            line(format!("name = {:?}", s.name));
             line(format!("path = {:?}", s.path));
             line(format!("service_id = {:?}", s.service_id));
             line(format!("format = {:?}", snake(&format!("{:?}", s.format))));
@@ -1035,6 +1068,25 @@ service_id = "42"
             .unwrap_err()
             .to_string();
         assert!(e.contains("no [[sources]]"), "{e}");
+        // Names key the checkpoints: unique per service, printable, not blank.
+        let twice = format!(
+            "{MINIMAL}\n[[sources]]\npath = \"/var/log/nginx/access.log\"\nservice_id = \"42\"\n"
+        );
+        let e = parse(&twice).unwrap_err().to_string();
+        assert!(
+            e.contains("sources[1]: sources[0] of service 42 has the same name"),
+            "{e}"
+        );
+        let named = twice.replacen("[[sources]]\npath", "[[sources]]\nname = \"edge\"\npath", 1);
+        assert_eq!(parse(&named).unwrap().sources[0].name, "edge");
+        assert_eq!(
+            parse(&named).unwrap().sources[1].name,
+            "/var/log/nginx/access.log"
+        );
+        let e = parse(&MINIMAL.replace("[[sources]]", "[[sources]]\nname = \" \""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sources[0].name: give a name"), "{e}");
     }
 
     #[test]

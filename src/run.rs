@@ -47,7 +47,8 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
     let metrics = Arc::new(Metrics::new(config.telemetry.stalled_after));
     // --dry-run reads the checkpoints (it shows what would be sent next) but writes none.
     let state_dir = StateDir::open(&config.state.dir, options.dry_run)?;
-    let patterns: Vec<String> = config.sources.iter().map(|s| s.path.clone()).collect();
+    // Checkpoints are kept by source name (by default the path): a reordered list keeps them.
+    let names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
     // Sources that report to the same service share its batches.
     let mut services: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, s) in config.sources.iter().enumerate() {
@@ -94,7 +95,13 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         };
         let aggregator =
             Aggregator::new(config.report.response_codes, config.report.max_transactions);
-        let mut state = state_dir.service(service_id, patterns.clone())?;
+        let mut state = state_dir.service(service_id, names.clone())?;
+        for &i in &sources {
+            // Unless another source is named by that path (it keeps its own).
+            if !names.contains(&config.sources[i].path) {
+                state.adopt(&names[i], &config.sources[i].path);
+            }
+        }
         for f in state.in_flight() {
             tracing::warn!(service_id, path = %crate::telemetry::shown_path(&f.path), from = f.from, to = f.to,
                 "a report call was under way when tally stopped: its lines are sent again (if 3scale had \
@@ -103,13 +110,13 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         // read_from applies to a source's first run only.
         let first_run: Vec<bool> = sources
             .iter()
-            .map(|&i| !state.knows_source(&patterns[i]))
+            .map(|&i| !state.knows_source(&names[i]))
             .collect();
         let checkpoints: Vec<_> = sources
             .iter()
-            .map(|&i| state.checkpoints(&patterns[i]))
+            .map(|&i| state.checkpoints(&names[i]))
             .collect();
-        let started: Vec<String> = sources.iter().map(|&i| patterns[i].clone()).collect();
+        let started: Vec<String> = sources.iter().map(|&i| names[i].clone()).collect();
         state.start_sources(&started)?;
         let task = aggregations.spawn(aggregate::run(
             lines,

@@ -122,8 +122,8 @@ impl StateDir {
         })
     }
 
-    /// Loads one service's state (empty if it has none yet). `patterns` are the path patterns of all
-    /// `[[sources]]`, by index.
+    /// Loads one service's state (empty if it has none yet). `patterns` are the names of all
+    /// `[[sources]]`, by index (a source's name is its path pattern unless it is given one).
     pub fn service(
         &self,
         service_id: &str,
@@ -198,6 +198,31 @@ impl ServiceState {
     /// The report calls under way (at start-up: those under way when tally last stopped).
     pub fn in_flight(&self) -> Vec<InFlight> {
         self.in_flight.values().flatten().cloned().collect()
+    }
+
+    /// A source that was known by its path and is now given a name keeps its checkpoints: they
+    /// move to the name (once; the state is written at the next change).
+    pub fn adopt(&mut self, name: &str, path: &str) {
+        if name == path || self.knows_source(name) || !self.knows_source(path) {
+            return;
+        }
+        for s in &mut self.sources {
+            if s == path {
+                *s = name.to_string();
+            }
+        }
+        let moved: Vec<(String, FileKey)> = self
+            .files
+            .keys()
+            .filter(|(source, _)| source == path)
+            .cloned()
+            .collect();
+        for key in moved {
+            if let Some(mut c) = self.files.remove(&key) {
+                c.source = name.to_string();
+                self.files.insert((name.to_string(), key.1), c);
+            }
+        }
     }
 
     /// Records that these sources are being read, so read_from never applies to them again.
@@ -536,6 +561,28 @@ mod tests {
         let s = d.service("42", patterns()).unwrap();
         let c = s.checkpoints("/logs/*.log");
         assert_eq!((c.len(), c[0].offset), (1, 50));
+    }
+
+    /// Naming a source that was known by its path keeps its checkpoints.
+    #[test]
+    fn a_source_given_a_name_keeps_its_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = StateDir::open(dir.path(), false).unwrap();
+        {
+            let mut s = d.service("42", patterns()).unwrap();
+            s.start_sources(&patterns()).unwrap();
+            s.commit(1, &[advance(0, 7, 100, false)]).unwrap();
+        }
+        let names = vec!["edge".to_string(), "/other dir/x.log".to_string()];
+        let mut s = d.service("42", names.clone()).unwrap();
+        s.adopt("edge", "/logs/*.log");
+        assert!(s.knows_source("edge") && !s.knows_source("/logs/*.log"));
+        assert_eq!(s.checkpoints("edge")[0].offset, 100);
+        assert!(s.checkpoints("/logs/*.log").is_empty());
+        s.start_sources(&names).unwrap();
+        s.commit(2, &[advance(0, 7, 150, false)]).unwrap();
+        let s = d.service("42", names).unwrap();
+        assert_eq!(s.checkpoints("edge")[0].offset, 150);
     }
 
     #[test]

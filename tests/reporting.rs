@@ -558,3 +558,65 @@ fn a_panicking_stage_stops_tally_with_an_error_and_a_restart_loses_nothing() {
     expected.sort();
     assert_eq!(keys, expected);
 }
+
+/// Checkpoints belong to a source's name (its path by default), not to its place in the list:
+/// reordering the sources, then naming one and changing its path, reads nothing twice and loses
+/// nothing.
+#[test]
+fn reordered_and_renamed_sources_keep_their_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("42", "tok")]);
+    let (a, b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let t = now();
+    let line = |key: &str| combined_line(t, "GET", &format!("/?user_key={key}"), 200);
+    append(&a, &(line("a1") + &line("a2")));
+    append(&b, &line("b1"));
+    let config = write_config(
+        dir.path(),
+        &backend.url(),
+        "tok",
+        &[(&a, "42"), (&b, "42")],
+        "",
+    );
+    Tally::run_once(&config);
+    // The same sources, the other way round.
+    write_config(
+        dir.path(),
+        &backend.url(),
+        "tok",
+        &[(&b, "42"), (&a, "42")],
+        "",
+    );
+    append(&a, &line("a3"));
+    append(&b, &line("b2"));
+    Tally::run_once(&config);
+    // a.log's source gets a name, then its path changes: the name keeps the checkpoint.
+    let named = |path: &str| {
+        let text = std::fs::read_to_string(&config).unwrap().replacen(
+            &format!("path = \"{}\"", a.display()),
+            &format!("name = \"edge\"\npath = \"{path}\""),
+            1,
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    named(&a.display().to_string());
+    append(&a, &line("a4"));
+    Tally::run_once(&config);
+    write_config(
+        dir.path(),
+        &backend.url(),
+        "tok",
+        &[(&b, "42"), (&a, "42")],
+        "",
+    );
+    named(&dir.path().join("a*.log").display().to_string());
+    append(&a, &line("a5"));
+    Tally::run_once(&config);
+    let mut keys: Vec<String> = backend
+        .transactions()
+        .iter()
+        .map(|t| t.credential())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["a1", "a2", "a3", "a4", "a5", "b1", "b2"]);
+}
