@@ -112,10 +112,12 @@ impl World {
 
     /// `tally_file_lag_seconds` of the access log.
     fn lag_seconds(&self) -> u64 {
-        let name = format!(
-            "tally_file_lag_seconds{{path=\"{}\"}}",
-            self.s.log.display()
-        );
+        self.file_gauge("tally_file_lag_seconds")
+    }
+
+    /// A per-file gauge of the access log.
+    fn file_gauge(&self, gauge: &str) -> u64 {
+        let name = format!("{gauge}{{path=\"{}\"}}", self.s.log.display());
         value(&self.metrics(), &name)
     }
 }
@@ -946,4 +948,59 @@ fn once_with_max_wait_gives_up_on_a_hanging_3scale_and_the_next_run_delivers_eve
     assert_eq!(received(w.backend()), sorted(expected));
     w.proxy
         .wait_until(WAIT, "no call open at the proxy", |p| p.open() == 0);
+}
+
+/// Admission (the credential check) is a step of its own: while a new credential's check hangs,
+/// a report call that finishes meanwhile is checkpointed all the same.
+#[test]
+fn a_call_that_finishes_is_checkpointed_while_a_credential_check_hangs() {
+    let w = World::new();
+    let t = now();
+    let first = combined_line(t, "GET", "/?user_key=known", 200);
+    let second = combined_line(t, "GET", "/?user_key=newcomer", 200);
+    // Calls take 2 s to answer; a hanging check fails only after 4 s.
+    w.proxy
+        .set_for(Endpoint::Report, Fault::Delay(Duration::from_secs(2)));
+    let tally = Tally::start(
+        &w.config(
+            "timeout = \"4s\"\n",
+            "[report]\nflush_interval = \"100ms\"\n",
+        ),
+        &[],
+    );
+    w.s.append(&first);
+    w.proxy
+        .wait_until(WAIT, "the first report call", |p| p.requests(REPORT) >= 1);
+    w.proxy.set_for(Endpoint::Authorize, Fault::Hang);
+    w.s.append(&second);
+    w.proxy.wait_until(WAIT, "the newcomer's check", |p| {
+        p.applied(Endpoint::Authorize, Fault::Hang) >= 1
+    });
+    // The first call ends 2 s after it was sent: its checkpoint follows, the check still hanging.
+    let deadline = Instant::now() + WAIT;
+    while w.file_gauge("tally_file_lag_bytes") != second.len() as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the first call's checkpoint waits for the second batch's credential check:\n{}",
+            w.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        w.proxy.requests(REPORT),
+        1,
+        "the newcomer was not reported unchecked"
+    );
+    w.proxy.set(Fault::Pass);
+    w.backend()
+        .wait_until(WAIT, "both lines", |b| b.transactions().len() >= 2);
+    stop(tally);
+    let mut keys: Vec<String> = w
+        .backend()
+        .transactions()
+        .iter()
+        .map(|t| t.credential())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["known", "newcomer"]);
 }

@@ -169,19 +169,23 @@ struct Pending {
 
 /// Sends each batch until the backend accepts it, and moves the checkpoints on. Ends when the batch
 /// channel closes and every call is finished.
+///
+/// Two steps run side by side: admission (the time window, the credential checks) and dispatch
+/// (calls, checkpoints in order). A slow credential check holds the next batch, never the
+/// checkpoints of the calls that finished meanwhile.
 pub async fn run(
     report: ServiceReport,
-    mut batches: mpsc::Receiver<Batch>,
+    batches: mpsc::Receiver<Batch>,
     metrics: Arc<Metrics>,
 ) -> Result<(), ReportError> {
     let ServiceReport {
         service_id,
         auth,
         sink,
-        mut state,
+        state,
         settings,
     } = report;
-    let mut credentials = settings
+    let credentials = settings
         .validation
         .map(|(valid, invalid)| Credentials::new(valid, invalid));
     let concurrency = match sink {
@@ -195,6 +199,43 @@ pub async fn run(
         metrics,
         bodies: Mutex::new(Vec::new()),
     });
+    let (admitted_tx, admitted) = mpsc::channel(1);
+    tokio::try_join!(
+        admit(batches, admitted_tx, &shared, &sink, credentials),
+        dispatch(admitted, &shared, &sink, state, concurrency),
+    )?;
+    Ok(())
+}
+
+/// Takes out of each batch what must not be sent (see [`keep_sendable`]) and passes it on, in order.
+async fn admit(
+    mut batches: mpsc::Receiver<Batch>,
+    admitted: mpsc::Sender<Batch>,
+    shared: &Arc<Shared>,
+    sink: &Sink,
+    mut credentials: Option<Credentials>,
+) -> Result<(), ReportError> {
+    while let Some(mut batch) = batches.recv().await {
+        if !batch.transactions.is_empty() {
+            shared.metrics.waiting(&shared.service_id);
+        }
+        keep_sendable(shared, &mut batch.transactions, sink, credentials.as_mut()).await?;
+        if admitted.send(batch).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Sends the admitted batches, `concurrency` at most under way, and moves the checkpoints on in
+/// batch order.
+async fn dispatch(
+    mut batches: mpsc::Receiver<Batch>,
+    shared: &Arc<Shared>,
+    sink: &Sink,
+    mut state: ServiceState,
+    concurrency: usize,
+) -> Result<(), ReportError> {
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut calls: JoinSet<(u64, Result<(), ReportError>)> = JoinSet::new();
     let mut seq = 0u64;
@@ -207,21 +248,17 @@ pub async fn run(
             // a crash would send it again. So at most `concurrency` calls can count twice, however
             // slow one call is.
             batch = batches.recv(), if open && pending.len() < concurrency => {
-                let Some(mut batch) = batch else {
+                let Some(batch) = batch else {
                     open = false;
                     continue;
                 };
                 seq += 1;
-                if !batch.transactions.is_empty() {
-                    shared.metrics.waiting(&shared.service_id);
-                }
-                keep_sendable(&shared, &mut batch.transactions, &sink, credentials.as_mut()).await?;
                 let done = batch.transactions.is_empty();
-                persist(&shared, &mut backoff, || state.begin(seq, &batch.advances, !done)).await;
+                persist(shared, &mut backoff, || state.begin(seq, &batch.advances, !done)).await;
                 if !done {
-                    match &sink {
+                    match sink {
                         Sink::DryRun(url) => {
-                            print_dry_run(url, &shared, &batch.transactions);
+                            print_dry_run(url, shared, &batch.transactions);
                             count_reported(&shared.metrics, &batch.transactions);
                             calls.spawn(async move { (seq, Ok(())) });
                         }
@@ -248,7 +285,7 @@ pub async fn run(
         let mut committed = false;
         while pending.front().is_some_and(|p| p.done) {
             let p = pending.pop_front().expect("checked");
-            persist(&shared, &mut backoff, || state.commit(p.seq, &p.advances)).await;
+            persist(shared, &mut backoff, || state.commit(p.seq, &p.advances)).await;
             committed = true;
             for a in &p.advances {
                 if a.closed {
