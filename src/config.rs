@@ -109,8 +109,9 @@ pub struct Backend {
     pub connect_timeout: Duration,
     /// How long a connected call waits for its answer (raised while 3scale is slow).
     pub timeout: Duration,
-    /// Extra root certificates (PEM) to trust, beside the system's.
-    pub ca_file: Option<PathBuf>,
+    /// Extra root certificates to trust, beside the system's: the PEM file, and its certificates
+    /// (read once, when the configuration is checked).
+    pub ca_file: Option<(PathBuf, Vec<reqwest::Certificate>)>,
     /// Check each new credential with an authorize call before reporting it.
     pub validate_credentials: bool,
     /// How long an authorize answer is trusted: an application that exists, one that does not.
@@ -507,7 +508,7 @@ impl Ctx<'_> {
                         format!("cannot read {}: {e}", path.display()),
                     )
                 })?;
-                reqwest::Certificate::from_pem_bundle(&pem)
+                let certificates = reqwest::Certificate::from_pem_bundle(&pem)
                     .ok()
                     .filter(|certs| !certs.is_empty())
                     .ok_or_else(|| {
@@ -517,7 +518,7 @@ impl Ctx<'_> {
                             format!("{} holds no PEM certificate", path.display()),
                         )
                     })?;
-                Some(path)
+                Some((path, certificates))
             }
         };
         Ok(Backend {
@@ -784,7 +785,7 @@ impl Config {
         line(format!("{field} = {:?}", secret.to_string()));
         line(format!("connect_timeout = {:?}", dur(b.connect_timeout)));
         line(format!("timeout = {:?}", dur(b.timeout)));
-        if let Some(ca) = &b.ca_file {
+        if let Some((ca, _)) = &b.ca_file {
             line(format!("ca_file = {:?}", ca.display().to_string()));
         }
         line(format!("validate_credentials = {}", b.validate_credentials));

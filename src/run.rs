@@ -59,7 +59,11 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         &config.backend.url,
         config.backend.connect_timeout,
         config.backend.timeout,
-        config.backend.ca_file.as_deref(),
+        config
+            .backend
+            .ca_file
+            .as_ref()
+            .map_or(&[][..], |(_, certificates)| certificates),
     )?);
     if let Some(listen) = config.telemetry.listen {
         telemetry::serve(listen, metrics.clone())

@@ -166,7 +166,7 @@ impl Client {
         base: &reqwest::Url,
         connect_timeout: Duration,
         response_timeout: Duration,
-        ca_file: Option<&std::path::Path>,
+        ca_certificates: &[reqwest::Certificate],
     ) -> anyhow::Result<Client> {
         let join = |path: &str| {
             base.join(path)
@@ -177,14 +177,8 @@ impl Client {
             .http1_only()
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("tally/", env!("CARGO_PKG_VERSION")));
-        if let Some(file) = ca_file {
-            let pem = std::fs::read(file)
-                .map_err(|e| anyhow::anyhow!("backend.ca_file {}: {e}", file.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| anyhow::anyhow!("backend.ca_file {}: {e}", file.display()))?
-            {
-                http = http.add_root_certificate(cert);
-            }
+        for cert in ca_certificates {
+            http = http.add_root_certificate(cert.clone());
         }
         let http = http
             .build()
