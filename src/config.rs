@@ -304,7 +304,7 @@ struct RawReport {
     #[serde(default, deserialize_with = "duration::optional")]
     shutdown_grace: Option<Duration>,
     concurrency: Option<Spanned<i64>>,
-    #[serde(default, deserialize_with = "duration::optional")]
+    #[serde(default, deserialize_with = "duration::max_age")]
     max_age: Option<Duration>,
 }
 
@@ -329,7 +329,7 @@ struct RawState {
 #[serde(deny_unknown_fields)]
 struct RawLog {
     format: Option<LogOutput>,
-    level: Option<String>,
+    level: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "duration::optional")]
     stats_interval: Option<Duration>,
 }
@@ -350,6 +350,17 @@ mod duration {
             return Err(D::Error::custom("the duration must be above zero"));
         }
         Ok(Some(value))
+    }
+
+    /// `report.max_age`: a duration of at most 24 h (the error points at the key's line).
+    pub fn max_age<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let value = optional(d)?;
+        if value.is_some_and(|v| v > Duration::from_secs(24 * 3600)) {
+            return Err(D::Error::custom(
+                "3scale drops whole calls holding transactions older than 24h: use at most 24h (default 23h 55m)",
+            ));
+        }
+        Ok(value)
     }
 }
 
@@ -672,13 +683,6 @@ impl Config {
                 .max_age
                 .unwrap_or(Duration::from_secs(24 * 3600 - 300)),
         };
-        if report.max_age > Duration::from_secs(24 * 3600) {
-            return Err(ctx.invalid(
-                "report.max_age",
-                text.find("max_age").unwrap_or(0),
-                "3scale drops whole calls holding transactions older than 24h: use at most 24h (default 23h 55m)",
-            ));
-        }
         // A source's name keys its checkpoints: two alike would share them.
         for (i, s) in sources.iter().enumerate() {
             if let Some(j) = sources[..i]
@@ -750,13 +754,17 @@ impl Config {
         };
         let log = Logging {
             format: raw.log.format.unwrap_or_default(),
-            level: raw.log.level.unwrap_or_else(|| "info".to_string()),
+            level: raw
+                .log
+                .level
+                .as_ref()
+                .map_or_else(|| "info".to_string(), |l| l.get_ref().clone()),
             stats_interval: raw.log.stats_interval.unwrap_or(Duration::from_secs(60)),
         };
         tracing_subscriber::EnvFilter::try_new(&log.level).map_err(|e| {
             ctx.invalid(
                 "log.level",
-                text.find("level").unwrap_or(0),
+                raw.log.level.as_ref().map_or(0, |l| l.span().start),
                 format!("`{}`: {e}", log.level),
             )
         })?;
@@ -1002,6 +1010,19 @@ service_id = "42"
             .unwrap_err()
             .to_string();
         assert!(e.contains("at most 1023"), "{e}");
+        // The line of the key itself, whatever the text before it says.
+        let e = parse(&format!(
+            "# max_age and level are explained below\n{MINIMAL}\n[report]\nmax_age = \"25h\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("at most 24h") && e.contains("line 11"), "{e}");
+        let e = parse(&format!(
+            "# max_age and level are explained below\n{MINIMAL}\n[log]\nlevel = \"tally=loud\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(":11: log.level"), "{e}");
     }
 
     #[test]
