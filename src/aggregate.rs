@@ -300,7 +300,7 @@ pub fn parse_chunk(
         path: chunk.path.clone(),
         closed,
     };
-    let (mut read, mut skipped) = (0u64, [0u64; 4]);
+    let (mut read, mut skipped) = (0u64, [0u64; Skip::ALL.len()]);
     let mut first_line_time = 0;
     for (line, next) in chunk.lines() {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -344,12 +344,7 @@ pub fn parse_chunk(
     metrics
         .files
         .parsed(chunk.source, chunk.file, first_line_time);
-    for skip in [
-        Skip::Malformed,
-        Skip::NoCredential,
-        Skip::InvalidCredential,
-        Skip::TooLong,
-    ] {
+    for skip in Skip::ALL {
         metrics.skipped(skip, skipped[skip as usize]);
     }
     aggregator.advance(at(from, chunk.end_offset, line_time, chunk.closed));

@@ -70,6 +70,14 @@ pub enum Skip {
 }
 
 impl Skip {
+    /// Every reason: the per-chunk tallies, the counters and `/metrics` iterate this.
+    pub const ALL: [Skip; 4] = [
+        Skip::Malformed,
+        Skip::NoCredential,
+        Skip::InvalidCredential,
+        Skip::TooLong,
+    ];
+
     pub fn reason(self) -> &'static str {
         match self {
             Skip::Malformed => "malformed",

@@ -32,10 +32,8 @@ impl Endpoint {
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub lines_read: AtomicU64,
-    pub skipped_malformed: AtomicU64,
-    pub skipped_no_credential: AtomicU64,
-    pub skipped_invalid_credential: AtomicU64,
-    pub skipped_too_long: AtomicU64,
+    /// Lines skipped, by reason (`Skip as usize`).
+    skipped: [AtomicU64; Skip::ALL.len()],
     pub requests_reported: AtomicU64,
     pub transactions_reported: AtomicU64,
     pub report_calls: AtomicU64,
@@ -185,13 +183,12 @@ impl Metrics {
     }
 
     pub fn skipped(&self, reason: Skip, n: u64) {
-        let counter = match reason {
-            Skip::Malformed => &self.skipped_malformed,
-            Skip::NoCredential => &self.skipped_no_credential,
-            Skip::InvalidCredential => &self.skipped_invalid_credential,
-            Skip::TooLong => &self.skipped_too_long,
-        };
-        counter.fetch_add(n, Relaxed);
+        self.skipped[reason as usize].fetch_add(n, Relaxed);
+    }
+
+    /// Lines skipped so far for `reason`.
+    pub fn skips(&self, reason: Skip) -> u64 {
+        self.skipped[reason as usize].load(Relaxed)
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {
@@ -250,10 +247,11 @@ impl Metrics {
             lines_read = g(&self.lines_read),
             requests_reported = g(&self.requests_reported),
             transactions_reported = g(&self.transactions_reported),
-            skipped_malformed = g(&self.skipped_malformed),
-            skipped_no_credential = g(&self.skipped_no_credential),
-            skipped_invalid_credential = g(&self.skipped_invalid_credential),
-            skipped_too_long = g(&self.skipped_too_long),
+            // Structured fields need their names written out (tracing takes no computed names).
+            skipped_malformed = self.skips(Skip::Malformed),
+            skipped_no_credential = self.skips(Skip::NoCredential),
+            skipped_invalid_credential = self.skips(Skip::InvalidCredential),
+            skipped_too_long = self.skips(Skip::TooLong),
             report_calls = g(&self.report_calls),
             report_failures = Cause::ALL
                 .iter()
@@ -604,13 +602,7 @@ fn prometheus(m: &Metrics) -> String {
         "lines_skipped_total",
         "counter",
         "Log lines not reported, by reason.",
-        &[
-            ("malformed", &m.skipped_malformed),
-            ("no_credential", &m.skipped_no_credential),
-            ("invalid_credential", &m.skipped_invalid_credential),
-            ("too_long", &m.skipped_too_long),
-        ]
-        .map(|(r, c)| (format!("{{reason=\"{r}\"}}"), g(c))),
+        &Skip::ALL.map(|r| (format!("{{reason=\"{}\"}}", r.reason()), m.skips(r))),
     );
     metric(
         "requests_reported_total",
