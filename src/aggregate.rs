@@ -407,7 +407,8 @@ mod tests {
     #[test]
     fn a_batch_split_inside_a_chunk_starts_at_the_split() {
         use crate::config::{CredentialMode, LogFormat};
-        use crate::tail::{Chunk, FileKey, Fingerprint};
+        use crate::identity::{FileKey, Fingerprint};
+        use crate::tail::Chunk;
         let line = "1.2.3.4 - - [10/Oct/2026:13:55:36 +0000] \"GET /?user_key=k HTTP/1.1\" 200 1 \"-\" \"a\"\n";
         let len = line.len() as u64;
         let lines = ServiceLines {

@@ -6,6 +6,7 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod identity;
 pub mod parse;
 pub mod preflight;
 pub mod report;

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::config::Config;
-use crate::tail::{is_glob, matching_files, FileKey};
+use crate::identity::FileKey;
+use crate::tail::{is_glob, matching_files};
 use crate::telemetry::printable;
 
 /// What was found: errors stop tally; warnings are worth a look.

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::tail::{FileKey, Fingerprint};
+use crate::identity::{FileKey, Fingerprint};
 
 const HEADER: &str = "tally-state 1";
 /// How often the state is made durable against a power loss (a crash loses nothing written).

@@ -6,9 +6,44 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::identity::FileKey;
 use crate::parse::Skip;
-use crate::report::Cause;
-use crate::tail::FileKey;
+
+/// Why a call failed, as `tally_call_failures_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Connected, but the answer did not come within the response timeout.
+    Timeout,
+    /// The connection could not be made, or broke.
+    Connection,
+    /// 3scale (or a proxy in front of it) answered 5xx.
+    Http5xx,
+    /// 3scale refused the call as a whole (4xx).
+    Http4xx,
+    /// An answer that is not 3scale's (a report answered other than 202, an authorize answer that
+    /// is not its XML): something else answers at `backend.url`.
+    Unexpected,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 5] = [
+        Cause::Timeout,
+        Cause::Connection,
+        Cause::Http5xx,
+        Cause::Http4xx,
+        Cause::Unexpected,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Cause::Timeout => "timeout",
+            Cause::Connection => "connection",
+            Cause::Http5xx => "http_5xx",
+            Cause::Http4xx => "http_4xx",
+            Cause::Unexpected => "unexpected_answer",
+        }
+    }
+}
 
 /// The calls tally makes to 3scale, as `tally_call_failures_total` labels them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,14 +17,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-pub use client::{xml_error, Cause, Client, Existence, Failure, ReportError, ResponseTimeout};
+pub use client::{xml_error, Client, Existence, Failure, ReportError, ResponseTimeout};
 pub use credentials::Credentials;
 pub use form::{encode, ReportForm};
 
 use crate::aggregate::{Application, Batch, Transaction, Transactions};
 use crate::config::BackendAuth;
 use crate::state::{Advance, InFlight, ServiceState, StateError};
-use crate::telemetry::{mask, Endpoint, Metrics};
+use crate::telemetry::{mask, Cause, Endpoint, Metrics};
 
 /// What masks the service token or provider key wherever a report body is shown.
 pub const MASK: &str = "***";
