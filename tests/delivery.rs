@@ -36,12 +36,6 @@ fn expect(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
     pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
 }
 
-fn stop(mut tally: Tally) -> String {
-    tally.signal("TERM");
-    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
-    tally.logs()
-}
-
 #[test]
 fn an_unknown_credential_never_reaches_3scale_and_the_rest_of_its_batch_does() {
     let s = Scenario::new();
@@ -67,7 +61,7 @@ fn an_unknown_credential_never_reaches_3scale_and_the_rest_of_its_batch_does() {
         b.transactions().len() >= 3
     });
     let (_, metrics) = telemetry_get(port, "/metrics");
-    let logs = stop(tally);
+    let logs = tally.stop(WAIT);
     assert_eq!(hits(&s), expect(&[("good-key-1234", 2), ("app-ok", 1)]));
     assert!(
         s.backend.dropped().is_empty(),
@@ -187,7 +181,7 @@ fn outages_short_and_long_lose_nothing_and_catch_up() {
     append(&s, &[(t, "/?user_key=late", 200)]);
     s.backend
         .wait_until(WAIT, "121 transactions", |b| b.transactions().len() >= 121);
-    stop(tally);
+    tally.stop(WAIT);
     assert_eq!(s.backend.transactions().len(), 121);
     let mut codes = BTreeMap::new();
     for tx in s.backend.transactions() {
@@ -275,7 +269,7 @@ fn a_rejected_token_marks_tally_unhealthy_keeps_the_data_and_resumes_once_fixed(
     }
     let (_, metrics) = telemetry_get(port, "/metrics");
     assert!(metrics.contains("tally_healthy 1"), "{metrics}");
-    let logs = stop(tally);
+    let logs = tally.stop(WAIT);
     assert_eq!(hits(&s), expect(&[("a", 1), ("b", 1)]));
     assert!(logs.contains("the secret's file changed"), "{logs}");
     assert!(!logs.contains("the-new-token"), "{logs}");
@@ -292,7 +286,7 @@ fn a_token_fixed_in_3scale_resumes_reporting_without_restart() {
     s.backend.set_token("42", "tok");
     s.backend
         .wait_until(WAIT, "the request", |b| b.transactions().len() == 1);
-    stop(tally);
+    tally.stop(WAIT);
     assert_eq!(hits(&s), expect(&[("a", 1)]));
 }
 
@@ -466,7 +460,7 @@ fn an_outage_shows_in_metrics_lag_and_health() {
         3
     );
     assert_eq!(sample(&metrics, "tally_ambiguous_resends_total"), 0);
-    stop(tally);
+    tally.stop(WAIT);
     assert_eq!(hits(&s), expect(&[("a", 2), ("b", 1)]));
 }
 

@@ -145,14 +145,6 @@ fn sorted(mut v: Vec<Seen>) -> Vec<Seen> {
     v
 }
 
-/// SIGTERM, then a clean exit; the log.
-fn stop(mut tally: Tally) -> String {
-    tally.signal("TERM");
-    let status = tally.wait(WAIT);
-    assert!(status.success(), "tally exited {status}:\n{}", tally.logs());
-    tally.logs()
-}
-
 fn value(metrics: &str, name: &str) -> u64 {
     metric(metrics, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}")) as u64
 }
@@ -338,7 +330,7 @@ fn faults_then_pass(
     let metrics = wait_until_all_accepted(w);
     assert_eq!(w.lag_seconds(), 0, "{metrics}");
     w.wait_for_health(200, "");
-    let logs = stop(tally);
+    let logs = tally.stop(WAIT);
     assert_eq!(
         received(w.backend()),
         sorted(expected),
@@ -637,7 +629,7 @@ fn a_200_that_is_not_an_authorize_answer_vouches_for_no_credential() {
         .wait_until(WAIT, "the known credentials' lines", |b| {
             b.transactions().len() >= n
         });
-    let logs = stop(tally);
+    let logs = tally.stop(WAIT);
     assert_eq!(received(w.backend()), sorted(expected), "{logs}");
     assert!(
         w.backend().dropped().is_empty(),
@@ -670,7 +662,7 @@ fn a_200_that_is_not_a_report_answer_does_not_count_as_accepted() {
     while w.backend().transactions().len() < 20 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let logs = stop(tally);
+    let logs = tally.stop(WAIT);
     assert_eq!(
         received(w.backend()),
         sorted(expected),
@@ -824,7 +816,7 @@ fn a_slow_3scale(all_endpoints: bool) {
     w.proxy.set(Fault::Pass);
     lines.append(&w, 10);
     let metrics = wait_until_all_accepted(&w);
-    let logs = stop(tally);
+    let logs = tally.stop(WAIT);
     let resent = resends(&metrics);
     let ranges = resent_ranges(&logs);
     let duplicates = lines.check(w.backend(), &ranges, true, &logs);
@@ -897,7 +889,7 @@ fn connections_broken_after_processing_are_retried_with_backoff() {
     w.proxy.set(Fault::Pass);
     let tries = w.proxy.applied(Endpoint::Report, Fault::ProcessThenReset);
     let metrics = wait_until_all_accepted(&w);
-    let logs = stop(tally);
+    let logs = tally.stop(WAIT);
     // Backoff from 0.5 s doubling, each wait at least half its step: 0.25 + 0.5 + 1 + 2 = 3.75 s
     // for 5 tries; 8 leaves room for a loaded machine.
     assert!(
@@ -994,13 +986,7 @@ fn a_call_that_finishes_is_checkpointed_while_a_credential_check_hangs() {
     w.proxy.set(Fault::Pass);
     w.backend()
         .wait_until(WAIT, "both lines", |b| b.transactions().len() >= 2);
-    stop(tally);
-    let mut keys: Vec<String> = w
-        .backend()
-        .transactions()
-        .iter()
-        .map(|t| t.credential())
-        .collect();
-    keys.sort();
+    tally.stop(WAIT);
+    let keys = w.backend().credentials();
     assert_eq!(keys, ["known", "newcomer"]);
 }

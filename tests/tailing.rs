@@ -152,13 +152,6 @@ fn append_to(path: &Path) -> File {
         .unwrap()
 }
 
-/// Stops tally as a service manager does, and returns its log.
-fn stop(mut tally: Tally) -> String {
-    tally.signal("TERM");
-    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
-    tally.logs()
-}
-
 /// A counter of the summary tally logs when it stops (`stopped lines_read=... truncations=...`).
 fn final_counter(logs: &str, name: &str) -> u64 {
     let summary = logs
@@ -204,7 +197,7 @@ fn rename_and_create_rotation(watch: bool) {
         w.write(10 + round as u64);
     }
     s.wait_for(w.next as usize);
-    let logs = stop(tally);
+    let logs = tally.stop(WAIT);
     s.assert_exactly_once(w.next);
     // Each rotation is seen once (each round waits until the new file is followed), as a rotation.
     assert_eq!(final_counter(&logs, "rotations"), 3, "{logs}");
@@ -226,7 +219,7 @@ fn copytruncate_rotation(watch: bool) {
         w.write(5);
     }
     s.wait_for(w.next as usize);
-    let logs = stop(tally);
+    let logs = tally.stop(WAIT);
     s.assert_exactly_once(w.next);
     // Each truncation is seen once (each round waits for its lines before the next), as such.
     assert_eq!(
@@ -253,7 +246,7 @@ fn truncated_and_regrown_between_two_looks(watch: bool) {
     w.file.set_len(0).unwrap();
     w.write(60); // more bytes than before the truncation
     s.wait_for(90);
-    let logs = stop(tally);
+    let logs = tally.stop(WAIT);
     s.assert_exactly_once(90);
     assert_eq!(final_counter(&logs, "truncations"), 1, "{logs}");
 }
@@ -290,7 +283,7 @@ fn deleted_file_is_finished_and_closed(watch: bool) {
     w2.next = 55;
     w2.write(5);
     s.wait_for(60);
-    let logs = stop(tally);
+    let logs = tally.stop(WAIT);
     s.assert_exactly_once(60);
     // The deletion is seen once; the new file is a new file, not a truncation of the old one.
     assert_eq!(final_counter(&logs, "rotations"), 1, "{logs}");
@@ -326,7 +319,7 @@ fn files_that_appear_later_and_glob_matches(watch: bool) {
     b.next = 20;
     b.write(15);
     s.wait_for(35);
-    let logs = stop(tally);
+    let logs = tally.stop(WAIT);
     s.assert_exactly_once(35);
     // Not even read: neither old.log's lines from before the start nor b.txt's.
     assert_eq!(final_counter(&logs, "lines_read"), 35, "{logs}");
@@ -350,7 +343,7 @@ fn long_lines_and_invalid_utf8_do_not_stop_reading(watch: bool) {
         .unwrap(); // over the limit, whole
     w.write(5);
     s.wait_for(15);
-    let logs = stop(tally);
+    let logs = tally.stop(WAIT);
     s.assert_exactly_once(15);
     // The 1 MB line (dropped while read) and the 5000-byte one (whole, dropped when parsed) are
     // too long, the garbage is malformed: 15 + 3 lines read.
@@ -409,7 +402,7 @@ fn kill_9_at_many_moments_loses_and_duplicates_nothing(watch: bool) {
         s.counts().len() as u64 >= written
     });
     let last_log = tally.log.clone();
-    stop(tally);
+    tally.stop(WAIT);
     runs.push(std::fs::read_to_string(&last_log).expect("read the last run's log"));
     let content = std::fs::read(&log).expect("read the access log");
     // Where each line starts and ends in the file, to place it in the ranges under way.
@@ -491,11 +484,11 @@ fn restart_resumes_at_the_checkpoint_and_read_from_applies_once() {
     tally.wait_for_log("following file", WAIT);
     w.write(5);
     s.wait_for(5);
-    stop(tally);
+    tally.stop(WAIT);
     w.write(7); // while tally is down
     let tally = Tally::start(Path::new(&config), &[]);
     s.wait_for(12);
-    let logs = stop(tally);
+    let logs = tally.stop(WAIT);
     s.assert_exactly_once(12);
     assert!(logs.contains("resuming at the checkpoint"), "{logs}");
 }
@@ -584,7 +577,7 @@ fn a_second_tally_on_the_same_state_is_refused() {
         "{}",
         second.logs()
     );
-    stop(first);
+    first.stop(WAIT);
 }
 
 #[test]
@@ -646,6 +639,6 @@ fn a_backend_outage_stops_reading_ahead_and_memory_stays_bounded() {
     s.backend.fail_next(0, 503);
     s.backend
         .wait_until(WAIT, "the backlog", |b| b.transactions().len() >= 200_000);
-    stop(tally);
+    tally.stop(WAIT);
     s.assert_exactly_once(200_000);
 }

@@ -195,6 +195,17 @@ impl Backend {
     }
 
     /// Every accepted transaction, in arrival order.
+    /// The credential of every transaction accepted, sorted.
+    pub fn credentials(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .transactions()
+            .iter()
+            .map(Transaction::credential)
+            .collect();
+        all.sort();
+        all
+    }
+
     pub fn transactions(&self) -> Vec<Transaction> {
         self.with(|s| {
             s.reports

@@ -72,6 +72,14 @@ impl Tally {
         assert!(ok, "kill -{name} failed");
     }
 
+    /// Stops tally with SIGTERM, asserts that it exited 0 within `timeout`; returns its log.
+    pub fn stop(mut self, timeout: Duration) -> String {
+        self.signal("TERM");
+        let status = self.wait(timeout);
+        assert!(status.success(), "tally exited {status}:\n{}", self.logs());
+        self.logs()
+    }
+
     /// Waits for the process to exit, or panics after `timeout`.
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
