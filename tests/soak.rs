@@ -84,25 +84,21 @@ fn soak() {
             let mut file = append_to(&log);
             let (mut next, mut rotations) = (0u64, 0u64);
             let mut rotate_at = Instant::now() + Duration::from_millis(2000 + rng.below(3000));
-            while writing.load(Ordering::SeqCst) {
-                let text: String = (0..20)
-                    .map(|i| {
-                        combined_line(now(), "GET", &format!("/x?user_key=u{}", next + i), 200)
-                    })
+            // 20 lines `u<next>`…, written through `file` as NGINX would.
+            let write_20 = |file: &mut File, next: &mut u64| {
+                let text: String = (*next..*next + 20)
+                    .map(|n| combined_line(now(), "GET", &format!("/x?user_key=u{n}"), 200))
                     .collect();
                 file.write_all(text.as_bytes()).expect("write the log");
-                next += 20;
+                *next += 20;
+            };
+            while writing.load(Ordering::SeqCst) {
+                write_20(&mut file, &mut next);
                 if Instant::now() >= rotate_at {
                     let rotated = dir.join(format!("access.log.{rotations}"));
                     std::fs::rename(&log, rotated).expect("rotate");
                     // NGINX writes to the renamed file until it reopens.
-                    let more: String = (0..20)
-                        .map(|i| {
-                            combined_line(now(), "GET", &format!("/x?user_key=u{}", next + i), 200)
-                        })
-                        .collect();
-                    file.write_all(more.as_bytes()).expect("write the log");
-                    next += 20;
+                    write_20(&mut file, &mut next);
                     file = append_to(&log);
                     rotations += 1;
                     rotate_at = Instant::now() + Duration::from_millis(2000 + rng.below(3000));
