@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use support::backend::Backend;
 use support::{
-    combined_line, metric, now, telemetry_get, telemetry_port, telemetry_try_get,
-    write_config_with, Scenario, Tally,
+    combined_line, now, sample, telemetry_get, telemetry_port, wait_for_health, write_config_with,
+    Scenario, Tally,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -262,11 +262,7 @@ fn a_rejected_token_marks_tally_unhealthy_keeps_the_data_and_resumes_once_fixed(
     std::fs::write(&token_file, "the-new-token\n").unwrap();
     s.backend
         .wait_until(WAIT, "both requests", |b| b.transactions().len() >= 2);
-    let deadline = std::time::Instant::now() + WAIT;
-    while telemetry_get(port, "/healthz").0 != 200 {
-        assert!(std::time::Instant::now() < deadline, "still unhealthy");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_health(port, 200, "", WAIT);
     let (_, metrics) = telemetry_get(port, "/metrics");
     assert!(metrics.contains("tally_healthy 1"), "{metrics}");
     let logs = tally.stop(WAIT);
@@ -373,28 +369,6 @@ fn sources_with_their_own_token_report_to_their_service() {
     assert!(!tally.logs().contains("token-two"));
 }
 
-/// Polls `/healthz` until its status is `status`; returns its body.
-fn wait_for_health(port: u16, status: u16) -> String {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let answer = telemetry_try_get(port, "/healthz");
-        match &answer {
-            Ok((got, body)) if *got == status => return body.clone(),
-            _ => {}
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "/healthz still {answer:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The value of one sample of `/metrics` (`name{labels}` as written).
-fn sample(metrics: &str, name: &str) -> u64 {
-    metric(metrics, name).unwrap_or_else(|| panic!("no sample {name} in:\n{metrics}")) as u64
-}
-
 /// Every call failing (authorize and report) is visible: failures counted by endpoint and cause,
 /// the lag of lines held in memory grows, and /healthz fails once nothing has been accepted for
 /// `stalled_after`, naming the last failure. Then everything arrives, exactly once.
@@ -412,7 +386,7 @@ fn an_outage_shows_in_metrics_lag_and_health() {
     let t = now() - 40;
     append(&s, &[(t, "/?user_key=a", 200), (t, "/?user_key=b", 500)]);
     let tally = Tally::start(&config, &[]);
-    let body = wait_for_health(port, 503);
+    let body = wait_for_health(port, 503, "", WAIT);
     assert!(
         body.contains("service 42: nothing accepted by 3scale for")
             && body.contains("last failure: authorize call: HTTP 500"),
@@ -445,7 +419,7 @@ fn an_outage_shows_in_metrics_lag_and_health() {
     s.backend.fail_next(0, 500);
     s.backend
         .wait_until(WAIT, "both requests", |b| b.transactions().len() >= 2);
-    wait_for_health(port, 200);
+    wait_for_health(port, 200, "", WAIT);
     // A credential known by now: its report calls fail, and are counted as such.
     s.backend.fail_next(3, 503);
     append(&s, &[(now(), "/?user_key=a", 200)]);

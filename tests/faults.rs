@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use support::backend::Backend;
 use support::proxy::{Endpoint, Fault, Proxy};
 use support::{
-    combined_line, metric, now, telemetry_get, telemetry_port, telemetry_try_get,
-    write_config_with, Scenario, Tally,
+    combined_line, metric, now, poll_until, sample, telemetry_get, telemetry_port,
+    telemetry_try_get, write_config_with, Scenario, Tally,
 };
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -90,24 +90,9 @@ impl World {
         body
     }
 
-    fn healthz(&self) -> (u16, String) {
-        telemetry_get(self.port, "/healthz")
-    }
-
     /// Polls /healthz until it answers `status` with a body holding `needle`; the body.
     fn wait_for_health(&self, status: u16, needle: &str) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (now, body) = self.healthz();
-            if now == status && body.contains(needle) {
-                return body;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/healthz never answered {status} with `{needle}`; now {now}:\n{body}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        support::wait_for_health(self.port, status, needle, WAIT)
     }
 
     /// `tally_file_lag_seconds` of the access log.
@@ -118,7 +103,7 @@ impl World {
     /// A per-file gauge of the access log.
     fn file_gauge(&self, gauge: &str) -> u64 {
         let name = format!("{gauge}{{path=\"{}\"}}", self.s.log.display());
-        value(&self.metrics(), &name)
+        sample(&self.metrics(), &name)
     }
 }
 
@@ -145,21 +130,17 @@ fn sorted(mut v: Vec<Seen>) -> Vec<Seen> {
     v
 }
 
-fn value(metrics: &str, name: &str) -> u64 {
-    metric(metrics, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}")) as u64
-}
-
 /// Failed calls tally counted for `endpoint` ("report", "authorize") and `cause` ("timeout",
 /// "connection", "http_5xx", "http_4xx").
 fn failures(metrics: &str, endpoint: &str, cause: &str) -> u64 {
-    value(
+    sample(
         metrics,
         &format!("tally_call_failures_total{{endpoint=\"{endpoint}\",cause=\"{cause}\"}}"),
     )
 }
 
 fn resends(metrics: &str) -> u64 {
-    value(metrics, "tally_ambiguous_resends_total")
+    sample(metrics, "tally_ambiguous_resends_total")
 }
 
 /// What tally logs for each report call it sends again after it got no answer.
@@ -311,11 +292,12 @@ fn faults_then_pass(
         lag >= 40,
         "the lines wait since about a minute: lag {lag} s"
     );
-    let deadline = Instant::now() + WAIT;
-    while w.lag_seconds() <= lag {
-        assert!(Instant::now() < deadline, "the lag stays at {lag} s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    poll_until(
+        WAIT,
+        "the lag to grow",
+        || w.lag_seconds() > lag,
+        || format!("the lag stays at {lag} s"),
+    );
     assert!(
         w.backend().transactions().is_empty(),
         "nothing was forwarded, yet the backend has {:?}",
@@ -484,19 +466,7 @@ fn a_state_folder_that_cannot_be_written_holds_reporting_and_says_so() {
         .wait_until(WAIT, "the first 30 lines", |b| b.transactions().len() >= 30);
     set_file_size_limit(tally.pid(), 16).expect("lower tally's RLIMIT_FSIZE");
     expected.extend(w.append(30, 20));
-    let deadline = Instant::now() + WAIT;
-    let body = loop {
-        let (status, body) = w.healthz();
-        if status == 503 {
-            break body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/healthz stayed {status} with state writes failing:\n{body}\n{}",
-            tally.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let body = w.wait_for_health(503, "");
     assert!(
         body.contains("state of service 42") && body.contains("cannot write the state"),
         "{body}"
@@ -518,15 +488,7 @@ fn a_state_folder_that_cannot_be_written_holds_reporting_and_says_so() {
     set_file_size_limit(tally.pid(), u64::MAX).expect("raise tally's RLIMIT_FSIZE again");
     w.backend()
         .wait_until(WAIT, "all 50 lines", |b| b.transactions().len() >= 50);
-    let deadline = Instant::now() + WAIT;
-    while w.healthz().0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "still unhealthy: {:?}",
-            w.healthz()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    w.wait_for_health(200, "");
     tally.signal("TERM");
     let status = tally.wait(WAIT);
     assert!(status.success(), "tally exited {status}:\n{}", tally.logs());
@@ -969,15 +931,12 @@ fn a_call_that_finishes_is_checkpointed_while_a_credential_check_hangs() {
         p.applied(Endpoint::Authorize, Fault::Hang) >= 1
     });
     // The first call ends 2 s after it was sent: its checkpoint follows, the check still hanging.
-    let deadline = Instant::now() + WAIT;
-    while w.file_gauge("tally_file_lag_bytes") != second.len() as u64 {
-        assert!(
-            Instant::now() < deadline,
-            "the first call's checkpoint waits for the second batch's credential check:\n{}",
-            w.metrics()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_until(
+        WAIT,
+        "the first call's checkpoint while the second batch's credential check hangs",
+        || w.file_gauge("tally_file_lag_bytes") == second.len() as u64,
+        || w.metrics(),
+    );
     assert_eq!(
         w.proxy.requests(REPORT),
         1,

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -222,17 +222,19 @@ impl Backend {
 
     /// Polls until `done` holds, or panics with `what` after `timeout`.
     pub fn wait_until(&self, timeout: Duration, what: &str, done: impl Fn(&Backend) -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !done(self) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}; backend has {} transactions, {} calls, refusals {:?}",
-                self.transactions().len(),
-                self.calls(),
-                self.refusals()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::poll_until(
+            timeout,
+            what,
+            || done(self),
+            || {
+                format!(
+                    "backend has {} transactions, {} calls, refusals {:?}",
+                    self.transactions().len(),
+                    self.calls(),
+                    self.refusals()
+                )
+            },
+        );
     }
 }
 

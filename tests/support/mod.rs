@@ -113,15 +113,12 @@ impl Tally {
 
     /// Polls the log until it contains `needle` `times` times.
     pub fn wait_for_logs(&self, needle: &str, times: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.logs().matches(needle).count() < times {
-            assert!(
-                Instant::now() < deadline,
-                "not {times} times `{needle}` in tally's log within {timeout:?}:\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll_until(
+            timeout,
+            &format!("{times} times `{needle}` in tally's log"),
+            || self.logs().matches(needle).count() >= times,
+            || format!("tally's log:\n{}", self.logs()),
+        );
     }
 }
 
@@ -415,6 +412,52 @@ pub fn telemetry_try_get(port: u16, path: &str) -> std::io::Result<(u16, String)
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// Polls `done` every 20 ms until it holds; past `timeout`, panics with what it waited for and what
+/// `state` says of the world then. The tests' one way to wait for something.
+pub fn poll_until(
+    timeout: Duration,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+    state: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; {}",
+            state()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls `/healthz` on tally's telemetry port (not listening yet is not an answer) until it answers
+/// `status` with a body holding `needle`; returns the body.
+pub fn wait_for_health(port: u16, status: u16, needle: &str, timeout: Duration) -> String {
+    let last = std::cell::RefCell::new(None);
+    poll_until(
+        timeout,
+        &format!("/healthz to answer {status} with `{needle}`"),
+        || {
+            let answer = telemetry_try_get(port, "/healthz");
+            let done =
+                matches!(&answer, Ok((got, body)) if *got == status && body.contains(needle));
+            *last.borrow_mut() = Some(answer);
+            done
+        },
+        || format!("its last answer: {:?}", last.borrow()),
+    );
+    match last.into_inner() {
+        Some(Ok((_, body))) => body,
+        _ => unreachable!("poll_until returns on an answer"),
+    }
+}
+
+/// The value of the `/metrics` sample `name` (labels as tally writes them); panics without it.
+pub fn sample(metrics: &str, name: &str) -> u64 {
+    metric(metrics, name).unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}")) as u64
 }
 
 /// The value of the Prometheus sample `name` (with its labels, exactly as tally writes them, e.g.

@@ -203,15 +203,17 @@ impl Proxy {
 
     /// Polls until `done` holds, or panics with `what` after `timeout`.
     pub fn wait_until(&self, timeout: Duration, what: &str, done: impl Fn(&Proxy) -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !done(self) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}; the proxy saw {:?}",
-                self.with(|s| (s.requests.clone(), s.applied.clone()))
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::poll_until(
+            timeout,
+            what,
+            || done(self),
+            || {
+                format!(
+                    "the proxy saw {:?}",
+                    self.with(|s| (s.requests.clone(), s.applied.clone()))
+                )
+            },
+        );
     }
 }
 
