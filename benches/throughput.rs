@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tally::aggregate::{parse_chunk, Aggregator};
+use tally::aggregate::{take_in, Aggregator};
 use tally::telemetry::Metrics;
 
 #[path = "../tests/support/pipeline.rs"]
@@ -245,7 +245,7 @@ fn civil(z: i64) -> (i64, i64, i64) {
 /// tally's tailer (`--once`: the file as it is) feeding tally's parse + aggregate step, as in
 /// `tally run` but without reporting. Returns (requests in sealed batches, batches).
 fn parse_and_aggregate(log: &Path) -> (u64, u64) {
-    let lines = pipeline::combined_source();
+    let mut lines = pipeline::combined_source();
     let mut aggregator = Aggregator::new(true, 1000);
     let metrics = Arc::new(Metrics::default());
     let mut warned = HashSet::new();
@@ -256,8 +256,8 @@ fn parse_and_aggregate(log: &Path) -> (u64, u64) {
         reported += batch.transactions.hits();
         batches += 1;
     };
-    while let Some(chunk) = rx.blocking_recv() {
-        for batch in parse_chunk(&lines, &mut aggregator, &chunk, &metrics, &mut warned) {
+    while let Some(message) = rx.blocking_recv() {
+        for batch in take_in(&mut lines, &mut aggregator, &message, &metrics, &mut warned) {
             count(batch);
         }
     }

@@ -4,15 +4,17 @@
 //! response-code counters per transaction, whatever its usage, so folding would lose codes. With them
 //! off, requests of one application and second are folded into one transaction.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
 use tokio::sync::mpsc;
 
+use crate::identity::FileKey;
 use crate::parse::{Credential, Parser, Request, Skip};
-use crate::state::Advance;
-use crate::tail::Chunk;
+use crate::state::{Advance, Fate};
+use crate::tail::{Chunk, Tailed};
 use crate::telemetry::{masked_line, Metrics};
 
 /// How 3scale identifies the application in a report. The app_key is not part of a report.
@@ -225,11 +227,16 @@ impl Aggregator {
         match self
             .advances
             .iter_mut()
-            .find(|a| a.source == advance.source && a.key == advance.key)
+            .find(|a| a.feed == advance.feed && a.key == advance.key)
         {
             Some(a) => {
                 let from = a.from.min(advance.from);
-                *a = Advance { from, ..advance };
+                let opened = a.opened || advance.opened;
+                *a = Advance {
+                    from,
+                    opened,
+                    ..advance
+                };
             }
             None => self.advances.push(advance),
         }
@@ -262,19 +269,80 @@ impl Aggregator {
 /// What one service's aggregation loop needs.
 pub struct ServiceLines {
     pub service_id: String,
-    /// The parser of each source, by source index (None: that source belongs to another service).
+    /// The parser of each feed (follower), by feed index (None: that feed does not feed this
+    /// service).
     pub parsers: Vec<Option<Parser>>,
     pub max_line_length: usize,
     pub flush_interval: std::time::Duration,
+    /// What this service counted already in files it resumes behind (another service fed by the
+    /// same file is further behind), by feed and file.
+    pub counted: HashMap<(usize, FileKey), Counted>,
     /// Test-only: a chunk holding these bytes makes the aggregation panic.
     pub panic_on: Option<Vec<u8>>,
 }
 
-/// Parses one chunk's lines into the aggregator; returns the batches they filled.
+/// A file this service counted up to `up_to` in an earlier run: its lines up to there are skipped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counted {
+    pub up_to: u64,
+    /// The end of the last chunk of the file seen: offsets that go back tell a truncation.
+    pub seen: u64,
+}
+
+/// Takes one message of a follower into the aggregator; returns the batches it filled.
+pub fn take_in(
+    lines: &mut ServiceLines,
+    aggregator: &mut Aggregator,
+    tailed: &Tailed,
+    metrics: &Metrics,
+    warned: &mut std::collections::HashSet<Skip>,
+) -> Vec<Batch> {
+    let (feed, at, fate) = match tailed {
+        Tailed::Lines(chunk) => {
+            return parse_chunk(lines, aggregator, chunk, Fate::Reading, metrics, warned)
+        }
+        Tailed::Finished(chunk) => {
+            return parse_chunk(lines, aggregator, chunk, Fate::Finished, metrics, warned)
+        }
+        Tailed::Opened { feed, at } => (*feed, at, Fate::Reading),
+        Tailed::Forget { feed, at, gone } => {
+            // A file replaced: what this service counted of it is of its new content (checked at
+            // start-up), so the forgotten checkpoint was another service's.
+            if lines.counted.contains_key(&(*feed, at.key)) && !gone {
+                return Vec::new();
+            }
+            lines.counted.remove(&(*feed, at.key));
+            (*feed, at, Fate::Forgotten)
+        }
+    };
+    // Opened where this service counted further already: its checkpoint stands.
+    if lines
+        .counted
+        .get(&(feed, at.key))
+        .is_none_or(|counted| counted.up_to <= at.offset)
+    {
+        aggregator.advance(Advance {
+            feed,
+            key: at.key,
+            fingerprint: at.fingerprint,
+            from: at.offset,
+            offset: at.offset,
+            line_time: 0,
+            path: at.path.clone(),
+            fate,
+            opened: matches!(tailed, Tailed::Opened { .. }),
+        });
+    }
+    Vec::new()
+}
+
+/// Parses one chunk's lines into the aggregator; returns the batches they filled. `fate`: what
+/// becomes of the file once they are accepted.
 pub fn parse_chunk(
-    lines: &ServiceLines,
+    lines: &mut ServiceLines,
     aggregator: &mut Aggregator,
     chunk: &Chunk,
+    fate: Fate,
     metrics: &Metrics,
     warned: &mut std::collections::HashSet<Skip>,
 ) -> Vec<Batch> {
@@ -284,25 +352,52 @@ pub fn parse_chunk(
         }
     }
     let mut full = Vec::new();
-    let base = chunk.end_offset - chunk.len() as u64;
+    let base = chunk.start_offset();
+    let file = (chunk.feed, chunk.at.key);
+    // Lines this service counted in an earlier run (the follower resumed behind it for another).
+    let counted = lines.counted.get(&file).copied().unwrap_or_default();
+    let counted = if base < counted.seen {
+        // Offsets went back: the file was truncated, and what it holds now is new.
+        lines.counted.remove(&file);
+        0
+    } else if chunk.at.offset >= counted.up_to {
+        lines.counted.remove(&file);
+        counted.up_to
+    } else {
+        lines.counted.insert(
+            file,
+            Counted {
+                seen: chunk.at.offset,
+                ..counted
+            },
+        );
+        counted.up_to
+    };
+    if counted >= chunk.at.offset && fate == Fate::Reading {
+        return full;
+    }
     let mut line_time = 0;
     // A copy per chunk: the parser caches the last time field it read.
-    let mut parser = lines.parsers.get(chunk.source).copied().flatten();
+    let mut parser = lines.parsers.get(chunk.feed).copied().flatten();
     // Where the open batch's data of this chunk starts: the chunk's start, then each split point.
-    let mut from = base;
-    let at = |from: u64, offset: u64, line_time: i64, closed: bool| Advance {
-        source: chunk.source,
-        key: chunk.file,
-        fingerprint: chunk.fingerprint,
+    let mut from = base.max(counted).min(chunk.at.offset);
+    let at = |from: u64, offset: u64, line_time: i64, fate: Fate| Advance {
+        feed: chunk.feed,
+        key: chunk.at.key,
+        fingerprint: chunk.at.fingerprint,
         from,
         offset,
         line_time,
-        path: chunk.path.clone(),
-        closed,
+        path: chunk.at.path.clone(),
+        fate,
+        opened: false,
     };
     let (mut read, mut skipped) = (0u64, [0u64; Skip::ALL.len()]);
     let mut first_line_time = 0;
     for (line, next) in chunk.lines() {
+        if base + (next as u64) <= counted {
+            continue;
+        }
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
             continue;
@@ -323,7 +418,7 @@ pub fn parse_chunk(
             Ok(batch_full) => {
                 if batch_full {
                     let split = base + next as u64;
-                    aggregator.advance(at(from, split, line_time, false));
+                    aggregator.advance(at(from, split, line_time, Fate::Reading));
                     from = split;
                     full.extend(aggregator.take());
                 }
@@ -343,20 +438,20 @@ pub fn parse_chunk(
     Metrics::add(&metrics.lines_read, read);
     metrics
         .files
-        .parsed(chunk.source, chunk.file, first_line_time);
+        .parsed(chunk.feed, chunk.at.key, first_line_time);
     for skip in Skip::ALL {
         metrics.skipped(skip, skipped[skip as usize]);
     }
-    aggregator.advance(at(from, chunk.end_offset, line_time, chunk.closed));
+    aggregator.advance(at(from, chunk.at.offset, line_time, fate));
     full
 }
 
 /// Parses the chunks of one service's sources into batches, sealed when full or at each flush
 /// interval. Ends, after sealing what it holds, when every follower is gone.
 pub async fn run(
-    lines: ServiceLines,
+    mut lines: ServiceLines,
     mut aggregator: Aggregator,
-    mut chunks: mpsc::Receiver<Chunk>,
+    mut tailed: mpsc::Receiver<Tailed>,
     batches: mpsc::Sender<Batch>,
     metrics: std::sync::Arc<Metrics>,
 ) {
@@ -366,8 +461,8 @@ pub async fn run(
     let mut warned = std::collections::HashSet::new();
     loop {
         let full = tokio::select! {
-            chunk = chunks.recv() => match chunk {
-                Some(chunk) => parse_chunk(&lines, &mut aggregator, &chunk, &metrics, &mut warned),
+            message = tailed.recv() => match message {
+                Some(message) => take_in(&mut lines, &mut aggregator, &message, &metrics, &mut warned),
                 None => {
                     if let Some(last) = aggregator.take() {
                         let _ = batches.send(last).await;
@@ -407,40 +502,47 @@ mod tests {
     #[test]
     fn a_batch_split_inside_a_chunk_starts_at_the_split() {
         use crate::config::{CredentialMode, LogFormat};
-        use crate::identity::{FileKey, Fingerprint};
+        use crate::identity::{FileKey, FilePosition, Fingerprint};
         use crate::tail::Chunk;
         let line = "1.2.3.4 - - [10/Oct/2026:13:55:36 +0000] \"GET /?user_key=k HTTP/1.1\" 200 1 \"-\" \"a\"\n";
         let len = line.len() as u64;
-        let lines = ServiceLines {
+        let mut lines = ServiceLines {
             service_id: "42".into(),
             parsers: vec![Some(Parser::new(LogFormat::Combined, CredentialMode::Auto))],
             max_line_length: 1 << 16,
             flush_interval: std::time::Duration::from_secs(1),
+            counted: HashMap::new(),
             panic_on: None,
         };
         let chunk = |from: u64, n: usize| {
-            Chunk::new(
-                0,
-                FileKey { dev: 1, ino: 2 },
-                Fingerprint { len: 0, hash: 0 },
-                Arc::from(std::path::Path::new("/access.log")),
-                from + n as u64 * len,
-                line.repeat(n).into_bytes(),
-                false,
-            )
+            let at = FilePosition {
+                key: FileKey { dev: 1, ino: 2 },
+                fingerprint: Fingerprint { len: 0, hash: 0 },
+                offset: from + n as u64 * len,
+                path: Arc::from(std::path::Path::new("/access.log")),
+            };
+            Chunk::new(0, at, line.repeat(n).into_bytes())
         };
         let mut aggregator = Aggregator::new(true, 2);
         let (metrics, mut warned) = (Metrics::default(), Default::default());
-        let full = parse_chunk(&lines, &mut aggregator, &chunk(0, 3), &metrics, &mut warned);
+        let full = parse_chunk(
+            &mut lines,
+            &mut aggregator,
+            &chunk(0, 3),
+            Fate::Reading,
+            &metrics,
+            &mut warned,
+        );
         let range = |b: &Batch| (b.advances[0].from, b.advances[0].offset);
         assert_eq!(
             full.iter().map(range).collect::<Vec<_>>(),
             vec![(0, 2 * len)]
         );
         let full = parse_chunk(
-            &lines,
+            &mut lines,
             &mut aggregator,
             &chunk(3 * len, 1),
+            Fate::Reading,
             &metrics,
             &mut warned,
         );

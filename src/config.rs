@@ -699,6 +699,23 @@ impl Config {
                 ));
             }
         }
+        // One path is read once, for every service it feeds: twice for one service would count
+        // each of its lines twice.
+        for (i, s) in sources.iter().enumerate() {
+            if let Some(j) = sources[..i]
+                .iter()
+                .position(|o| o.path == s.path && o.service_id == s.service_id)
+            {
+                return Err(ctx.invalid(
+                    &format!("sources[{i}].path"),
+                    raw.sources[i].span().start,
+                    format!(
+                        "sources[{j}] of service {} reads the same path `{}`: each line would count twice",
+                        s.service_id, s.path
+                    ),
+                ));
+            }
+        }
         // Sources of one service must agree on its credentials.
         for (i, s) in sources.iter().enumerate() {
             let other = sources[..i]
@@ -1100,10 +1117,22 @@ service_id = "42"
             "{e}"
         );
         let named = twice.replacen("[[sources]]\npath", "[[sources]]\nname = \"edge\"\npath", 1);
+        // One path twice for one service would count its lines twice.
+        let e = parse(&named).unwrap_err().to_string();
+        assert!(
+            e.contains("sources[1].path: sources[0] of service 42 reads the same path"),
+            "{e}"
+        );
+        let named = format!(
+            "{}other.log\"\nservice_id = \"42\"\n",
+            named
+                .strip_suffix("access.log\"\nservice_id = \"42\"\n")
+                .unwrap()
+        );
         assert_eq!(parse(&named).unwrap().sources[0].name, "edge");
         assert_eq!(
             parse(&named).unwrap().sources[1].name,
-            "/var/log/nginx/access.log"
+            "/var/log/nginx/other.log"
         );
         let e = parse(&MINIMAL.replace("[[sources]]", "[[sources]]\nname = \" \""))
             .unwrap_err()

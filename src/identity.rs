@@ -57,3 +57,13 @@ impl Fingerprint {
         }
     }
 }
+
+/// Where a reader stands in a file: which file (identity, fingerprint), the offset, and the path
+/// it was last seen under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilePosition {
+    pub key: FileKey,
+    pub fingerprint: Fingerprint,
+    pub offset: u64,
+    pub path: std::sync::Arc<std::path::Path>,
+}

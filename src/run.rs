@@ -9,14 +9,14 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::aggregate::{self, Aggregator, ServiceLines};
+use crate::aggregate::{self, Aggregator, Counted, ServiceLines};
 use crate::config::Config;
 use crate::config::ReadFrom;
 use crate::parse::Parser;
 use crate::preflight;
 use crate::report::{self, ServiceReport, Sink};
-use crate::state::StateDir;
-use crate::tail::{Follower, TailOptions};
+use crate::state::{Resume, SourceId, StateDir};
+use crate::tail::{Follower, TailEvents, TailOptions, Tailed};
 use crate::telemetry::{self, Metrics};
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,7 +48,60 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
     // --dry-run reads the checkpoints (it shows what would be sent next) but writes none.
     let state_dir = StateDir::open(&config.state.dir, options.dry_run)?;
     // Checkpoints are kept by source name (by default the path): a reordered list keeps them.
-    let names: Vec<String> = config.sources.iter().map(|s| s.name.clone()).collect();
+    let source_ids: Vec<SourceId> = config
+        .sources
+        .iter()
+        .map(|s| SourceId {
+            service_id: s.service_id.clone(),
+            name: s.name.clone(),
+        })
+        .collect();
+    for (id, s) in source_ids.iter().zip(&config.sources) {
+        // Unless another source of the service is named by that path (it keeps its own).
+        if !source_ids
+            .iter()
+            .any(|o| o.service_id == id.service_id && o.name == s.path)
+        {
+            state_dir.adopt(id, &s.path);
+        }
+    }
+    // One follower per path (a feed), however many services it feeds: each file is read once.
+    let mut feeds: Vec<Vec<usize>> = Vec::new();
+    for (i, s) in config.sources.iter().enumerate() {
+        match feeds
+            .iter_mut()
+            .find(|f| config.sources[f[0]].path == s.path)
+        {
+            Some(feed) => feed.push(i),
+            None => feeds.push(vec![i]),
+        }
+    }
+    let feed_of = |i: usize| feeds.iter().position(|f| f.contains(&i)).unwrap_or(0);
+    let feed_sources: Arc<Vec<Vec<SourceId>>> = Arc::new(
+        feeds
+            .iter()
+            .map(|f| f.iter().map(|&i| source_ids[i].clone()).collect())
+            .collect(),
+    );
+    // Where each follower resumes, and what each source counted already past that (planned before
+    // the sources are recorded as read: read_from applies to a source's first run only).
+    let plans: Vec<Resume> = feeds
+        .iter()
+        .map(|f| {
+            let sources: Vec<(SourceId, bool)> = f
+                .iter()
+                .map(|&i| {
+                    let from_end = config.sources[i].read_from == ReadFrom::End;
+                    (source_ids[i].clone(), from_end)
+                })
+                .collect();
+            let matching = crate::tail::matching_files(&config.sources[f[0]].path);
+            state_dir.resume(&sources, &matching, |c| {
+                crate::tail::still_holds(&matching, c.key, c.fingerprint, &c.path)
+            })
+        })
+        .collect();
+    state_dir.start_sources(&source_ids)?;
     // Sources that report to the same service share its batches.
     let mut services: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, s) in config.sources.iter().enumerate() {
@@ -76,56 +129,45 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
     let mut aggregations = JoinSet::new();
     let mut stage_of = std::collections::HashMap::new();
     let panic_on = std::env::var_os(PANIC_HOOK).map(|v| v.into_encoded_bytes());
-    let mut followers = Vec::new();
+    // The services each feed tells what it reads.
+    let mut feed_out: Vec<Vec<mpsc::Sender<Tailed>>> = vec![Vec::new(); feeds.len()];
     for (service_id, sources) in services {
-        let (chunk_tx, chunk_rx) = mpsc::channel(4);
+        let (tailed_tx, tailed_rx) = mpsc::channel(4);
         let (batch_tx, batch_rx) = mpsc::channel(2);
-        let parsers = config
-            .sources
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                sources
-                    .contains(&i)
-                    .then(|| Parser::new(s.format, s.credential))
-            })
-            .collect();
+        let mut parsers = vec![None; feeds.len()];
+        let mut counted = std::collections::HashMap::new();
+        let mut names = std::collections::HashMap::new();
+        for &i in &sources {
+            let feed = feed_of(i);
+            let s = &config.sources[i];
+            parsers[feed] = Some(Parser::new(s.format, s.credential));
+            names.insert(feed, s.name.clone());
+            feed_out[feed].push(tailed_tx.clone());
+            let place = feeds[feed].iter().position(|&j| j == i).unwrap_or(0);
+            for (&key, &up_to) in &plans[feed].counted[place] {
+                counted.insert((feed, key), Counted { up_to, seen: 0 });
+            }
+        }
         let lines = ServiceLines {
             service_id: service_id.to_string(),
             parsers,
             max_line_length: config.tail.max_line_length,
             flush_interval: config.report.flush_interval,
+            counted,
             panic_on: panic_on.clone(),
         };
         let aggregator =
             Aggregator::new(config.report.response_codes, config.report.max_transactions);
-        let mut state = state_dir.service(service_id, names.clone())?;
-        for &i in &sources {
-            // Unless another source is named by that path (it keeps its own).
-            if !names.contains(&config.sources[i].path) {
-                state.adopt(&names[i], &config.sources[i].path);
-            }
-        }
-        for f in state.in_flight() {
+        for f in state_dir.in_flight(service_id) {
             tracing::warn!(service_id, path = %crate::telemetry::shown_path(&f.path), from = f.from, to = f.to,
                 "a report call was under way when tally stopped: its lines are sent again (if 3scale had \
                  processed that call, they count twice)");
         }
-        // read_from applies to a source's first run only.
-        let first_run: Vec<bool> = sources
-            .iter()
-            .map(|&i| !state.knows_source(&names[i]))
-            .collect();
-        let checkpoints: Vec<_> = sources
-            .iter()
-            .map(|&i| state.checkpoints(&names[i]))
-            .collect();
-        let started: Vec<String> = sources.iter().map(|&i| names[i].clone()).collect();
-        state.start_sources(&started)?;
+        let state = state_dir.service(service_id, names, feed_sources.clone());
         let task = aggregations.spawn(aggregate::run(
             lines,
             aggregator,
-            chunk_rx,
+            tailed_rx,
             batch_tx,
             metrics.clone(),
         ));
@@ -159,27 +201,23 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         };
         let task = reporters.spawn(report::run(service, batch_rx, metrics.clone()));
         stage_of.insert(task.id(), format!("reporting of service {service_id}"));
-        for ((i, first_run), checkpoints) in sources.into_iter().zip(first_run).zip(checkpoints) {
-            let source = &config.sources[i];
-            let tail = TailOptions {
-                start_at_end: first_run && source.read_from == ReadFrom::End,
-                checkpoints,
-                poll_interval: config.tail.poll_interval,
-                watch: config.tail.watch,
-                rotate_grace: config.tail.rotate_grace,
-                max_line_length: config.tail.max_line_length,
-                once: options.once,
-            };
-            let follower = Follower::spawn(
-                i,
-                source.path.clone(),
-                tail,
-                chunk_tx.clone(),
-                metrics.clone(),
-            )
-            .with_context(|| format!("cannot start following {}", source.path))?;
-            followers.push(follower);
-        }
+    }
+    let mut followers = Vec::new();
+    for (feed, ((sources, plan), out)) in feeds.iter().zip(plans).zip(feed_out).enumerate() {
+        let path = &config.sources[sources[0]].path;
+        let tail = TailOptions {
+            start_at_end: plan.start_at_end,
+            checkpoints: plan.checkpoints,
+            poll_interval: config.tail.poll_interval,
+            watch: config.tail.watch,
+            rotate_grace: config.tail.rotate_grace,
+            max_line_length: config.tail.max_line_length,
+            once: options.once,
+        };
+        let events: Arc<dyn TailEvents> = metrics.clone();
+        let follower = Follower::spawn(feed, path.clone(), tail, out, events)
+            .with_context(|| format!("cannot start following {path}"))?;
+        followers.push(follower);
     }
     tracing::info!(
         sources = config.sources.len(),

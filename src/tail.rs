@@ -20,51 +20,52 @@ use std::time::{Duration, Instant};
 use notify::Watcher;
 use tokio::sync::mpsc;
 
-use crate::identity::{FileKey, Fingerprint};
-use crate::state::FileCheckpoint;
-use crate::telemetry::{panic_text, shown_path, Metrics};
+use crate::identity::{FileKey, FilePosition, Fingerprint};
 
-/// Complete lines read from one file, each ending with `\n`; or, with `closed`, the news that the
-/// file is finished.
+/// What a follower tells the services it feeds, in file order.
+#[derive(Debug, Clone)]
+pub enum Tailed {
+    /// A file is open at `at.offset`. It is checkpointed before its first lines: if it is rotated
+    /// away while tally is down, the checkpoint is what finds it again.
+    Opened { feed: usize, at: FilePosition },
+    /// Complete lines of a file.
+    Lines(Arc<Chunk>),
+    /// A rotated or deleted file read to its end, with its last lines (maybe none): it is closed,
+    /// and its checkpoint can go.
+    Finished(Arc<Chunk>),
+    /// The checkpoint `at` no longer applies: its file is `gone`, or holds something else now (its
+    /// first bytes changed; it is then read again from its start).
+    Forget {
+        feed: usize,
+        at: FilePosition,
+        gone: bool,
+    },
+}
+
+/// Complete lines read from one file, each ending with `\n`.
 #[derive(Debug)]
 pub struct Chunk {
-    pub source: usize,
-    pub file: FileKey,
-    pub fingerprint: Fingerprint,
-    pub path: Arc<Path>,
-    /// The file offset just past the last line of `data`.
-    pub end_offset: u64,
+    /// The follower that read it (a `[[sources]]` path, shared by the services it feeds).
+    pub feed: usize,
+    /// The file, and the offset just past the last line of `data`.
+    pub at: FilePosition,
     data: Vec<u8>,
     /// The index of each newline in `data`. Found on the reader's thread, which mostly waits on the
-    /// disk, so that the thread parsing the lines does not scan them twice.
+    /// disk, so that the threads parsing the lines do not scan them again.
     newlines: Vec<u32>,
-    /// The file was rotated away or deleted and is now read to its end and closed.
-    pub closed: bool,
 }
 
 impl Chunk {
     /// `data` holds complete lines only (and is below 4 GiB: chunks are read in small blocks).
-    pub(crate) fn new(
-        source: usize,
-        file: FileKey,
-        fingerprint: Fingerprint,
-        path: Arc<Path>,
-        end_offset: u64,
-        data: Vec<u8>,
-        closed: bool,
-    ) -> Chunk {
+    pub fn new(feed: usize, at: FilePosition, data: Vec<u8>) -> Chunk {
         let newlines = memchr::memchr_iter(b'\n', &data)
             .map(|i| i as u32)
             .collect();
         Chunk {
-            source,
-            file,
-            fingerprint,
-            path,
-            end_offset,
+            feed,
+            at,
             data,
             newlines,
-            closed,
         }
     }
 
@@ -78,8 +79,14 @@ impl Chunk {
         &self.data
     }
 
+    /// Whether it holds no line.
     pub fn is_empty(&self) -> bool {
         self.data.is_empty()
+    }
+
+    /// Where the chunk's first line starts in the file.
+    pub fn start_offset(&self) -> u64 {
+        self.at.offset - self.data.len() as u64
     }
 
     /// Each line without its newline, with the offset in the chunk just past its newline.
@@ -93,13 +100,42 @@ impl Chunk {
     }
 }
 
+/// What happens to the files a follower reads, for the logs, the counters and `/healthz`
+/// (telemetry implements it; the tailer only reports).
+pub trait TailEvents: Send + Sync {
+    /// A file is open and read from `offset` (`resumed`: at a checkpoint of an earlier run).
+    fn following(&self, path: &Path, offset: u64, resumed: bool);
+    /// A file cannot be opened; tried again at every poll. Cleared by [`TailEvents::following`].
+    fn open_failed(&self, path: &Path, error: &std::io::Error);
+    /// A checkpointed file is gone for good: what was written to it after the checkpoint is lost.
+    fn gone(&self, path: &Path, offset: u64);
+    /// A checkpointed file's first bytes changed: it is read again from its start.
+    fn replaced_while_stopped(&self, path: &Path);
+    /// A file was rotated away or deleted: it is read to its end.
+    fn rotated(&self, path: &Path);
+    /// A rotated or deleted file is read to its end and closed.
+    fn finished(&self, path: &Path, offset: u64);
+    /// A file shrank or its first bytes changed in place: it is read again from its start.
+    fn truncated(&self, path: &Path, size: u64, offset: u64);
+    /// A line longer than `limit` bytes is skipped.
+    fn line_too_long(&self, path: &Path, limit: usize);
+    /// Reading a file failed (`Some`), or works again (`None`).
+    fn read_failed(&self, path: &Path, error: Option<&std::io::Error>);
+    /// A file has been read up to `offset`.
+    fn read(&self, feed: usize, key: FileKey, path: &Arc<Path>, offset: u64);
+    /// File events are unavailable for `dir` (`None`: at all): the poll alone finds changes.
+    fn unwatched(&self, dir: Option<&Path>, error: &notify::Error);
+    /// The follower of `pattern` stopped abnormally (a panic with this payload): tally must stop.
+    fn died(&self, pattern: &str, panic: &(dyn std::any::Any + Send));
+}
+
 #[derive(Debug, Clone)]
 pub struct TailOptions {
     /// Start at the end of files found at start-up (else at their start). Only for a source never
     /// read before; files with a checkpoint resume there, files that appear later start at 0.
     pub start_at_end: bool,
-    /// Where earlier runs stopped, in the files of this source.
-    pub checkpoints: Vec<FileCheckpoint>,
+    /// Where to resume, in the files read before (the lowest offset any service fed by them needs).
+    pub checkpoints: Vec<FilePosition>,
     /// The safety poll, for file systems where notify is silent.
     pub poll_interval: Duration,
     /// Wake on file-system events too (else the poll only).
@@ -118,7 +154,8 @@ const READ_BLOCK: usize = 256 * 1024;
 /// The shortest time between two read passes woken by file events.
 const MIN_PASS_INTERVAL: Duration = Duration::from_millis(100);
 
-/// A running follower: stop it, then join it.
+/// A running follower: stop it, then join it. One per `[[sources]]` path, however many services
+/// it feeds.
 pub struct Follower {
     stop: Arc<AtomicBool>,
     wake: std_mpsc::Sender<Wake>,
@@ -128,39 +165,38 @@ pub struct Follower {
 }
 
 impl Follower {
-    /// Starts following `pattern` (a path or a glob), sending chunks to `out`.
+    /// Starts following `pattern` (a path or a glob), telling each of `out` what it reads.
     pub fn spawn(
-        source: usize,
+        feed: usize,
         pattern: String,
         options: TailOptions,
-        out: mpsc::Sender<Chunk>,
-        metrics: Arc<Metrics>,
+        out: Vec<mpsc::Sender<Tailed>>,
+        events: Arc<dyn TailEvents>,
     ) -> std::io::Result<Follower> {
         let (wake, wakes) = std_mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let watcher = if options.once || !options.watch {
             None
         } else {
-            watch(&pattern, wake.clone())
+            watch(&pattern, wake.clone(), &*events)
         };
         let mut tail = Tail {
-            source,
+            feed,
             pattern,
             options,
             readers: Vec::new(),
             out,
-            metrics,
+            events,
             stop: stop.clone(),
             started: false,
         };
         let thread = std::thread::Builder::new()
-            .name(format!("tail-{source}"))
+            .name(format!("tail-{feed}"))
             .spawn(move || {
                 // A panic here would end this source's reading in silence: say it, so tally stops.
                 let run = std::panic::AssertUnwindSafe(|| tail.run(wakes));
                 if let Err(payload) = std::panic::catch_unwind(run) {
-                    let stage = format!("follower of {}", shown_path(Path::new(&tail.pattern)));
-                    tail.metrics.stage_died(&stage, &panic_text(&*payload));
+                    tail.events.died(&tail.pattern, &*payload);
                 }
             })?;
         Ok(Follower {
@@ -207,6 +243,24 @@ pub fn matching_files(pattern: &str) -> HashMap<PathBuf, (FileKey, u64)> {
         .collect()
 }
 
+/// Whether the file of a checkpoint still holds what it held then (the same first bytes), found by
+/// its identity among `matching` (see [`matching_files`]) or, rotated away, beside its old path;
+/// None if it is gone.
+pub fn still_holds(
+    matching: &HashMap<PathBuf, (FileKey, u64)>,
+    key: FileKey,
+    fingerprint: Fingerprint,
+    path: &Path,
+) -> Option<bool> {
+    let found = matching
+        .iter()
+        .find(|(_, (k, _))| *k == key)
+        .map(|(p, _)| p.clone())
+        .or_else(|| find_in_folder(path, key))?;
+    let file = File::open(found).ok()?;
+    Some(Fingerprint::read(&file, fingerprint.len).ok()? == fingerprint)
+}
+
 /// Whether a `[[sources]]` path is a glob pattern rather than one file's path.
 pub fn is_glob(pattern: &str) -> bool {
     pattern.contains(['*', '?', '['])
@@ -222,7 +276,11 @@ enum Wake {
 
 /// Watches the folder the pattern lives in. None when it cannot (the folder does not exist yet, or
 /// inotify is unavailable): the safety poll still finds everything.
-fn watch(pattern: &str, wake: std_mpsc::Sender<Wake>) -> Option<notify::RecommendedWatcher> {
+fn watch(
+    pattern: &str,
+    wake: std_mpsc::Sender<Wake>,
+    events: &dyn TailEvents,
+) -> Option<notify::RecommendedWatcher> {
     let literal: PathBuf = Path::new(pattern)
         .components()
         .take_while(|c| !is_glob(&c.as_os_str().to_string_lossy()))
@@ -246,12 +304,12 @@ fn watch(pattern: &str, wake: std_mpsc::Sender<Wake>) -> Option<notify::Recommen
         };
         let _ = wake.send(kind);
     })
-    .map_err(|e| tracing::warn!(error = %e, "file events unavailable, relying on the poll"))
+    .map_err(|e| events.unwatched(None, &e))
     .ok()?;
     match watcher.watch(&dir, mode) {
         Ok(()) => Some(watcher),
         Err(e) => {
-            tracing::info!(dir = %crate::telemetry::shown_path(&dir), error = %e, "cannot watch the folder yet, relying on the poll");
+            events.unwatched(Some(&dir), &e);
             None
         }
     }
@@ -259,9 +317,8 @@ fn watch(pattern: &str, wake: std_mpsc::Sender<Wake>) -> Option<notify::Recommen
 
 /// One open file.
 struct Reader {
-    /// The path it is known by; None once it was rotated away or deleted.
-    path: Option<PathBuf>,
-    /// The path its chunks carry (the last one it had).
+    life: Life,
+    /// The path its messages carry (the last one it had).
     shown: Arc<Path>,
     file: File,
     key: FileKey,
@@ -272,37 +329,55 @@ struct Reader {
     partial: Vec<u8>,
     /// In the middle of a line too long to keep: drop bytes up to the next newline.
     discarding: bool,
-    /// When the path stopped pointing at this file.
-    orphaned: Option<Instant>,
     /// The last read failed (and was reported as a problem).
     read_failing: bool,
 }
 
+/// Whether a path still leads to a reader's file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Life {
+    /// The file is known by this path.
+    Following { path: PathBuf },
+    /// Rotated away or deleted at `since`: read on until the grace period is over, then closed.
+    Orphaned { since: Instant },
+}
+
 impl Reader {
-    /// Lines of this file (or none) ending at `end_offset`.
-    fn chunk(&self, source: usize, data: Vec<u8>, end_offset: u64, closed: bool) -> Chunk {
-        Chunk::new(
-            source,
-            self.key,
-            self.fingerprint,
-            self.shown.clone(),
-            end_offset,
-            data,
-            closed,
-        )
+    /// Where the reader stands after `end_offset`.
+    fn at(&self, end_offset: u64) -> FilePosition {
+        FilePosition {
+            key: self.key,
+            fingerprint: self.fingerprint,
+            offset: end_offset,
+            path: self.shown.clone(),
+        }
+    }
+
+    fn orphan(&mut self) {
+        self.life = Life::Orphaned {
+            since: Instant::now(),
+        };
     }
 }
 
 struct Tail {
-    source: usize,
+    feed: usize,
     pattern: String,
     options: TailOptions,
     readers: Vec<Reader>,
-    out: mpsc::Sender<Chunk>,
-    metrics: Arc<Metrics>,
+    /// The services this follower feeds.
+    out: Vec<mpsc::Sender<Tailed>>,
+    events: Arc<dyn TailEvents>,
     stop: Arc<AtomicBool>,
     /// Whether the first scan is done.
     started: bool,
+}
+
+/// Tells every service fed by the follower; blocks while one of them is behind (the file is the
+/// buffer). False when a service is gone.
+fn send(out: &[mpsc::Sender<Tailed>], message: Tailed) -> bool {
+    out.iter()
+        .all(|service| service.blocking_send(message.clone()).is_ok())
 }
 
 impl Tail {
@@ -354,9 +429,11 @@ impl Tail {
     fn scan(&mut self) {
         let mut current = self.current_paths();
         for r in &mut self.readers {
-            let Some(path) = r.path.clone() else { continue };
-            if current.get(&path).is_some_and(|(key, _)| *key == r.key) {
-                current.remove(&path);
+            let Life::Following { path } = &r.life else {
+                continue;
+            };
+            if current.get(path).is_some_and(|(key, _)| *key == r.key) {
+                current.remove(path);
                 continue;
             }
             // Renamed to another matching name (access.log → access.log.1 under a glob)?
@@ -367,12 +444,10 @@ impl Tail {
             {
                 current.remove(&new_path);
                 r.shown = Arc::from(new_path.as_path());
-                r.path = Some(new_path);
+                r.life = Life::Following { path: new_path };
             } else {
-                tracing::info!(path = %crate::telemetry::shown_path(&path), "file rotated or deleted: reading it to its end");
-                Metrics::add(&self.metrics.rotations, 1);
-                r.path = None;
-                r.orphaned = Some(Instant::now());
+                self.events.rotated(path);
+                r.orphan();
             }
         }
         if !self.started {
@@ -387,7 +462,7 @@ impl Tail {
             } else {
                 0
             };
-            self.open(path, key, start, None);
+            self.open(path, key, start, None, false);
         }
         self.started = true;
     }
@@ -402,15 +477,14 @@ impl Tail {
                 .map(|(p, _)| (p.clone(), true))
                 .or_else(|| find_in_folder(&c.path, c.key).map(|p| (p, false)));
             let Some((path, matched)) = found else {
-                tracing::warn!(path = %crate::telemetry::shown_path(&c.path), offset = c.offset,
-                    "a file read before is gone: lines written to it after the checkpoint, if any, are lost");
-                self.send_closed(&c);
+                self.events.gone(&c.path, c.offset);
+                self.forget(c, true);
                 continue;
             };
             let file = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) => {
-                    tracing::warn!(path = %crate::telemetry::shown_path(&path), error = %e, "cannot reopen a file read before");
+                    self.events.open_failed(&path, &e);
                     continue;
                 }
             };
@@ -420,78 +494,73 @@ impl Tail {
             } else {
                 // Same identity, other first bytes: truncated and regrown, or the inode number reused
                 // by a new file. Either way its content is new: read it from its start.
-                tracing::info!(path = %crate::telemetry::shown_path(&path), "the file's first bytes changed since the checkpoint: reading it from its start");
-                self.send_closed(&c);
+                self.events.replaced_while_stopped(&path);
+                self.forget(c.clone(), false);
                 0
             };
             if matched {
                 current.remove(&path);
             }
-            tracing::info!(path = %crate::telemetry::shown_path(&path), offset, "resuming at the checkpoint");
-            self.open(path, c.key, offset, Some(file));
+            self.open(path, c.key, offset, Some(file), true);
             if !matched {
                 // Rotated away while tally was down: finish it.
                 if let Some(r) = self.readers.last_mut().filter(|r| r.key == c.key) {
-                    r.path = None;
-                    r.orphaned = Some(Instant::now());
+                    r.orphan();
                 }
             }
         }
     }
 
-    /// Tells the pipeline to forget a checkpointed file that will not be read again.
-    fn send_closed(&self, c: &FileCheckpoint) {
-        let _ = self.out.blocking_send(Chunk::new(
-            self.source,
-            c.key,
-            c.fingerprint,
-            Arc::from(c.path.as_path()),
-            c.offset,
-            Vec::new(),
-            true,
-        ));
+    /// Tells the pipeline that a checkpoint no longer applies.
+    fn forget(&self, at: FilePosition, gone: bool) {
+        send(
+            &self.out,
+            Tailed::Forget {
+                feed: self.feed,
+                at,
+                gone,
+            },
+        );
     }
 
-    fn open(&mut self, path: PathBuf, key: FileKey, offset: u64, file: Option<File>) {
+    /// Opens a file and reads it from `offset` (`resumed`: a checkpoint's).
+    fn open(
+        &mut self,
+        path: PathBuf,
+        key: FileKey,
+        offset: u64,
+        file: Option<File>,
+        resumed: bool,
+    ) {
         let file = match file.map_or_else(|| File::open(&path), Ok) {
             // The path may have been replaced between the stat and the open.
             Ok(f) if f.metadata().is_ok_and(|m| FileKey::of(&m) == key) => f,
             Ok(_) => return, // the next scan sees the new file
             Err(e) => {
-                // Logged once, not at every poll, and shown on /healthz until it opens.
-                let what = format!("log file {}", crate::telemetry::shown_path(&path));
-                if self
-                    .metrics
-                    .set_problem(&what, Some(format!("cannot open it: {e}")))
-                {
-                    tracing::warn!(path = %crate::telemetry::shown_path(&path), error = %e, "cannot open log file; tally tries again at every poll");
-                }
+                self.events.open_failed(&path, &e);
                 return;
             }
         };
-        self.metrics.set_problem(
-            &format!("log file {}", crate::telemetry::shown_path(&path)),
-            None,
-        );
+        self.events.following(&path, offset, resumed);
         let fingerprint = Fingerprint::read(&file, Fingerprint::MAX).unwrap_or_default();
-        tracing::info!(path = %crate::telemetry::shown_path(&path), offset, "following file");
         let reader = Reader {
             shown: Arc::from(path.as_path()),
-            path: Some(path),
+            life: Life::Following { path },
             file,
             key,
             fingerprint,
             offset,
             partial: Vec::new(),
             discarding: false,
-            orphaned: None,
             read_failing: false,
         };
-        // Checkpoint the file as soon as it is open, even before it has lines: if it is rotated away
-        // while tally is down, the checkpoint is what finds it again.
-        let _ = self
-            .out
-            .blocking_send(reader.chunk(self.source, Vec::new(), offset, false));
+        send(
+            &self.out,
+            Tailed::Opened {
+                feed: self.feed,
+                at: reader.at(offset),
+            },
+        );
         self.readers.push(reader);
     }
 
@@ -504,14 +573,14 @@ impl Tail {
         let Tail {
             readers,
             out,
-            metrics,
+            events,
             options,
             stop,
-            source,
+            feed,
             ..
         } = self;
         let r = &mut readers[i];
-        check_still_same(r, metrics);
+        check_still_same(r, &**events);
         loop {
             if stop.load(Ordering::SeqCst) {
                 return true;
@@ -530,23 +599,17 @@ impl Tail {
                     r.partial = data;
                     return true;
                 }
-                Ok(n) if r.read_failing => {
-                    r.read_failing = false;
-                    metrics.set_problem(
-                        &format!("log file {}", crate::telemetry::shown_path(&r.shown)),
-                        None,
-                    );
+                Ok(n) => {
+                    if std::mem::take(&mut r.read_failing) {
+                        events.read_failed(&r.shown, None);
+                    }
                     n
                 }
-                Ok(n) => n,
                 Err(e) => {
                     data.truncate(kept);
                     r.partial = data;
-                    let what = format!("log file {}", crate::telemetry::shown_path(&r.shown));
                     r.read_failing = true;
-                    if metrics.set_problem(&what, Some(format!("cannot read it: {e}"))) {
-                        tracing::warn!(path = %crate::telemetry::shown_path(&r.shown), error = %e, "read failed; tally tries again at every pass");
-                    }
+                    events.read_failed(&r.shown, Some(&e));
                     return true;
                 }
             };
@@ -574,9 +637,7 @@ impl Tail {
             let Some(last_nl) = memchr::memrchr(b'\n', &data[from..]).map(|i| from + i) else {
                 r.partial = data;
                 if r.partial.len() > options.max_line_length {
-                    tracing::warn!(path = %crate::telemetry::shown_path(&r.shown), limit = options.max_line_length, "line too long: skipped");
-                    metrics.skipped(crate::parse::Skip::TooLong, 1);
-                    Metrics::add(&metrics.lines_read, 1);
+                    events.line_too_long(&r.shown, options.max_line_length);
                     r.partial = Vec::new();
                     r.discarding = true;
                 }
@@ -584,11 +645,9 @@ impl Tail {
             };
             r.partial = data[last_nl + 1..].to_vec();
             data.truncate(last_nl + 1);
-            let chunk = r.chunk(*source, data, r.offset - r.partial.len() as u64, false);
-            tracing::debug!(path = %crate::telemetry::shown_path(&r.shown), end_offset = chunk.end_offset, bytes = chunk.len(), "read lines");
-            metrics.files.read(*source, r.key, &r.shown, r.offset);
-            // Blocks while the pipeline is behind: the file is the buffer.
-            if out.blocking_send(chunk).is_err() {
+            let chunk = Chunk::new(*feed, r.at(r.offset - r.partial.len() as u64), data);
+            events.read(*feed, r.key, &r.shown, r.offset);
+            if !send(out, Tailed::Lines(Arc::new(chunk))) {
                 return false;
             }
         }
@@ -601,9 +660,10 @@ impl Tail {
         let once = self.options.once;
         let mut i = 0;
         while i < self.readers.len() {
-            let expired = self.readers[i]
-                .orphaned
-                .is_some_and(|t| once || t.elapsed() >= grace);
+            let expired = match self.readers[i].life {
+                Life::Orphaned { since } => once || since.elapsed() >= grace,
+                Life::Following { .. } => false,
+            };
             if !expired {
                 i += 1;
                 continue;
@@ -616,9 +676,9 @@ impl Tail {
             } else {
                 data.clear();
             }
-            let chunk = r.chunk(self.source, data, r.offset, true);
-            tracing::info!(path = %crate::telemetry::shown_path(&r.shown), offset = r.offset, "finished a rotated or deleted file");
-            if self.out.blocking_send(chunk).is_err() {
+            self.events.finished(&r.shown, r.offset);
+            let chunk = Chunk::new(self.feed, r.at(r.offset), data);
+            if !send(&self.out, Tailed::Finished(Arc::new(chunk))) {
                 return false;
             }
         }
@@ -628,16 +688,14 @@ impl Tail {
 
 /// Detects a file truncated (copytruncate) or whose first bytes changed under the same identity
 /// (truncated and regrown between two looks, or an inode reused): it is read again from the start.
-fn check_still_same(r: &mut Reader, metrics: &Metrics) {
+fn check_still_same(r: &mut Reader, events: &dyn TailEvents) {
     let Ok(m) = r.file.metadata() else { return };
     let shrunk = m.len() < r.offset;
     let replaced = !shrunk
         && r.fingerprint.len > 0
         && Fingerprint::read(&r.file, r.fingerprint.len).is_ok_and(|f| f != r.fingerprint);
     if shrunk || replaced {
-        tracing::warn!(path = %crate::telemetry::shown_path(&r.shown), size = m.len(), offset = r.offset,
-            "file truncated or replaced in place: reading it again from its start");
-        Metrics::add(&metrics.truncations, 1);
+        events.truncated(&r.shown, m.len(), r.offset);
         r.offset = 0;
         r.partial.clear();
         r.discarding = false;
@@ -659,13 +717,21 @@ fn find_in_folder(path: &Path, key: FileKey) -> Option<PathBuf> {
 }
 
 /// The reader checked against a model, as Vector tests its file watcher: random sequences of
-/// file-system actions (write, half-write, rotate, copytruncate, delete, restart from the
-/// checkpoints) run against the real reader on a temp folder; every line written must come out
-/// exactly once.
+/// file-system actions (write, half-write, rotate, copytruncate, delete, a kill -9 and restart
+/// from the checkpoints) run against the real reader on a temp folder, feeding two services through
+/// the real aggregation and state, whose backends accept their batches independently (each one
+/// may be far behind the other at a crash). Every line written must be counted exactly once by
+/// each service.
 #[cfg(test)]
 mod model {
     use super::*;
+    use crate::aggregate::{take_in, Aggregator, Application, Batch, Counted, ServiceLines};
+    use crate::config::{CredentialMode, LogFormat};
+    use crate::parse::Parser;
+    use crate::state::{ServiceState, SourceId, StateDir};
+    use crate::telemetry::Metrics;
     use proptest::prelude::*;
+    use std::collections::VecDeque;
     use std::io::Write;
 
     #[derive(Debug, Clone)]
@@ -674,7 +740,7 @@ mod model {
         Write(u8),
         /// Append the first half of a line.
         WriteHalf,
-        /// Let the reader look (scan, read, retire).
+        /// Let the reader look (scan, read, retire) and the services take in what it read.
         Tick,
         /// rename + create: the writer writes some lines to the old file, then reopens. A file that
         /// the reader never saw cannot be followed once renamed, so one look comes first if needed.
@@ -683,7 +749,10 @@ mod model {
         CopyTruncate,
         /// The reader catches up, then the file is deleted and created again.
         Delete,
-        /// The reader stops; the next tick starts a new one from the checkpoints.
+        /// The backend of service 0 or 1 accepts up to this many of its oldest batches.
+        Accept(u8, u8),
+        /// kill -9: what is not accepted is lost from memory; the next tick starts anew from the
+        /// state.
         Restart,
     }
 
@@ -695,8 +764,21 @@ mod model {
             1 => (0u8..4).prop_map(Action::Rotate),
             1 => Just(Action::CopyTruncate),
             1 => Just(Action::Delete),
+            3 => (0u8..2, 1u8..4).prop_map(|(s, n)| Action::Accept(s, n)),
             1 => Just(Action::Restart),
         ]
+    }
+
+    const SERVICES: [&str; 2] = ["1", "2"];
+
+    /// One service fed by the file: its aggregation, its batches sent but not accepted, its state.
+    struct Service {
+        lines: ServiceLines,
+        aggregator: Aggregator,
+        inbox: mpsc::Receiver<Tailed>,
+        sent: VecDeque<(u64, Batch)>,
+        seq: u64,
+        state: ServiceState,
     }
 
     struct World {
@@ -709,13 +791,17 @@ mod model {
         rotations: u32,
         /// Whether the reader looked since the current file was created.
         current_seen: bool,
-        tail: Option<Tail>,
-        out: mpsc::Sender<Chunk>,
-        chunks: mpsc::Receiver<Chunk>,
-        /// What a reporter would have committed: the latest position of each open file.
-        committed: HashMap<FileKey, FileCheckpoint>,
-        seen: HashMap<u64, u32>,
+        running: Option<(Tail, Vec<Service>, StateDir)>,
+        /// How many times each service counted each line.
+        counted: [HashMap<u64, u32>; 2],
         pad: u64,
+    }
+
+    fn source(service_id: &str) -> SourceId {
+        SourceId {
+            service_id: service_id.into(),
+            name: "access".into(),
+        }
     }
 
     impl World {
@@ -723,7 +809,6 @@ mod model {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("access.log");
             let writer = append(&path);
-            let (out, chunks) = mpsc::channel(100_000);
             World {
                 dir,
                 path,
@@ -732,19 +817,20 @@ mod model {
                 half: None,
                 rotations: 0,
                 current_seen: false,
-                tail: None,
-                out,
-                chunks,
-                committed: HashMap::new(),
-                seen: HashMap::new(),
+                running: None,
+                counted: [HashMap::new(), HashMap::new()],
                 pad: 7,
             }
         }
 
         fn line(&mut self) -> String {
             // Lengths vary, so fingerprints cover partial and whole first lines.
-            self.pad = (self.pad * 31 + 17) % 300;
-            let line = format!("id={} {}\n", self.next_id, "x".repeat(self.pad as usize));
+            self.pad = (self.pad * 31 + 17) % 200;
+            let line = format!(
+                "1.2.3.4 - - [10/Oct/2026:13:55:36 +0000] \"GET /?user_key=id{} HTTP/1.1\" 200 1 \"-\" \"{}\"\n",
+                self.next_id,
+                "x".repeat(self.pad as usize)
+            );
             self.next_id += 1;
             line
         }
@@ -755,54 +841,120 @@ mod model {
             }
         }
 
+        /// Starts the reader and the services from the state, as `tally run` does.
+        fn start(&mut self) -> (Tail, Vec<Service>, StateDir) {
+            let state = StateDir::open(&self.dir.path().join("state"), false).unwrap();
+            let sources: Vec<SourceId> = SERVICES.iter().map(|s| source(s)).collect();
+            let pattern = self.path.to_string_lossy().into_owned();
+            let with_ends: Vec<_> = sources.iter().map(|s| (s.clone(), false)).collect();
+            let matching = matching_files(&pattern);
+            let plan = state.resume(&with_ends, &matching, |c| {
+                still_holds(&matching, c.key, c.fingerprint, &c.path)
+            });
+            state.start_sources(&sources).unwrap();
+            let feeds = Arc::new(vec![sources]);
+            let mut out = Vec::new();
+            let services = SERVICES
+                .iter()
+                .zip(&plan.counted)
+                .map(|(service_id, counted)| {
+                    let (tx, inbox) = mpsc::channel(100_000);
+                    out.push(tx);
+                    let names = HashMap::from([(0, "access".to_string())]);
+                    Service {
+                        lines: ServiceLines {
+                            service_id: service_id.to_string(),
+                            parsers: vec![Some(Parser::new(
+                                LogFormat::Combined,
+                                CredentialMode::Auto,
+                            ))],
+                            max_line_length: 64 * 1024,
+                            flush_interval: Duration::from_secs(1),
+                            counted: counted
+                                .iter()
+                                .map(|(&key, &up_to)| ((0, key), Counted { up_to, seen: 0 }))
+                                .collect(),
+                            panic_on: None,
+                        },
+                        // Small batches: splits inside chunks, several batches per tick.
+                        aggregator: Aggregator::new(true, 3),
+                        inbox,
+                        sent: VecDeque::new(),
+                        seq: 0,
+                        state: state.service(service_id, names, feeds.clone()),
+                    }
+                })
+                .collect();
+            let options = TailOptions {
+                start_at_end: plan.start_at_end,
+                checkpoints: plan.checkpoints,
+                poll_interval: Duration::from_secs(3600),
+                watch: false,
+                rotate_grace: Duration::ZERO,
+                max_line_length: 64 * 1024,
+                once: false,
+            };
+            let tail = Tail {
+                feed: 0,
+                pattern,
+                options,
+                readers: Vec::new(),
+                out,
+                events: Arc::new(Metrics::default()),
+                stop: Arc::new(AtomicBool::new(false)),
+                started: false,
+            };
+            (tail, services, state)
+        }
+
         fn tick(&mut self) {
-            if self.tail.is_none() {
-                let checkpoints = self.committed.values().cloned().collect();
-                let options = TailOptions {
-                    start_at_end: false,
-                    checkpoints,
-                    poll_interval: Duration::from_secs(3600),
-                    watch: false,
-                    rotate_grace: Duration::ZERO,
-                    max_line_length: 64 * 1024,
-                    once: false,
-                };
-                self.tail = Some(Tail {
-                    source: 0,
-                    pattern: self.path.to_string_lossy().into_owned(),
-                    options,
-                    readers: Vec::new(),
-                    out: self.out.clone(),
-                    metrics: Arc::new(Metrics::default()),
-                    stop: Arc::new(AtomicBool::new(false)),
-                    started: false,
-                });
+            if self.running.is_none() {
+                self.running = Some(self.start());
             }
-            let tail = self.tail.as_mut().unwrap();
+            let (tail, services, _) = self.running.as_mut().unwrap();
             tail.scan();
             self.current_seen = true;
             assert!(tail.read_all() && tail.retire());
-            while let Ok(chunk) = self.chunks.try_recv() {
-                for (line, _) in chunk.lines().filter(|(l, _)| !l.is_empty()) {
-                    let text = std::str::from_utf8(line).unwrap();
-                    let id = text[3..].split(' ').next().unwrap().parse().unwrap();
-                    *self.seen.entry(id).or_default() += 1;
+            let metrics = Metrics::default();
+            for s in services {
+                let mut warned = std::collections::HashSet::new();
+                let mut batches = Vec::new();
+                while let Ok(message) = s.inbox.try_recv() {
+                    batches.extend(take_in(
+                        &mut s.lines,
+                        &mut s.aggregator,
+                        &message,
+                        &metrics,
+                        &mut warned,
+                    ));
                 }
-                if chunk.closed {
-                    self.committed.remove(&chunk.file);
-                } else {
-                    self.committed.insert(
-                        chunk.file,
-                        FileCheckpoint {
-                            source: self.path.to_string_lossy().into_owned(),
-                            key: chunk.file,
-                            fingerprint: chunk.fingerprint,
-                            offset: chunk.end_offset,
-                            line_time: 0,
-                            path: chunk.path.to_path_buf(),
-                        },
-                    );
+                batches.extend(s.aggregator.take());
+                for batch in batches {
+                    s.seq += 1;
+                    s.state.begin(s.seq, &batch.advances, true).unwrap();
+                    s.sent.push_back((s.seq, batch));
                 }
+            }
+        }
+
+        /// Service `which`'s backend accepts its `n` oldest batches.
+        fn accept(&mut self, which: usize, n: u8) {
+            let Some((_, services, _)) = self.running.as_mut() else {
+                return;
+            };
+            let s = &mut services[which];
+            for _ in 0..n {
+                let Some((seq, batch)) = s.sent.pop_front() else {
+                    return;
+                };
+                for (application, _) in batch.transactions.iter() {
+                    let Application::UserKey(key) = application else {
+                        panic!("{application:?}")
+                    };
+                    let id = key.strip_prefix("id").unwrap().parse().unwrap();
+                    *self.counted[which].entry(id).or_default() += 1;
+                }
+                s.state.commit(seq, &batch.advances).unwrap();
             }
         }
 
@@ -836,19 +988,30 @@ mod model {
                     self.writer = append(&self.path);
                     self.current_seen = false;
                 }
+                // What a truncation or a deletion takes away is only safe once accepted by
+                // both: no reader can do better.
                 Action::CopyTruncate => {
-                    self.finish_half();
-                    self.tick();
+                    self.catch_up();
                     self.writer.set_len(0).unwrap();
                 }
                 Action::Delete => {
-                    self.finish_half();
-                    self.tick();
+                    self.catch_up();
                     std::fs::remove_file(&self.path).unwrap();
                     self.writer = append(&self.path);
                     self.current_seen = false;
                 }
-                Action::Restart => self.tail = None,
+                Action::Accept(which, n) => self.accept(which as usize, n),
+                Action::Restart => self.running = None,
+            }
+        }
+
+        /// Everything is read and accepted.
+        fn catch_up(&mut self) {
+            self.finish_half();
+            self.tick();
+            self.tick(); // a file rotated at the first look is finished at the second
+            for which in 0..2 {
+                self.accept(which, u8::MAX);
             }
         }
     }
@@ -869,18 +1032,18 @@ mod model {
         })]
 
         #[test]
-        fn every_line_comes_out_exactly_once(actions in proptest::collection::vec(action(), 1..40)) {
+        fn every_line_is_counted_exactly_once_by_each_service(actions in proptest::collection::vec(action(), 1..40)) {
             let mut world = World::new();
             for a in &actions {
                 world.apply(a);
             }
-            world.finish_half();
-            world.tick();
-            world.tick(); // a file rotated at the first look is finished at the second
-            let wrong: Vec<_> = world.seen.iter().filter(|(_, &n)| n != 1).collect();
-            prop_assert!(wrong.is_empty(), "lines seen more than once: {:?}", wrong);
-            let missing: Vec<u64> = (0..world.next_id).filter(|id| !world.seen.contains_key(id)).collect();
-            prop_assert!(missing.is_empty(), "lines lost: {:?}", missing);
+            world.catch_up();
+            for (which, counted) in world.counted.iter().enumerate() {
+                let wrong: Vec<_> = counted.iter().filter(|(_, &n)| n != 1).collect();
+                prop_assert!(wrong.is_empty(), "service {}: lines counted more than once: {:?}", which, wrong);
+                let missing: Vec<u64> = (0..world.next_id).filter(|id| !counted.contains_key(id)).collect();
+                prop_assert!(missing.is_empty(), "service {}: lines lost: {:?}", which, missing);
+            }
         }
     }
 }

@@ -779,6 +779,89 @@ fn label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The tailer's news, logged and counted.
+impl crate::tail::TailEvents for Metrics {
+    fn following(&self, path: &Path, offset: u64, resumed: bool) {
+        self.set_problem(&format!("log file {}", shown_path(path)), None);
+        if resumed {
+            tracing::info!(path = %shown_path(path), offset, "resuming at the checkpoint");
+        } else {
+            tracing::info!(path = %shown_path(path), offset, "following file");
+        }
+    }
+
+    fn open_failed(&self, path: &Path, error: &std::io::Error) {
+        // Logged once, not at every poll, and shown on /healthz until it opens.
+        let what = format!("log file {}", shown_path(path));
+        if self.set_problem(&what, Some(format!("cannot open it: {error}"))) {
+            tracing::warn!(path = %shown_path(path), %error, "cannot open log file; tally tries again at every poll");
+        }
+    }
+
+    fn gone(&self, path: &Path, offset: u64) {
+        tracing::warn!(path = %shown_path(path), offset,
+            "a file read before is gone: lines written to it after the checkpoint, if any, are lost");
+    }
+
+    fn replaced_while_stopped(&self, path: &Path) {
+        tracing::info!(path = %shown_path(path), "the file's first bytes changed since the checkpoint: reading it from its start");
+    }
+
+    fn rotated(&self, path: &Path) {
+        tracing::info!(path = %shown_path(path), "file rotated or deleted: reading it to its end");
+        Metrics::add(&self.rotations, 1);
+    }
+
+    fn finished(&self, path: &Path, offset: u64) {
+        tracing::info!(path = %shown_path(path), offset, "finished a rotated or deleted file");
+    }
+
+    fn truncated(&self, path: &Path, size: u64, offset: u64) {
+        tracing::warn!(path = %shown_path(path), size, offset,
+            "file truncated or replaced in place: reading it again from its start");
+        Metrics::add(&self.truncations, 1);
+    }
+
+    fn line_too_long(&self, path: &Path, limit: usize) {
+        tracing::warn!(path = %shown_path(path), limit, "line too long: skipped");
+        self.skipped(Skip::TooLong, 1);
+        Metrics::add(&self.lines_read, 1);
+    }
+
+    fn read_failed(&self, path: &Path, error: Option<&std::io::Error>) {
+        let what = format!("log file {}", shown_path(path));
+        match error {
+            Some(error) => {
+                if self.set_problem(&what, Some(format!("cannot read it: {error}"))) {
+                    tracing::warn!(path = %shown_path(path), %error, "read failed; tally tries again at every pass");
+                }
+            }
+            None => {
+                self.set_problem(&what, None);
+            }
+        }
+    }
+
+    fn read(&self, feed: usize, key: FileKey, path: &Arc<Path>, offset: u64) {
+        tracing::debug!(path = %shown_path(path), end_offset = offset, "read lines");
+        self.files.read(feed, key, path, offset);
+    }
+
+    fn unwatched(&self, dir: Option<&Path>, error: &notify::Error) {
+        match dir {
+            Some(dir) => {
+                tracing::info!(dir = %shown_path(dir), %error, "cannot watch the folder yet, relying on the poll")
+            }
+            None => tracing::warn!(%error, "file events unavailable, relying on the poll"),
+        }
+    }
+
+    fn died(&self, pattern: &str, panic: &(dyn std::any::Any + Send)) {
+        let stage = format!("follower of {}", shown_path(Path::new(pattern)));
+        self.stage_died(&stage, &panic_text(panic));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

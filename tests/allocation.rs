@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tally::aggregate::{parse_chunk, Aggregator};
-use tally::tail::Chunk;
+use tally::aggregate::{take_in, Aggregator};
+use tally::tail::Tailed;
 use tally::telemetry::Metrics;
 
 #[path = "support/pipeline.rs"]
@@ -68,20 +68,20 @@ fn allocations_to_aggregate(path: &Path) -> (u64, u64) {
     // Room for the whole file: every chunk is read before the counting starts.
     let (follower, mut rx) = pipeline::read_once(path, 100_000, metrics.clone());
     follower.join();
-    let mut chunks: Vec<Chunk> = Vec::new();
-    while let Ok(chunk) = rx.try_recv() {
-        chunks.push(chunk);
+    let mut messages: Vec<Tailed> = Vec::new();
+    while let Ok(message) = rx.try_recv() {
+        messages.push(message);
     }
-    let lines = pipeline::combined_source();
+    let mut lines = pipeline::combined_source();
     let mut aggregator = Aggregator::new(true, 1000);
     let mut warned = HashSet::with_capacity(8);
     let mut batches = Vec::with_capacity(100);
     let before = ALLOCATIONS.load(Ordering::Relaxed);
-    for chunk in &chunks {
-        batches.extend(parse_chunk(
-            &lines,
+    for message in &messages {
+        batches.extend(take_in(
+            &mut lines,
             &mut aggregator,
-            chunk,
+            message,
             &metrics,
             &mut warned,
         ));

@@ -539,14 +539,10 @@ fn a_corrupt_state_file_is_a_clear_error_and_a_half_written_one_is_ignored() {
     let mut w = Writer::open(&log);
     w.write(10);
     Tally::run_once(&config);
-    let state = s.path("state/service-42.state");
+    let state = s.path("state/tally.state");
     let good = std::fs::read_to_string(&state).unwrap();
     // A temp file left by a crash in the middle of a write: ignored, nothing re-sent.
-    std::fs::write(
-        s.path("state/service-42.state.tmp"),
-        &good[..good.len() / 2],
-    )
-    .unwrap();
+    std::fs::write(s.path("state/tally.state.tmp"), &good[..good.len() / 2]).unwrap();
     w.write(5);
     Tally::run_once(&config);
     s.assert_exactly_once(15);

@@ -287,14 +287,14 @@ async fn dispatch(
             let p = pending.pop_front().expect("checked");
             persist(shared, &mut backoff, || state.commit(p.seq, &p.advances)).await;
             committed = true;
+            // A file feeding several services stands where the one furthest behind does.
             for a in &p.advances {
-                if a.closed {
-                    shared.metrics.files.closed(a.source, a.key);
-                } else {
-                    shared
+                match state.watermark(a.feed, a.key) {
+                    Some((offset, line_time)) => shared
                         .metrics
                         .files
-                        .committed(a.source, a.key, a.offset, a.line_time);
+                        .committed(a.feed, a.key, offset, line_time),
+                    None => shared.metrics.files.closed(a.feed, a.key),
                 }
             }
         }

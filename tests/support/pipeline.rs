@@ -8,7 +8,7 @@ use std::time::Duration;
 use tally::aggregate::ServiceLines;
 use tally::config::{CredentialMode, LogFormat};
 use tally::parse::Parser;
-use tally::tail::{Chunk, Follower, TailOptions};
+use tally::tail::{Follower, TailEvents, TailOptions, Tailed};
 use tally::telemetry::Metrics;
 
 const MAX_LINE_LENGTH: usize = 64 * 1024;
@@ -20,16 +20,17 @@ pub fn combined_source() -> ServiceLines {
         parsers: vec![Some(Parser::new(LogFormat::Combined, CredentialMode::Auto))],
         max_line_length: MAX_LINE_LENGTH,
         flush_interval: Duration::from_secs(5),
+        counted: Default::default(),
         panic_on: None,
     }
 }
 
-/// tally's tailer reading `log` as it is (`--once`), its chunks in a channel of `capacity`.
+/// tally's tailer reading `log` as it is (`--once`), what it reads in a channel of `capacity`.
 pub fn read_once(
     log: &Path,
     capacity: usize,
     metrics: Arc<Metrics>,
-) -> (Follower, tokio::sync::mpsc::Receiver<Chunk>) {
+) -> (Follower, tokio::sync::mpsc::Receiver<Tailed>) {
     let (tx, rx) = tokio::sync::mpsc::channel(capacity);
     let options = TailOptions {
         start_at_end: false,
@@ -40,7 +41,8 @@ pub fn read_once(
         max_line_length: MAX_LINE_LENGTH,
         once: true,
     };
-    let follower = Follower::spawn(0, log.display().to_string(), options, tx, metrics)
+    let events: Arc<dyn TailEvents> = metrics;
+    let follower = Follower::spawn(0, log.display().to_string(), options, vec![tx], events)
         .expect("the tailer starts");
     (follower, rx)
 }
