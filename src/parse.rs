@@ -55,38 +55,57 @@ pub struct Request<'a> {
     pub credential: Credential<'a>,
 }
 
-/// Why a line is not reported. Every skip is counted under its reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(usize)]
-pub enum Skip {
-    /// The line is not in the configured format (garbage, truncated, another format).
-    Malformed,
-    /// The request carries no credential, so 3scale could not attribute it.
-    NoCredential,
-    /// The credential is not valid UTF-8 once decoded; the backend would reject the whole call.
-    InvalidCredential,
-    /// The line is longer than `max_line_length`.
-    TooLong,
-}
-
-impl Skip {
-    /// Every reason: the per-chunk tallies, the counters and `/metrics` iterate this.
-    pub const ALL: [Skip; 4] = [
-        Skip::Malformed,
-        Skip::NoCredential,
-        Skip::InvalidCredential,
-        Skip::TooLong,
-    ];
-
-    pub fn reason(self) -> &'static str {
-        match self {
-            Skip::Malformed => "malformed",
-            Skip::NoCredential => "no_credential",
-            Skip::InvalidCredential => "invalid_credential",
-            Skip::TooLong => "too_long",
+/// Every reason a line is skipped, declared once, one line each: what it means (its doc, the help),
+/// the [`Skip`] variant, its label (`reason` in `tally_lines_skipped_total`) and its field in the
+/// log summary (tracing takes field names only as written). Hands the list to `$then!`, after
+/// `$pass`: [`Skip`] here and the summary in `telemetry` are generated from it.
+macro_rules! for_each_skip {
+    ($then:ident! { $($pass:tt)* }) => {
+        $then! { $($pass)*
+            /// The line is not in the configured format (garbage, truncated, another format).
+            Malformed = "malformed", skipped_malformed;
+            /// The request carries no credential, so 3scale could not attribute it.
+            NoCredential = "no_credential", skipped_no_credential;
+            /// The credential is not valid UTF-8 once decoded; the backend would reject the whole call.
+            InvalidCredential = "invalid_credential", skipped_invalid_credential;
+            /// The line is longer than `max_line_length`.
+            TooLong = "too_long", skipped_too_long;
         }
-    }
+    };
 }
+pub(crate) use for_each_skip;
+
+/// Declares [`Skip`] from [`for_each_skip`]'s list.
+macro_rules! declare_skip {
+    ($( $(#[doc = $doc:literal])+ $variant:ident = $label:literal, $field:ident; )+) => {
+        /// Why a line is not reported. Every skip is counted under its reason.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(usize)]
+        pub enum Skip {
+            $( $(#[doc = $doc])+ $variant, )+
+        }
+
+        impl Skip {
+            /// Every reason: the per-chunk tallies, the counters and `/metrics` iterate this.
+            pub const ALL: [Skip; [$(Skip::$variant),+].len()] = [$(Skip::$variant),+];
+
+            /// Its label: `reason` in `tally_lines_skipped_total` and in the logs.
+            pub fn reason(self) -> &'static str {
+                match self {
+                    $( Skip::$variant => $label, )+
+                }
+            }
+
+            /// What it means, for `/metrics`' help.
+            pub fn description(self) -> &'static str {
+                match self {
+                    $( Skip::$variant => concat!($($doc),+).trim_ascii_start(), )+
+                }
+            }
+        }
+    };
+}
+for_each_skip!(declare_skip! {});
 
 /// `$time_local` as written: `25/Nov/2026:18:41:03 +0100`.
 type TimeField = [u8; 26];
