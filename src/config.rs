@@ -1,18 +1,77 @@
 //! The TOML configuration: parsing, validation with errors that name the key and its line, and the
-//! effective configuration as `tally check` prints it (secrets masked).
+//! effective configuration as `tally check` prints it: the typed configuration serialized back to
+//! TOML, secrets masked.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 use toml::Spanned;
 
 /// The most transactions one report call may carry: the backend takes at most 4096 `key=value` pairs,
 /// two go to `service_token` and `service_id`, and a transaction with a response code takes four.
 pub const MAX_TRANSACTIONS_PER_CALL: usize = 1023;
 
-pub const DEFAULT_BACKEND_URL: &str = "https://su1.3scale.net";
+/// Each key's default, named by its section and key. The parser takes them from here only; tests
+/// hold `config/tally.toml` and the README's table of keys to them.
+pub mod defaults {
+    pub mod backend {
+        use std::time::Duration;
+        pub const URL: &str = "https://su1.3scale.net";
+        pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+        pub const TIMEOUT: Duration = Duration::from_secs(60);
+        pub const VALIDATE_CREDENTIALS: bool = true;
+        pub const VALID_CREDENTIAL_TTL: Duration = Duration::from_secs(3600);
+        pub const INVALID_CREDENTIAL_TTL: Duration = Duration::from_secs(300);
+        pub const REJECTED_RETRY: Duration = Duration::from_secs(60);
+    }
+
+    /// Each `[[sources]]` table's; its name is its path unless given.
+    pub mod sources {
+        use crate::config::{CredentialMode, LogFormat, ReadFrom};
+        pub const FORMAT: LogFormat = LogFormat::Combined;
+        pub const READ_FROM: ReadFrom = ReadFrom::End;
+        pub const CREDENTIAL: CredentialMode = CredentialMode::Auto;
+    }
+
+    pub mod report {
+        use std::time::Duration;
+        pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+        pub const MAX_TRANSACTIONS: usize = 1000;
+        pub const RESPONSE_CODES: bool = true;
+        pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+        pub const CONCURRENCY: usize = 2;
+        /// Five minutes of margin under 3scale's 24 hours.
+        pub const MAX_AGE: Duration = Duration::from_secs(24 * 3600 - 300);
+    }
+
+    pub mod tail {
+        use std::time::Duration;
+        pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+        pub const WATCH: bool = true;
+        pub const ROTATE_GRACE: Duration = Duration::from_secs(5);
+        pub const MAX_LINE_LENGTH: usize = 64 * 1024;
+    }
+
+    pub mod state {
+        pub const DIR: &str = "/var/lib/tally";
+    }
+
+    pub mod log {
+        use std::time::Duration;
+        pub const FORMAT: crate::config::LogOutput = crate::config::LogOutput::Text;
+        pub const LEVEL: &str = "info";
+        pub const STATS_INTERVAL: Duration = Duration::from_secs(60);
+    }
+
+    pub mod telemetry {
+        use std::time::Duration;
+        /// Not served.
+        pub const LISTEN: Option<std::net::SocketAddr> = None;
+        pub const STALLED_AFTER: Duration = Duration::from_secs(300);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -33,7 +92,8 @@ pub enum ConfigError {
     },
 }
 
-/// A secret value (service token, provider key). Its `Debug` and `Display` never show it.
+/// A secret value (service token, provider key). Its `Debug`, `Display` and `Serialize` never show
+/// it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret {
     value: String,
@@ -75,8 +135,17 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// How tally authenticates its calls to the Service Management API.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Serialized as its mask, like `Display`: no serialization shows the value.
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// How tally authenticates its calls to the Service Management API. Serialized flattened into its
+/// table, as the key that gives it: `service_token = ...` or `provider_key = ...`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BackendAuth {
     ServiceToken(Secret),
     /// Deprecated by 3scale, still accepted.
@@ -101,34 +170,45 @@ impl BackendAuth {
     }
 }
 
-#[derive(Debug, Clone)]
+// The typed configuration serializes to the file's own sections and keys (the effective
+// configuration), so that it parses again.
+
+#[derive(Debug, Clone, Serialize)]
 pub struct Backend {
+    #[serde(serialize_with = "as_text")]
     pub url: reqwest::Url,
+    #[serde(flatten)]
     pub auth: BackendAuth,
     /// How long making a connection may take.
+    #[serde(serialize_with = "duration::serialize")]
     pub connect_timeout: Duration,
     /// How long a connected call waits for its answer (raised while 3scale is slow).
+    #[serde(serialize_with = "duration::serialize")]
     pub timeout: Duration,
     /// Extra root certificates to trust, beside the system's: the PEM file, and its certificates
-    /// (read once, when the configuration is checked).
+    /// (read once, when the configuration is checked). Shown as the file's path.
+    #[serde(serialize_with = "ca_file", skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<(PathBuf, Vec<reqwest::Certificate>)>,
     /// Check each new credential with an authorize call before reporting it.
     pub validate_credentials: bool,
     /// How long an authorize answer is trusted: an application that exists, one that does not.
+    #[serde(serialize_with = "duration::serialize")]
     pub valid_credential_ttl: Duration,
+    #[serde(serialize_with = "duration::serialize")]
     pub invalid_credential_ttl: Duration,
     /// How often a call that 3scale rejected (bad token...) is tried again.
+    #[serde(serialize_with = "duration::serialize")]
     pub rejected_retry: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     /// NGINX's predefined `combined` format.
     Combined,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReadFrom {
     Beginning,
@@ -136,17 +216,16 @@ pub enum ReadFrom {
 }
 
 /// Which query parameters carry the caller's credential.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CredentialMode {
     /// `user_key` if present, else `app_id` (with optional `app_key`).
-    #[default]
     Auto,
     UserKey,
     AppId,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Source {
     /// What the source is known by in the state (its checkpoints) and the logs: given, or its
     /// path. A name keeps the checkpoints when the path changes.
@@ -158,69 +237,107 @@ pub struct Source {
     pub read_from: ReadFrom,
     pub credential: CredentialMode,
     /// This source's own service token (or provider key), instead of `[backend]`'s.
+    #[serde(flatten)]
     pub auth: Option<BackendAuth>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    #[serde(serialize_with = "duration::serialize")]
     pub flush_interval: Duration,
     pub max_transactions: usize,
     pub response_codes: bool,
     /// How long a stopping tally may take to send what it has read.
+    #[serde(serialize_with = "duration::serialize")]
     pub shutdown_grace: Duration,
     /// Report calls under way at once, per service.
     pub concurrency: usize,
     /// Transactions older than this when their call is sent are dropped (3scale's window is 24 h).
+    #[serde(serialize_with = "duration::serialize")]
     pub max_age: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Tail {
+    #[serde(serialize_with = "duration::serialize")]
     pub poll_interval: Duration,
     /// Wake on file-system events; off, the safety poll alone finds new lines.
     pub watch: bool,
+    #[serde(serialize_with = "duration::serialize")]
     pub rotate_grace: Duration,
     pub max_line_length: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct State {
+    #[serde(serialize_with = "path_text")]
     pub dir: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogOutput {
-    #[default]
     Text,
     Json,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Logging {
     pub format: LogOutput,
     pub level: String,
     /// How often the counters and each file's lag are logged.
+    #[serde(serialize_with = "duration::serialize")]
     pub stats_interval: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Telemetry {
-    /// Where /metrics, /healthz and /livez are served; None: nowhere.
+    /// Where /metrics, /healthz and /livez are served; None: nowhere, shown as `""` (which the
+    /// file accepts for it too).
+    #[serde(serialize_with = "listen")]
     pub listen: Option<std::net::SocketAddr>,
     /// /healthz fails when a service has had nothing accepted for this long while requests wait.
+    #[serde(serialize_with = "duration::serialize")]
     pub stalled_after: Duration,
 }
 
-#[derive(Debug, Clone)]
+/// The fields in the order `tally check` shows the sections.
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub backend: Backend,
-    pub telemetry: Telemetry,
     pub sources: Vec<Source>,
     pub report: Report,
     pub tail: Tail,
     pub state: State,
     pub log: Logging,
+    pub telemetry: Telemetry,
+}
+
+fn as_text<S: Serializer>(value: &impl fmt::Display, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(value)
+}
+
+/// A path as text even if it is not UTF-8 (shown, not sent anywhere).
+fn path_text<S: Serializer>(value: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&value.display())
+}
+
+/// The file's path, not its certificates.
+fn ca_file<S: Serializer>(
+    value: &Option<(PathBuf, Vec<reqwest::Certificate>)>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some((file, _)) => path_text(file, s),
+        None => s.serialize_none(),
+    }
+}
+
+fn listen<S: Serializer>(value: &Option<std::net::SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(address) => s.collect_str(address),
+        None => s.serialize_str(""),
+    }
 }
 
 // ---- the file as written -------------------------------------------------------------------
@@ -283,8 +400,7 @@ struct RawSource {
     service_id: Spanned<String>,
     format: Option<LogFormat>,
     read_from: Option<ReadFrom>,
-    #[serde(default)]
-    credential: CredentialMode,
+    credential: Option<CredentialMode>,
     service_token: Option<Spanned<String>>,
     service_token_env: Option<Spanned<String>>,
     service_token_file: Option<Spanned<String>>,
@@ -335,8 +451,13 @@ struct RawLog {
 }
 
 mod duration {
-    use serde::{de::Error, Deserialize, Deserializer};
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
     use std::time::Duration;
+
+    /// As the file gives it: "10s", "1m", "23h 55m".
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*value))
+    }
 
     /// A humantime duration ("5s", "1m 30s"), which must be above zero.
     pub fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -356,9 +477,10 @@ mod duration {
     pub fn max_age<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let value = optional(d)?;
         if value.is_some_and(|v| v > Duration::from_secs(24 * 3600)) {
-            return Err(D::Error::custom(
-                "3scale drops whole calls holding transactions older than 24h: use at most 24h (default 23h 55m)",
-            ));
+            return Err(D::Error::custom(format!(
+                "3scale drops whole calls holding transactions older than 24h: use at most 24h (default {})",
+                humantime::format_duration(super::defaults::report::MAX_AGE)
+            )));
         }
         Ok(value)
     }
@@ -474,7 +596,7 @@ impl Ctx<'_> {
     fn backend(&self, raw: &Spanned<RawBackend>) -> Result<Backend, ConfigError> {
         let b = raw.get_ref();
         let url = match &b.url {
-            None => reqwest::Url::parse(DEFAULT_BACKEND_URL).expect("default URL is valid"),
+            None => reqwest::Url::parse(defaults::backend::URL).expect("default URL is valid"),
             Some(u) => {
                 let parsed = reqwest::Url::parse(u.get_ref()).map_err(|e| {
                     self.invalid(
@@ -535,13 +657,23 @@ impl Ctx<'_> {
         Ok(Backend {
             url,
             auth,
-            connect_timeout: b.connect_timeout.unwrap_or(Duration::from_secs(10)),
-            timeout: b.timeout.unwrap_or(Duration::from_secs(60)),
+            connect_timeout: b
+                .connect_timeout
+                .unwrap_or(defaults::backend::CONNECT_TIMEOUT),
+            timeout: b.timeout.unwrap_or(defaults::backend::TIMEOUT),
             ca_file,
-            validate_credentials: b.validate_credentials.unwrap_or(true),
-            valid_credential_ttl: b.valid_credential_ttl.unwrap_or(Duration::from_secs(3600)),
-            invalid_credential_ttl: b.invalid_credential_ttl.unwrap_or(Duration::from_secs(300)),
-            rejected_retry: b.rejected_retry.unwrap_or(Duration::from_secs(60)),
+            validate_credentials: b
+                .validate_credentials
+                .unwrap_or(defaults::backend::VALIDATE_CREDENTIALS),
+            valid_credential_ttl: b
+                .valid_credential_ttl
+                .unwrap_or(defaults::backend::VALID_CREDENTIAL_TTL),
+            invalid_credential_ttl: b
+                .invalid_credential_ttl
+                .unwrap_or(defaults::backend::INVALID_CREDENTIAL_TTL),
+            rejected_retry: b
+                .rejected_retry
+                .unwrap_or(defaults::backend::REJECTED_RETRY),
         })
     }
 
@@ -613,9 +745,9 @@ impl Ctx<'_> {
             name,
             path,
             service_id: service_id.to_string(),
-            format: s.format.unwrap_or(LogFormat::Combined),
-            read_from: s.read_from.unwrap_or(ReadFrom::End),
-            credential: s.credential,
+            format: s.format.unwrap_or(defaults::sources::FORMAT),
+            read_from: s.read_from.unwrap_or(defaults::sources::READ_FROM),
+            credential: s.credential.unwrap_or(defaults::sources::CREDENTIAL),
             auth,
         })
     }
@@ -663,12 +795,24 @@ impl Config {
             .map(|(i, s)| ctx.source(i, s))
             .collect::<Result<Vec<_>, _>>()?;
         let report = Report {
-            flush_interval: raw.report.flush_interval.unwrap_or(Duration::from_secs(5)),
-            max_transactions: raw.report.max_transactions.unwrap_or(1000),
-            response_codes: raw.report.response_codes.unwrap_or(true),
-            shutdown_grace: raw.report.shutdown_grace.unwrap_or(Duration::from_secs(20)),
+            flush_interval: raw
+                .report
+                .flush_interval
+                .unwrap_or(defaults::report::FLUSH_INTERVAL),
+            max_transactions: raw
+                .report
+                .max_transactions
+                .unwrap_or(defaults::report::MAX_TRANSACTIONS),
+            response_codes: raw
+                .report
+                .response_codes
+                .unwrap_or(defaults::report::RESPONSE_CODES),
+            shutdown_grace: raw
+                .report
+                .shutdown_grace
+                .unwrap_or(defaults::report::SHUTDOWN_GRACE),
             concurrency: match &raw.report.concurrency {
-                None => 2,
+                None => defaults::report::CONCURRENCY,
                 Some(n) if (1..=16).contains(n.get_ref()) => *n.get_ref() as usize,
                 Some(n) => {
                     return Err(ctx.invalid(
@@ -678,10 +822,7 @@ impl Config {
                     ))
                 }
             },
-            max_age: raw
-                .report
-                .max_age
-                .unwrap_or(Duration::from_secs(24 * 3600 - 300)),
+            max_age: raw.report.max_age.unwrap_or(defaults::report::MAX_AGE),
         };
         // A source's name keys its checkpoints: two alike would share them.
         for (i, s) in sources.iter().enumerate() {
@@ -734,7 +875,7 @@ impl Config {
         }
         let telemetry = Telemetry {
             listen: match &raw.telemetry.listen {
-                None => None,
+                None => defaults::telemetry::LISTEN,
                 Some(l) if l.get_ref().is_empty() => None,
                 Some(l) => Some(l.get_ref().parse().map_err(|e| {
                     ctx.invalid(
@@ -747,10 +888,10 @@ impl Config {
             stalled_after: raw
                 .telemetry
                 .stalled_after
-                .unwrap_or(Duration::from_secs(300)),
+                .unwrap_or(defaults::telemetry::STALLED_AFTER),
         };
         let max_line_length = match &raw.tail.max_line_length {
-            None => 64 * 1024,
+            None => defaults::tail::MAX_LINE_LENGTH,
             Some(n) if (256..=(64 << 20)).contains(n.get_ref()) => *n.get_ref() as usize,
             Some(n) => {
                 return Err(ctx.invalid(
@@ -761,22 +902,32 @@ impl Config {
             }
         };
         let tail = Tail {
-            poll_interval: raw.tail.poll_interval.unwrap_or(Duration::from_secs(1)),
-            watch: raw.tail.watch.unwrap_or(true),
-            rotate_grace: raw.tail.rotate_grace.unwrap_or(Duration::from_secs(5)),
+            poll_interval: raw
+                .tail
+                .poll_interval
+                .unwrap_or(defaults::tail::POLL_INTERVAL),
+            watch: raw.tail.watch.unwrap_or(defaults::tail::WATCH),
+            rotate_grace: raw
+                .tail
+                .rotate_grace
+                .unwrap_or(defaults::tail::ROTATE_GRACE),
             max_line_length,
         };
         let state = State {
-            dir: ctx.resolve(raw.state.dir.as_deref().unwrap_or("/var/lib/tally")),
+            dir: ctx.resolve(raw.state.dir.as_deref().unwrap_or(defaults::state::DIR)),
         };
         let log = Logging {
-            format: raw.log.format.unwrap_or_default(),
+            format: raw.log.format.unwrap_or(defaults::log::FORMAT),
             level: raw
                 .log
                 .level
                 .as_ref()
-                .map_or_else(|| "info".to_string(), |l| l.get_ref().clone()),
-            stats_interval: raw.log.stats_interval.unwrap_or(Duration::from_secs(60)),
+                .map_or(defaults::log::LEVEL, |l| l.get_ref())
+                .to_string(),
+            stats_interval: raw
+                .log
+                .stats_interval
+                .unwrap_or(defaults::log::STATS_INTERVAL),
         };
         tracing_subscriber::EnvFilter::try_new(&log.level).map_err(|e| {
             ctx.invalid(
@@ -796,91 +947,11 @@ impl Config {
         })
     }
 
-    /// The effective configuration as TOML, every default filled in and secrets masked.
-    pub fn effective(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let mut line = |text: String| {
-            let _ = writeln!(out, "{text}");
-        };
-        let b = &self.backend;
-        let (field, secret) = b.auth.field();
-        line("[backend]".into());
-        line(format!("url = {:?}", b.url.as_str()));
-        line(format!("{field} = {:?}", secret.to_string()));
-        line(format!("connect_timeout = {:?}", dur(b.connect_timeout)));
-        line(format!("timeout = {:?}", dur(b.timeout)));
-        if let Some((ca, _)) = &b.ca_file {
-            line(format!("ca_file = {:?}", ca.display().to_string()));
-        }
-        line(format!("validate_credentials = {}", b.validate_credentials));
-        line(format!(
-            "valid_credential_ttl = {:?}",
-            dur(b.valid_credential_ttl)
-        ));
-        line(format!(
-            "invalid_credential_ttl = {:?}",
-            dur(b.invalid_credential_ttl)
-        ));
-        line(format!("rejected_retry = {:?}", dur(b.rejected_retry)));
-        for s in &self.sources {
-            line("\n[[sources]]".into());
-            line(format!("name = {:?}", s.name));
-            line(format!("path = {:?}", s.path));
-            line(format!("service_id = {:?}", s.service_id));
-            line(format!("format = {:?}", snake(&format!("{:?}", s.format))));
-            line(format!(
-                "read_from = {:?}",
-                snake(&format!("{:?}", s.read_from))
-            ));
-            line(format!(
-                "credential = {:?}",
-                snake(&format!("{:?}", s.credential))
-            ));
-            if let Some(auth) = &s.auth {
-                let (field, secret) = auth.field();
-                line(format!("{field} = {:?}", secret.to_string()));
-            }
-        }
-        let r = &self.report;
-        line("\n[report]".into());
-        line(format!("flush_interval = {:?}", dur(r.flush_interval)));
-        line(format!("max_transactions = {}", r.max_transactions));
-        line(format!("response_codes = {}", r.response_codes));
-        line(format!("shutdown_grace = {:?}", dur(r.shutdown_grace)));
-        line(format!("concurrency = {}", r.concurrency));
-        line(format!("max_age = {:?}", dur(r.max_age)));
-        let t = &self.tail;
-        line("\n[tail]".into());
-        line(format!("poll_interval = {:?}", dur(t.poll_interval)));
-        line(format!("watch = {}", t.watch));
-        line(format!("rotate_grace = {:?}", dur(t.rotate_grace)));
-        line(format!("max_line_length = {}", t.max_line_length));
-        line(format!(
-            "\n[state]\ndir = {:?}",
-            self.state.dir.display().to_string()
-        ));
-        line("\n[log]".into());
-        line(format!(
-            "format = {:?}",
-            snake(&format!("{:?}", self.log.format))
-        ));
-        line(format!("level = {:?}", self.log.level));
-        line(format!(
-            "stats_interval = {:?}",
-            dur(self.log.stats_interval)
-        ));
-        let listen = self
-            .telemetry
-            .listen
-            .map(|l| l.to_string())
-            .unwrap_or_default();
-        line(format!("\n[telemetry]\nlisten = {listen:?}"));
-        line(format!(
-            "stalled_after = {:?}",
-            dur(self.telemetry.stalled_after)
-        ));
-        out
+    /// The effective configuration as TOML, every default filled in and secrets masked: the file's
+    /// sections and keys, so that it parses again (a secret then as its mask). An optional key
+    /// that is unset is left out, or shown as the value that means unset where the file has one.
+    pub fn effective(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
     }
 }
 
@@ -912,26 +983,6 @@ fn redact_excerpt(message: &str) -> String {
         .join("\n")
 }
 
-fn dur(d: Duration) -> String {
-    humantime::format_duration(d).to_string()
-}
-
-/// `UserKey` → `user_key`, the spelling the configuration uses.
-fn snake(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 4);
-    for (i, c) in name.chars().enumerate() {
-        if c.is_ascii_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -949,40 +1000,54 @@ path = "/var/log/nginx/access.log"
 service_id = "42"
 "#;
 
+    /// Only the keys without a default yields the typed defaults, every one of them.
     #[test]
     fn defaults_fill_in() {
         let c = parse(MINIMAL).unwrap();
-        assert_eq!(c.backend.url.as_str(), "https://su1.3scale.net/");
-        assert_eq!(c.backend.timeout, Duration::from_secs(60));
-        assert_eq!(c.backend.connect_timeout, Duration::from_secs(10));
-        assert_eq!(c.telemetry.stalled_after, Duration::from_secs(300));
-        assert_eq!(c.report.flush_interval, Duration::from_secs(5));
-        assert_eq!(c.report.max_transactions, 1000);
-        assert!(c.report.response_codes);
-        assert_eq!(c.sources[0].read_from, ReadFrom::End);
-        assert_eq!(c.sources[0].format, LogFormat::Combined);
-    }
-
-    #[test]
-    fn effective_config_masks_the_token_and_parses_again() {
-        let c = parse(MINIMAL).unwrap();
-        let shown = c.effective();
-        assert!(!shown.contains("tok-123456"), "{shown}");
-        assert!(
-            shown.contains("<secret given in the configuration, 10 chars>"),
-            "{shown}"
-        );
-        assert!(!format!("{c:?}").contains("tok-123456"));
-        // Everything but the masked secret survives a round trip.
-        let without_secret = |t: &str| {
-            t.lines()
-                .filter(|l| !l.starts_with("service_token"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        };
+        let b = &c.backend;
+        assert_eq!(b.url.as_str(), format!("{}/", defaults::backend::URL));
+        assert_eq!(b.connect_timeout, defaults::backend::CONNECT_TIMEOUT);
+        assert_eq!(b.timeout, defaults::backend::TIMEOUT);
+        assert!(b.ca_file.is_none());
         assert_eq!(
-            without_secret(&parse(&shown).unwrap().effective()),
-            without_secret(&shown)
+            b.validate_credentials,
+            defaults::backend::VALIDATE_CREDENTIALS
+        );
+        assert_eq!(
+            b.valid_credential_ttl,
+            defaults::backend::VALID_CREDENTIAL_TTL
+        );
+        assert_eq!(
+            b.invalid_credential_ttl,
+            defaults::backend::INVALID_CREDENTIAL_TTL
+        );
+        assert_eq!(b.rejected_retry, defaults::backend::REJECTED_RETRY);
+        let s = &c.sources[0];
+        assert_eq!(s.name, s.path);
+        assert_eq!(s.format, defaults::sources::FORMAT);
+        assert_eq!(s.read_from, defaults::sources::READ_FROM);
+        assert_eq!(s.credential, defaults::sources::CREDENTIAL);
+        assert!(s.auth.is_none());
+        let r = &c.report;
+        assert_eq!(r.flush_interval, defaults::report::FLUSH_INTERVAL);
+        assert_eq!(r.max_transactions, defaults::report::MAX_TRANSACTIONS);
+        assert_eq!(r.response_codes, defaults::report::RESPONSE_CODES);
+        assert_eq!(r.shutdown_grace, defaults::report::SHUTDOWN_GRACE);
+        assert_eq!(r.concurrency, defaults::report::CONCURRENCY);
+        assert_eq!(r.max_age, defaults::report::MAX_AGE);
+        let t = &c.tail;
+        assert_eq!(t.poll_interval, defaults::tail::POLL_INTERVAL);
+        assert_eq!(t.watch, defaults::tail::WATCH);
+        assert_eq!(t.rotate_grace, defaults::tail::ROTATE_GRACE);
+        assert_eq!(t.max_line_length, defaults::tail::MAX_LINE_LENGTH);
+        assert_eq!(c.state.dir, Path::new(defaults::state::DIR));
+        assert_eq!(c.log.format, defaults::log::FORMAT);
+        assert_eq!(c.log.level, defaults::log::LEVEL);
+        assert_eq!(c.log.stats_interval, defaults::log::STATS_INTERVAL);
+        assert_eq!(c.telemetry.listen, defaults::telemetry::LISTEN);
+        assert_eq!(
+            c.telemetry.stalled_after,
+            defaults::telemetry::STALLED_AFTER
         );
     }
 
@@ -1144,5 +1209,285 @@ service_id = "42"
     fn relative_paths_follow_the_config_file() {
         let c = parse(&MINIMAL.replace("/var/log/nginx/access.log", "logs/*.log")).unwrap();
         assert_eq!(c.sources[0].path, "/etc/tally/logs/*.log");
+    }
+
+    /// Every key set, none to its default (a source's own token in the second source).
+    fn full(dir: &Path) -> String {
+        // Certificates are only decoded from PEM here; the TLS client checks them.
+        std::fs::write(
+            dir.join("ca.pem"),
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        r#"
+[backend]
+url = "http://backend.example:3001/"
+service_token = "tok-123456"
+connect_timeout = "3s"
+timeout = "2m"
+ca_file = "ca.pem"
+validate_credentials = false
+valid_credential_ttl = "2h"
+invalid_credential_ttl = "1m"
+rejected_retry = "30s"
+
+[[sources]]
+name = "edge"
+path = "logs/*.log"
+service_id = "42"
+format = "combined"
+read_from = "beginning"
+credential = "user_key"
+
+[[sources]]
+path = "other.log"
+service_id = "43"
+credential = "app_id"
+service_token = "tok-of-43"
+
+[report]
+flush_interval = "2s"
+max_transactions = 500
+response_codes = false
+shutdown_grace = "10s"
+concurrency = 4
+max_age = "12h"
+
+[tail]
+poll_interval = "3s"
+watch = false
+rotate_grace = "7s"
+max_line_length = 4096
+
+[state]
+dir = "state"
+
+[log]
+format = "json"
+level = "tally=debug,warn"
+stats_interval = "30s"
+
+[telemetry]
+listen = "127.0.0.1:9464"
+stalled_after = "10m"
+"#
+        .to_string()
+    }
+
+    /// The keys of a configuration as `section.key` (`sources.key` for any source).
+    fn keys(text: &str) -> std::collections::BTreeSet<String> {
+        let table: toml::Table = toml::from_str(text).unwrap();
+        let mut keys = std::collections::BTreeSet::new();
+        for (section, value) in table {
+            let tables = match value {
+                toml::Value::Table(t) => vec![t],
+                toml::Value::Array(a) => a
+                    .into_iter()
+                    .filter_map(|v| v.as_table().cloned())
+                    .collect(),
+                other => panic!("{section} = {other} is not a section"),
+            };
+            keys.extend(
+                tables
+                    .iter()
+                    .flat_map(|t| t.keys().map(|k| format!("{section}.{k}"))),
+            );
+        }
+        keys
+    }
+
+    /// The keys the parser accepts, from its own field lists: serde names them when it refuses an
+    /// unknown one. Other ways to give a key (`service_token_env`, `_file`) are left out.
+    fn accepted() -> std::collections::BTreeSet<String> {
+        let expected = |text: &str| -> Vec<String> {
+            let e = parse(text).unwrap_err().to_string();
+            let list = e
+                .split_once("unknown field `not_a_key`, expected ")
+                .map(|(_, list)| list.lines().next().unwrap_or_default())
+                .unwrap_or_else(|| panic!("no list of fields in {e}"));
+            let names: Vec<String> = list
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_string)
+                .collect();
+            assert!(!names.is_empty(), "{e}");
+            names
+        };
+        let mut keys = std::collections::BTreeSet::new();
+        for section in expected(&format!("not_a_key = 1\n{MINIMAL}")) {
+            let probe = match section.as_str() {
+                "backend" => MINIMAL.replace("[backend]", "[backend]\nnot_a_key = 1"),
+                "sources" => MINIMAL.replace("[[sources]]", "[[sources]]\nnot_a_key = 1"),
+                _ => format!("{MINIMAL}\n[{section}]\nnot_a_key = 1\n"),
+            };
+            let fields = expected(&probe);
+            keys.extend(
+                fields
+                    .iter()
+                    .filter(|f| {
+                        let other_way = |suffix| {
+                            f.strip_suffix(suffix)
+                                .is_some_and(|key| fields.iter().any(|g| g == key))
+                        };
+                        !other_way("_env") && !other_way("_file")
+                    })
+                    .map(|f| format!("{section}.{f}")),
+            );
+        }
+        keys
+    }
+
+    /// The effective configuration shows every key the parser accepts, so a new key cannot be left
+    /// out of `tally check`; and a configuration with every key set parses back to itself.
+    #[test]
+    fn effective_config_shows_every_key_and_parses_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tally.toml");
+        let with_token = full(dir.path());
+        // The token and the provider key exclude each other: one configuration shows each.
+        let with_key = with_token.replace("service_token", "provider_key");
+        let mut shown = std::collections::BTreeSet::new();
+        for text in [&with_token, &with_key] {
+            let effective = Config::parse(&file, text).unwrap().effective().unwrap();
+            assert!(!effective.contains("tok-"), "{effective}");
+            assert_eq!(keys(&effective), keys(text), "{effective}");
+            shown.extend(keys(&effective));
+            let again = Config::parse(&file, &effective)
+                .unwrap()
+                .effective()
+                .unwrap();
+            // The masked secrets are read back as secrets of other lengths.
+            let without_secrets = |t: &str| {
+                t.lines()
+                    .filter(|l| !l.contains("<secret"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            assert_eq!(without_secrets(&again), without_secrets(&effective));
+        }
+        assert_eq!(shown, accepted());
+    }
+
+    /// `config/tally.toml` says it sets every key to its default: with all but its required and
+    /// example keys taken out, it is the same configuration.
+    #[test]
+    fn the_reference_config_shows_the_defaults() {
+        let reference = include_str!("../config/tally.toml").replace(
+            "service_token_env = \"THREESCALE_SERVICE_TOKEN\"",
+            "service_token = \"t\"",
+        );
+        let examples = [
+            "backend.service_token",
+            "sources.path",
+            "sources.service_id",
+            "telemetry.listen",
+        ];
+        let mut bare: toml::Table = toml::from_str(&reference).unwrap();
+        for (section, value) in bare.iter_mut() {
+            let keep = |t: &mut toml::Table| {
+                t.retain(|key, _| examples.contains(&format!("{section}.{key}").as_str()))
+            };
+            match value {
+                toml::Value::Table(t) => keep(t),
+                toml::Value::Array(a) => {
+                    a.iter_mut().filter_map(|v| v.as_table_mut()).for_each(keep)
+                }
+                _ => {}
+            }
+        }
+        let bare = toml::to_string(&bare).unwrap();
+        let defaults = parse(&bare).unwrap().effective().unwrap();
+        let reference_effective = parse(&reference).unwrap().effective().unwrap();
+        for (default, given) in defaults.lines().zip(reference_effective.lines()) {
+            assert_eq!(
+                given, default,
+                "config/tally.toml does not give the default"
+            );
+        }
+        assert_eq!(
+            reference_effective.lines().count(),
+            defaults.lines().count()
+        );
+        // And it names every key, set or in a comment.
+        for key in accepted() {
+            let (_, key) = key.split_once('.').unwrap();
+            assert!(reference.contains(&format!("{key} = ")), "{key}");
+        }
+    }
+
+    /// The README's table of keys gives each default as the parser has it, and names every key.
+    #[test]
+    fn the_readme_shows_the_defaults() {
+        let readme = include_str!("../README.md");
+        let effective: toml::Table =
+            toml::from_str(&parse(MINIMAL).unwrap().effective().unwrap()).unwrap();
+        let value = |key: &str| {
+            let (section, key) = key.split_once('.').unwrap();
+            let section = &effective[section.trim_end_matches("[]")];
+            let table = section.as_array().map_or(section, |a| &a[0]);
+            table.get(key).cloned()
+        };
+        let ticked = |cell: &str| -> Option<Vec<String>> {
+            cell.split(" / ")
+                .map(|v| {
+                    let v = v.trim().strip_prefix('`')?.strip_suffix('`')?;
+                    (!v.contains('`')).then(|| v.to_string())
+                })
+                .collect()
+        };
+        let mut compared = 0;
+        for row in readme.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let (Some(keys), Some(defaults)) = (ticked(&cells[0][2..]), ticked(cells[1])) else {
+                continue;
+            };
+            if keys.len() != defaults.len() || !keys[0].contains('.') {
+                continue;
+            }
+            let section = keys[0].split_once('.').unwrap().0;
+            for (key, readme_value) in keys.iter().zip(&defaults) {
+                let key = if key.contains('.') {
+                    key.clone()
+                } else {
+                    format!("{section}.{key}")
+                };
+                let shown = value(&key).unwrap_or_else(|| panic!("{key} is not a key"));
+                let same = match &shown {
+                    toml::Value::String(s) => {
+                        s == readme_value
+                            || humantime::parse_duration(s).ok().is_some()
+                                && humantime::parse_duration(s).ok()
+                                    == humantime::parse_duration(readme_value).ok()
+                            || reqwest::Url::parse(s).ok().is_some()
+                                && reqwest::Url::parse(s).ok()
+                                    == reqwest::Url::parse(readme_value).ok()
+                    }
+                    other => other.to_string() == *readme_value,
+                };
+                assert!(
+                    same,
+                    "README: {key} defaults to `{readme_value}`, tally to {shown}"
+                );
+                compared += 1;
+            }
+        }
+        assert!(
+            compared >= 20,
+            "only {compared} defaults found in the README"
+        );
+        for key in accepted() {
+            let (section, name) = key.split_once('.').unwrap();
+            assert!(
+                [
+                    format!("`{key}`"),
+                    format!("`{section}[].{name}`"),
+                    format!("`{name}`")
+                ]
+                .iter()
+                .any(|k| readme.contains(k.as_str())),
+                "{key} is not in the README"
+            );
+        }
     }
 }

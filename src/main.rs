@@ -73,8 +73,16 @@ fn main() -> ExitCode {
                 if report_errors(&file, &found) {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
-                print!("{}", c.effective());
-                ExitCode::SUCCESS
+                match c.effective() {
+                    Ok(text) => {
+                        print!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: cannot show the effective configuration: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("error: {e}");
