@@ -55,9 +55,21 @@ impl Setup {
         Setup(Scenario::new())
     }
 
-    /// A configuration following `pattern` (relative to the test folder); `tail` adds keys to the
-    /// [tail] table, `extra` adds tables.
+    /// A configuration following `pattern` (relative to the test folder) for service 42; `tail`
+    /// adds keys to the [tail] table, `extra` adds tables.
     fn config(&self, pattern: &str, watch: bool, tail: &str, extra: &str) -> PathBuf {
+        self.config_for(&["42"], pattern, watch, tail, extra)
+    }
+
+    /// The same, `pattern` feeding each of `services` (which the backend knows, with token `tok`).
+    fn config_for(
+        &self,
+        services: &[&str],
+        pattern: &str,
+        watch: bool,
+        tail: &str,
+        extra: &str,
+    ) -> PathBuf {
         // Without events only the poll finds lines: poll often so the tests stay quick.
         let mut table = format!("[tail]\nrotate_grace = \"1s\"\nwatch = {watch}\n{tail}");
         if !watch && !tail.contains("poll_interval") {
@@ -70,28 +82,29 @@ impl Setup {
         };
         // Every line has its own user_key here: checking each with authorize would only slow the
         // tests (the credential checks have tests of their own).
+        let path = self.path(pattern);
+        let sources: Vec<(&Path, &str)> = services.iter().map(|s| (path.as_path(), *s)).collect();
+        for service_id in services {
+            self.backend.set_token(service_id, "tok");
+        }
         write_config_with(
             self.dir.path(),
             &self.backend.url(),
             "tok",
             "validate_credentials = false\n",
-            &[(&self.path(pattern), "42")],
+            &sources,
             &format!("{report}{table}{extra}"),
         )
     }
 
     /// How often each `u<N>` arrived.
     fn counts(&self) -> BTreeMap<u64, u64> {
-        let mut m = BTreeMap::new();
-        for t in self.backend.transactions() {
-            let n = t
-                .credential()
-                .trim_start_matches('u')
-                .parse()
-                .expect("u<N> keys only");
-            *m.entry(n).or_default() += t.hits();
-        }
-        m
+        counts(self.backend.transactions())
+    }
+
+    /// How often each `u<N>` arrived for `service_id`.
+    fn counts_of(&self, service_id: &str) -> BTreeMap<u64, u64> {
+        counts(self.backend.transactions_of(service_id))
     }
 
     fn wait_for(&self, lines: usize) {
@@ -110,6 +123,20 @@ impl Setup {
         assert!(missing.is_empty(), "lines lost: {missing:?}");
         assert_eq!(counts.len() as u64, n, "unexpected lines: {counts:?}");
     }
+}
+
+/// How often each `u<N>` arrived among `transactions`.
+fn counts(transactions: Vec<support::backend::Transaction>) -> BTreeMap<u64, u64> {
+    let mut m = BTreeMap::new();
+    for t in transactions {
+        let n = t
+            .credential()
+            .trim_start_matches('u')
+            .parse()
+            .expect("u<N> keys only");
+        *m.entry(n).or_default() += t.hits();
+    }
+    m
 }
 
 /// Writes log lines as NGINX does: through an open descriptor, reopened only when told (USR1).
@@ -358,10 +385,22 @@ fn long_lines_and_invalid_utf8_do_not_stop_reading(watch: bool) {
 /// covering it was under way (tally says so at the next start, with the byte range): the one case no
 /// client of an API without idempotency keys can settle (README, "Exactness").
 fn kill_9_at_many_moments_loses_and_duplicates_nothing(watch: bool) {
+    kill_9_at_many_moments(watch, &["42"]);
+}
+
+/// The same with one file feeding two services, whose reporting fails independently (each is down
+/// in some runs, up in others): each service counts every line, exactly as bounded above.
+#[test]
+fn kill_9_with_one_file_feeding_two_services_that_fail_independently() {
+    kill_9_at_many_moments(true, &["42", "43"]);
+}
+
+fn kill_9_at_many_moments(watch: bool, services: &[&str]) {
     const KILLS: usize = 24;
     let s = Setup::new();
     let log = s.path("access.log");
-    let config = s.config(
+    let config = s.config_for(
+        services,
         "access.log",
         watch,
         "",
@@ -383,13 +422,22 @@ fn kill_9_at_many_moments_loses_and_duplicates_nothing(watch: bool) {
     // The log of each run, in order: run k + 1 says what was under way at kill k.
     let mut runs = Vec::new();
     let mut rng = 0x2545_f491_4f6c_dd1du64;
-    for _ in 0..KILLS {
-        let tally = Tally::start(&config, &[]);
+    let mut next = || {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
+        rng
+    };
+    for _ in 0..KILLS {
+        // With several services, each one's reporting is down in a third of the runs.
+        if services.len() > 1 {
+            for service_id in services {
+                s.backend.set_down(service_id, next() % 3 == 0);
+            }
+        }
+        let tally = Tally::start(&config, &[]);
         // This sleep chooses the moment of the kill; nothing waits on it.
-        std::thread::sleep(Duration::from_millis(30 + rng % 400));
+        std::thread::sleep(Duration::from_millis(30 + next() % 400));
         tally.signal("KILL");
         let mut tally = tally;
         tally.wait(WAIT);
@@ -397,10 +445,16 @@ fn kill_9_at_many_moments_loses_and_duplicates_nothing(watch: bool) {
     }
     writing.store(false, std::sync::atomic::Ordering::SeqCst);
     let written = writer.join().expect("the writer thread");
+    for service_id in services {
+        s.backend.set_down(service_id, false);
+    }
     let tally = Tally::start(&config, &[]);
-    s.backend.wait_until(WAIT, "every line written", |_| {
-        s.counts().len() as u64 >= written
-    });
+    s.backend
+        .wait_until(WAIT, "every line written, for every service", |_| {
+            services
+                .iter()
+                .all(|id| s.counts_of(id).len() as u64 >= written)
+        });
     let last_log = tally.log.clone();
     tally.stop(WAIT);
     runs.push(std::fs::read_to_string(&last_log).expect("read the last run's log"));
@@ -413,49 +467,62 @@ fn kill_9_at_many_moments_loses_and_duplicates_nothing(watch: bool) {
         start += line.len() as u64;
     }
     assert_eq!(spans.len() as u64, written, "lines in the file");
-    assert!(under_way_ranges(&runs[0]).is_empty(), "{}", runs[0]);
-    // Per restart (per kill), the ranges it logged. A range stays in the state until the first
-    // commit of the next run, so one range may be logged at two restarts: each counts once.
-    let restarts: Vec<Vec<(u64, u64)>> = runs[1..].iter().map(|l| under_way_ranges(l)).collect();
-    let counts = s.counts();
-    let unexpected: Vec<_> = counts.keys().filter(|&&n| n >= written).collect();
-    assert!(unexpected.is_empty(), "lines never written: {unexpected:?}");
-    let mut wrong = Vec::new();
-    let mut times = BTreeMap::<u64, u64>::new();
-    for (n, &(from, to)) in spans.iter().enumerate() {
-        let count = counts.get(&(n as u64)).copied().unwrap_or(0);
-        *times.entry(count).or_default() += 1;
-        let kills = restarts
+    for service_id in services {
+        assert!(
+            under_way_ranges(&runs[0], service_id).is_empty(),
+            "{}",
+            runs[0]
+        );
+        // Per restart (per kill), the ranges it logged. A range stays in the state until the first
+        // commit of the next run, so one range may be logged at two restarts: each counts once.
+        let restarts: Vec<Vec<(u64, u64)>> = runs[1..]
             .iter()
-            .filter(|ranges| ranges.iter().any(|&(f, t)| f <= from && to <= t))
-            .count() as u64;
-        if count == 0 || count > 1 + kills {
-            wrong.push(format!(
-                "line {n} (bytes {from}..{to}) counted {count} times, under way at {kills} kills"
-            ));
+            .map(|l| under_way_ranges(l, service_id))
+            .collect();
+        let counts = s.counts_of(service_id);
+        let unexpected: Vec<_> = counts.keys().filter(|&&n| n >= written).collect();
+        assert!(unexpected.is_empty(), "lines never written: {unexpected:?}");
+        let mut wrong = Vec::new();
+        let mut times = BTreeMap::<u64, u64>::new();
+        for (n, &(from, to)) in spans.iter().enumerate() {
+            let count = counts.get(&(n as u64)).copied().unwrap_or(0);
+            *times.entry(count).or_default() += 1;
+            let kills = restarts
+                .iter()
+                .filter(|ranges| ranges.iter().any(|&(f, t)| f <= from && to <= t))
+                .count() as u64;
+            if count == 0 || count > 1 + kills {
+                wrong.push(format!(
+                    "line {n} (bytes {from}..{to}) counted {count} times, under way at {kills} kills"
+                ));
+            }
         }
+        let ranges: usize = restarts.iter().map(Vec::len).sum();
+        eprintln!(
+            "service {service_id}: {written} lines, {KILLS} kills, {ranges} ranges under way logged at {} restarts, lines counted 2x: {}, 3x: {}, more: {}",
+            restarts.iter().filter(|r| !r.is_empty()).count(),
+            times.get(&2).unwrap_or(&0),
+            times.get(&3).unwrap_or(&0),
+            times.range(4..).map(|(_, n)| n).sum::<u64>(),
+        );
+        assert!(
+            wrong.is_empty(),
+            "service {service_id}: {} lines lost or counted more often than the kills allow:\n{}\nranges under way, per restart: {restarts:?}",
+            wrong.len(),
+            wrong.iter().take(20).cloned().collect::<Vec<_>>().join("\n"),
+        );
     }
-    let ranges: usize = restarts.iter().map(Vec::len).sum();
-    eprintln!(
-        "{written} lines, {KILLS} kills, {ranges} ranges under way logged at {} restarts, lines counted 2x: {}, 3x: {}, more: {}",
-        restarts.iter().filter(|r| !r.is_empty()).count(),
-        times.get(&2).unwrap_or(&0),
-        times.get(&3).unwrap_or(&0),
-        times.range(4..).map(|(_, n)| n).sum::<u64>(),
-    );
-    assert!(
-        wrong.is_empty(),
-        "{} lines lost or counted more often than the kills allow:\n{}\nranges under way, per restart: {restarts:?}",
-        wrong.len(),
-        wrong.iter().take(20).cloned().collect::<Vec<_>>().join("\n"),
-    );
 }
 
-/// The byte ranges (`from`, `to`) of the report calls that a run's log says were under way when
-/// tally last stopped.
-fn under_way_ranges(logs: &str) -> Vec<(u64, u64)> {
+/// The byte ranges (`from`, `to`) of the report calls of `service_id` that a run's log says were
+/// under way when tally last stopped.
+fn under_way_ranges(logs: &str, service_id: &str) -> Vec<(u64, u64)> {
     logs.lines()
         .filter(|l| l.contains("a report call was under way when tally stopped"))
+        .filter(|l| {
+            l.contains(&format!(" service_id=\"{service_id}\""))
+                || l.contains(&format!(" service_id={service_id} "))
+        })
         .map(|l| {
             let number =
                 |name| field(l, name).unwrap_or_else(|| panic!("no number {name}= in {l}"));

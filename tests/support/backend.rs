@@ -91,6 +91,8 @@ struct State {
     delay: Duration,
     /// Answer every other call with 503.
     flapping: bool,
+    /// Services whose report calls are answered 503 (an outage of one service's reporting).
+    down: std::collections::HashSet<String>,
     calls: usize,
     /// Report calls being answered now, and the most there were at once.
     concurrent: usize,
@@ -155,6 +157,26 @@ impl Backend {
 
     pub fn set_flapping(&self, on: bool) {
         self.with(|s| s.flapping = on);
+    }
+
+    /// Answers the report calls of `service_id` with 503 while `down`.
+    pub fn set_down(&self, service_id: &str, down: bool) {
+        self.with(|s| {
+            if down {
+                s.down.insert(service_id.to_string());
+            } else {
+                s.down.remove(service_id);
+            }
+        });
+    }
+
+    /// The transactions of `service_id` that 3scale accepted.
+    pub fn transactions_of(&self, service_id: &str) -> Vec<Transaction> {
+        self.reports()
+            .into_iter()
+            .filter(|r| r.service_id == service_id)
+            .flat_map(|r| r.transactions)
+            .collect()
     }
 
     /// The most report calls that were under way at once.
@@ -563,6 +585,9 @@ async fn report(req: Request<Incoming>, state: &Arc<Mutex<State>>) -> Answer {
         Ok(id) => id,
         Err(answer) => return *answer,
     };
+    if state.lock().unwrap().down.contains(&service_id) {
+        return plain(503, "service unavailable");
+    }
     let mut transactions: BTreeMap<usize, Transaction> = BTreeMap::new();
     for (key, value) in &pairs {
         if key == "user_id" || key.ends_with("[user_id]") {
