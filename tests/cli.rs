@@ -245,19 +245,31 @@ fn json_logs_are_one_object_per_line() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("NOT SENT "), "{out}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert!(lines.len() >= 3, "{err}");
-    for line in lines {
+    // Every line parses as a JSON object with a level, a timestamp and a message; among them the
+    // skipped line's WARN, its reason a field, and the summary when done, its counters numbers.
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    for event in &events {
         assert!(
-            line.starts_with('{') && line.ends_with('}'),
-            "not a JSON object: {line}"
-        );
-        assert!(
-            line.contains("\"level\":\"") && line.contains("\"timestamp\":\""),
-            "{line}"
+            event["level"].is_string()
+                && event["timestamp"].is_string()
+                && event["message"].is_string(),
+            "{event}"
         );
     }
-    assert!(err.contains("\"reason\":\"malformed\""), "{err}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["level"] == "WARN" && e["reason"] == "malformed"),
+        "{err}"
+    );
+    let summary = events
+        .iter()
+        .rfind(|e| e.get("lines_read").is_some())
+        .unwrap_or_else(|| panic!("no summary:\n{err}"));
+    assert_eq!(summary["skipped_malformed"], 1, "{summary}");
 }
 
 /// `check` looks at the machine too: a folder given as a log path and a state folder that cannot be

@@ -8,7 +8,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::backend::Backend;
-use support::{combined_line, now, write_config, Scenario, Tally};
+use support::{
+    combined_line, events_with, last_summary, now, number, poll_until, write_config, Scenario,
+    Tally, JSON_LOGS,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -213,7 +216,7 @@ fn transient_failures_are_retried_without_loss_or_duplicates() {
     backend.drop_next(2);
     append_fifty_requests_of_five_keys(&s);
     // Credentials unchecked, so every call counted here is a report call.
-    let config = s.config("validate_credentials = false\n", "");
+    let config = s.config("validate_credentials = false\n", JSON_LOGS);
     let tally = Tally::run_once(&config);
     assert_eq!(backend.hits(), 50);
     assert_eq!(backend.reports().len(), 1);
@@ -226,18 +229,39 @@ fn transient_failures_are_retried_without_loss_or_duplicates() {
         1,
         "the probe that was answered"
     );
+    // tally counted what happened: the dropped report, the dropped probe and the three 503s, one
+    // resend, and said which bytes it resent.
     let logs = tally.logs();
-    assert!(logs.contains("HTTP 503"), "{logs}");
-    assert_eq!(
-        logs.matches("3scale does not answer yet").count(),
-        4,
-        "{logs}"
+    let summary = last_summary(&logs);
+    assert_eq!(number(&summary, "report_failures"), 1, "{summary}");
+    assert_eq!(number(&summary, "authorize_failures"), 4, "{summary}");
+    assert_eq!(number(&summary, "ambiguous_resends"), 1, "{summary}");
+    assert_resent_once(&s, &logs);
+}
+
+/// tally logged one resend (a WARN with the timeout then in force) of the whole access log, which
+/// the test wrote before the start: that range may count twice.
+fn assert_resent_once(s: &Scenario, logs: &str) {
+    let len = std::fs::metadata(&s.log).unwrap().len().to_string();
+    let log = s.log.display().to_string();
+    let resent = events_with(
+        logs,
+        "WARN",
+        &[("timeout", "*"), ("from", "*"), ("to", "*")],
     );
-    assert_eq!(
-        logs.matches("resending a report call that got no answer")
-            .count(),
-        1,
-        "{logs}"
+    assert_eq!(resent.len(), 1, "{logs}");
+    assert!(
+        support::has_fields(
+            &resent[0],
+            &[
+                ("service_id", "42"),
+                ("path", &log),
+                ("from", "0"),
+                ("to", &len)
+            ]
+        ),
+        "{}",
+        resent[0]
     );
 }
 
@@ -247,7 +271,7 @@ fn a_failing_report_is_retried_and_not_resent_as_ambiguous() {
     let backend = &s.backend;
     backend.fail_next(3, 503);
     append_fifty_requests_of_five_keys(&s);
-    let config = s.config("validate_credentials = false\n", "");
+    let config = s.config("validate_credentials = false\n", JSON_LOGS);
     let tally = Tally::run_once(&config);
     assert_eq!(backend.hits(), 50);
     assert_eq!(
@@ -255,9 +279,16 @@ fn a_failing_report_is_retried_and_not_resent_as_ambiguous() {
         4,
         "3 failures, then the call that went through"
     );
+    // Three failed report calls counted, none taken as ambiguous, none resent.
     let logs = tally.logs();
-    assert_eq!(logs.matches("report failed").count(), 3, "{logs}");
-    assert!(!logs.contains("got no answer"), "{logs}");
+    let summary = last_summary(&logs);
+    assert_eq!(number(&summary, "report_failures"), 3, "{summary}");
+    assert_eq!(number(&summary, "authorize_failures"), 0, "{summary}");
+    assert_eq!(number(&summary, "ambiguous_resends"), 0, "{summary}");
+    assert!(
+        events_with(&logs, "WARN", &[("timeout", "*"), ("from", "*")]).is_empty(),
+        "{logs}"
+    );
 }
 
 /// 3scale processes a call but answers after the timeout: the call is ambiguous. tally probes until
@@ -274,22 +305,21 @@ fn a_timeout_is_resent_once_after_3scale_answers_again() {
         "validate_credentials = false
 timeout = \"2s\"
 ",
-        "",
+        JSON_LOGS,
     );
     let tally = Tally::start(&config, &["--once"]);
-    tally.wait_for_log("a report call got no answer", WAIT);
+    // The first try failed (timed out: the only failure here).
+    tally.wait_for_events("WARN", &[("service_id", "42"), ("attempt", "1")], 1, WAIT);
     backend.set_delay(Duration::ZERO);
     let mut tally = tally;
     assert!(tally.wait(WAIT).success(), "{}", tally.logs());
     // The backend processed the first call after its delay, then the resent one.
     assert_eq!(backend.transactions().len(), 2);
     let logs = tally.logs();
-    assert_eq!(
-        logs.matches("resending a report call that got no answer")
-            .count(),
-        1,
-        "{logs}"
-    );
+    let summary = last_summary(&logs);
+    assert_eq!(number(&summary, "ambiguous_resends"), 1, "{summary}");
+    assert_eq!(number(&summary, "report_failures"), 1, "{summary}");
+    assert_resent_once(&s, &logs);
 }
 
 /// A 3scale slower than tally's timeout for the whole run: before, every retry of a processed call
@@ -310,7 +340,7 @@ fn a_3scale_slower_than_the_timeout_costs_one_duplicate_per_call_under_way() {
     s.append(&text);
     let config = s.config(
         "validate_credentials = false\ntimeout = \"1s\"\n",
-        &format!("[report]\nmax_transactions = {PER_CALL}\nconcurrency = 2\n"),
+        &format!("[report]\nmax_transactions = {PER_CALL}\nconcurrency = 2\n{JSON_LOGS}"),
     );
     let tally = Tally::run_once(&config);
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -319,9 +349,18 @@ fn a_3scale_slower_than_the_timeout_costs_one_duplicate_per_call_under_way() {
     }
     assert_eq!(counts.len(), LINES, "every line arrived");
     let logs = tally.logs();
-    let resends = logs
-        .matches("resending a report call that got no answer")
-        .count();
+    let resends = number(&last_summary(&logs), "ambiguous_resends") as usize;
+    // Each resend logged with its range.
+    assert_eq!(
+        events_with(
+            &logs,
+            "WARN",
+            &[("timeout", "*"), ("from", "*"), ("to", "*")]
+        )
+        .len(),
+        resends,
+        "{logs}"
+    );
     let duplicated = counts.values().filter(|&&c| c == 2).count();
     assert!(counts.values().all(|&c| c <= 2), "{counts:?}");
     // At most one duplicate per call under way at the first timeout (concurrency 2), each of
@@ -341,23 +380,44 @@ fn a_rejected_token_is_logged_with_the_backend_code_and_not_hammered() {
         &backend.url(),
         "wrong-token",
         &[(&log, "42")],
-        "[report]\nflush_interval = \"100ms\"\nshutdown_grace = \"1s\"\n",
+        "[report]\nflush_interval = \"100ms\"\nshutdown_grace = \"1s\"\n\
+         [log]\nformat = \"json\"\nstats_interval = \"100ms\"\n",
     );
     let mut tally = Tally::start(&config, &[]);
-    tally.wait_for_log("service_token_invalid", WAIT);
+    // An ERROR naming the service and the backend's code, and the next try a minute away.
+    let rejected = [("service_id", "42"), ("retry_in", "60s")];
+    tally.wait_for_events("ERROR", &rejected, 1, WAIT);
     let logs = tally.logs();
+    let event = &events_with(&logs, "ERROR", &rejected)[0];
     assert!(
-        logs.contains("ERROR") && logs.contains("HTTP 403"),
-        "{logs}"
+        event["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("HTTP 403")),
+        "{event}"
     );
     assert!(!logs.contains("wrong-token"), "the token leaked:\n{logs}");
-    // Several flush intervals later it has still tried only once (it retries every minute).
-    tally.wait_for_log("retry_in=60s", WAIT);
-    std::thread::sleep(Duration::from_millis(500));
+    // Several flush intervals later it has still tried only once: tally's own summaries (one per
+    // 100 ms stats interval, as often as the flush) show that it ran on for five more intervals.
+    let summaries_by_then = summaries(&logs);
+    poll_until(
+        WAIT,
+        "five more summaries after the rejection",
+        || summaries(&tally.logs()) >= summaries_by_then + 5,
+        || tally.logs(),
+    );
     assert_eq!(backend.calls(), 1);
     assert!(backend.transactions().is_empty());
     tally.signal("TERM");
     tally.wait(WAIT);
+    assert_eq!(backend.calls(), 1);
+}
+
+/// How many summaries of the counters tally has logged.
+fn summaries(logs: &str) -> usize {
+    support::events(logs)
+        .iter()
+        .filter(|e| support::has_fields(e, &[("lines_read", "*"), ("authorize_failures", "*")]))
+        .count()
 }
 
 #[test]
@@ -388,20 +448,36 @@ fn sigint_with_the_backend_down_exits_within_the_grace_period() {
     s.append(&combined_line(now(), "GET", "/?user_key=k", 200));
     let config = s.config(
         "",
-        "[report]\nflush_interval = \"100ms\"\nshutdown_grace = \"1s\"\n",
+        &format!("[report]\nflush_interval = \"100ms\"\nshutdown_grace = \"1s\"\n{JSON_LOGS}"),
     );
     let mut tally = Tally::start(&config, &[]);
-    tally.wait_for_log("HTTP 503", WAIT);
+    // A failed credential check: what was read waits for 3scale.
+    tally.wait_for_events("WARN", &[("service_id", "42"), ("retry_in", "*")], 1, WAIT);
     tally.signal("INT");
     assert!(tally.wait(WAIT).success(), "{}", tally.logs());
     let logs = tally.logs();
-    assert!(logs.contains("grace period ended"), "{logs}");
-    // Not "lost": kept behind the checkpoint, with where.
-    assert!(
-        logs.contains("not accepted by 3scale yet: kept") && logs.contains("from=0 to="),
+    // The grace period ended (a WARN with it), and what was not accepted is kept: the file's range
+    // behind the checkpoint, the whole line.
+    assert_eq!(
+        events_with(&logs, "WARN", &[("grace", "1s")]).len(),
+        1,
         "{logs}"
     );
-    assert!(!logs.contains("lost"), "{logs}");
+    assert_kept(&s, &logs);
+}
+
+/// tally said, once, that the whole access log (written before the start) is kept behind the
+/// checkpoint: a WARN with its path and byte range.
+fn assert_kept(s: &Scenario, logs: &str) {
+    let len = std::fs::metadata(&s.log).unwrap().len().to_string();
+    let log = s.log.display().to_string();
+    let kept = events_with(logs, "WARN", &[("path", &log), ("from", "*"), ("to", "*")]);
+    assert_eq!(kept.len(), 1, "{logs}");
+    assert!(
+        support::has_fields(&kept[0], &[("from", "0"), ("to", &len)]),
+        "{}",
+        kept[0]
+    );
 }
 
 /// `--once` as a backfill job with 3scale down: `--max-wait` ends it, with exit code 3 and what is
@@ -414,20 +490,25 @@ fn once_stopped_before_everything_was_accepted_exits_3_and_keeps_the_rest() {
     s.append(&combined_line(t, "GET", "/?user_key=k", 200).repeat(3));
     let config = s.config(
         "",
-        "[report]\nflush_interval = \"100ms\"\nshutdown_grace = \"1s\"\n",
+        &format!("[report]\nflush_interval = \"100ms\"\nshutdown_grace = \"1s\"\n{JSON_LOGS}"),
     );
     let mut tally = Tally::start(&config, &["--once", "--max-wait", "1s"]);
     let status = tally.wait(WAIT);
     let logs = tally.logs();
     assert_eq!(status.code(), Some(3), "{logs}");
-    assert!(logs.contains("why=\"--max-wait 1s passed\""), "{logs}");
-    assert!(logs.contains("not accepted by 3scale yet: kept"), "{logs}");
+    assert_eq!(
+        events_with(&logs, "INFO", &[("why", "--max-wait 1s passed")]).len(),
+        1,
+        "{logs}"
+    );
+    assert_kept(&s, &logs);
     // Stopped by a signal: the same.
     let tally = Tally::start(&config, &["--once"]);
-    tally.wait_for_log("HTTP 503", WAIT);
+    tally.wait_for_events("WARN", &[("service_id", "42"), ("retry_in", "*")], 1, WAIT);
     tally.signal("TERM");
     let mut tally = tally;
     assert_eq!(tally.wait(WAIT).code(), Some(3), "{}", tally.logs());
+    assert_kept(&s, &tally.logs());
     assert!(s.backend.transactions().is_empty());
     s.backend.fail_next(0, 503);
     Tally::run_once(&config);
@@ -507,7 +588,10 @@ fn a_path_that_names_no_file_is_logged_until_it_appears() {
 #[test]
 fn a_panicking_stage_stops_tally_with_an_error_and_a_restart_loses_nothing() {
     let s = Scenario::new();
-    let config = s.config("", "[report]\nflush_interval = \"100ms\"\n");
+    let config = s.config(
+        "",
+        &format!("[report]\nflush_interval = \"100ms\"\n{JSON_LOGS}"),
+    );
     let t = now();
     let first: String = (0..10)
         .map(|i| combined_line(t, "GET", &format!("/?user_key=k{i}"), 200))
@@ -530,9 +614,15 @@ fn a_panicking_stage_stops_tally_with_an_error_and_a_restart_loses_nothing() {
     let status = tally.wait(WAIT);
     let logs = tally.logs();
     assert_eq!(status.code(), Some(1), "{logs}");
+    // One ERROR naming the stage, with the panic's message (the test hook's) as its error.
+    let died = events_with(&logs, "ERROR", &[("stage", "aggregation of service 42")]);
+    assert_eq!(died.len(), 1, "{logs}");
     assert!(
-        logs.contains("aggregation of service 42 stopped abnormally: test hook"),
-        "{logs}"
+        died[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("test hook")),
+        "{}",
+        died[0]
     );
     assert_eq!(s.backend.hits(), 10);
     // Restarted as a supervisor would (without the hook): the rest, once.

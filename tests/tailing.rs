@@ -249,11 +249,6 @@ fn copytruncate_rotation(watch: bool) {
     let logs = tally.stop(WAIT);
     s.assert_exactly_once(w.next);
     // Each truncation is seen once (each round waits for its lines before the next), as such.
-    assert_eq!(
-        logs.matches("file truncated or replaced in place").count(),
-        3,
-        "{logs}"
-    );
     assert_eq!(final_counter(&logs, "truncations"), 3, "{logs}");
     assert_eq!(final_counter(&logs, "rotations"), 0, "{logs}");
 }
@@ -374,7 +369,6 @@ fn long_lines_and_invalid_utf8_do_not_stop_reading(watch: bool) {
     s.assert_exactly_once(15);
     // The 1 MB line (dropped while read) and the 5000-byte one (whole, dropped when parsed) are
     // too long, the garbage is malformed: 15 + 3 lines read.
-    assert!(logs.contains("line too long"), "{logs}");
     assert_eq!(final_counter(&logs, "skipped_too_long"), 2, "{logs}");
     assert_eq!(final_counter(&logs, "skipped_malformed"), 1, "{logs}");
     assert_eq!(final_counter(&logs, "lines_read"), 18, "{logs}");

@@ -467,3 +467,95 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+// ---------------------------------------------------------------------------------------------
+// tally's JSON log (`[log] format = "json"`): each line one event, its fields at the top level
+// beside `level`, `message` and `target`. The tests look at an event's level and fields, which
+// stay when a message is reworded.
+// ---------------------------------------------------------------------------------------------
+
+/// The `[log]` table that makes tally log JSON lines, for a configuration's `extra`.
+pub const JSON_LOGS: &str = "\n[log]\nformat = \"json\"\n";
+
+/// The events of a JSON log, in order. Lines that are not JSON objects (a panic's message, written
+/// by the runtime) are left out; a line that starts as one and does not parse fails the test.
+pub fn events(logs: &str) -> Vec<serde_json::Value> {
+    logs.lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON event ({e}): {l}")))
+        .collect()
+}
+
+/// Whether `event` has each of `fields` with that value: a string field compares as itself, any
+/// other value as its JSON text (`"from", "0"` matches the number 0). A value `*` only asks that
+/// the field be there.
+pub fn has_fields(event: &serde_json::Value, fields: &[(&str, &str)]) -> bool {
+    fields.iter().all(|(name, want)| match event.get(name) {
+        None => false,
+        Some(_) if *want == "*" => true,
+        Some(serde_json::Value::String(s)) => s == want,
+        Some(other) => *want == other.to_string().as_str(),
+    })
+}
+
+/// The events at `level` (`"WARN"`, ...) with each of `fields` (see [`has_fields`]).
+pub fn events_with(logs: &str, level: &str, fields: &[(&str, &str)]) -> Vec<serde_json::Value> {
+    events(logs)
+        .into_iter()
+        .filter(|e| e["level"] == level && has_fields(e, fields))
+        .collect()
+}
+
+/// When an event was logged: seconds since midnight UTC, from its `timestamp`
+/// (`2024-05-01T12:34:56.789012Z`), for the time between two events of one test.
+pub fn seconds(event: &serde_json::Value) -> f64 {
+    let stamp = event["timestamp"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no timestamp in {event}"));
+    let time = stamp
+        .split_once('T')
+        .and_then(|(_, t)| t.strip_suffix('Z'))
+        .unwrap_or_else(|| panic!("not an RFC 3339 UTC timestamp: {stamp}"));
+    let parts: Vec<f64> = time
+        .split(':')
+        .map(|p| {
+            p.parse()
+                .unwrap_or_else(|_| panic!("bad timestamp {stamp}"))
+        })
+        .collect();
+    parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
+}
+
+/// A number field of an event; panics without it.
+pub fn number(event: &serde_json::Value, name: &str) -> u64 {
+    event[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number {name} in {event}"))
+}
+
+/// The last summary of the counters tally logged (at every stats interval, and when it stops: the
+/// event with every counter, `lines_read` to `authorize_failures`).
+pub fn last_summary(logs: &str) -> serde_json::Value {
+    events(logs)
+        .into_iter()
+        .rfind(|e| has_fields(e, &[("lines_read", "*"), ("authorize_failures", "*")]))
+        .unwrap_or_else(|| panic!("no summary of the counters in tally's log:\n{logs}"))
+}
+
+impl Tally {
+    /// Polls the (JSON) log until it has `times` events at `level` with `fields`.
+    pub fn wait_for_events(
+        &self,
+        level: &str,
+        fields: &[(&str, &str)],
+        times: usize,
+        timeout: Duration,
+    ) {
+        poll_until(
+            timeout,
+            &format!("{times} {level} events with {fields:?} in tally's log"),
+            || events_with(&self.logs(), level, fields).len() >= times,
+            || format!("tally's log:\n{}", self.logs()),
+        );
+    }
+}
