@@ -175,10 +175,10 @@ const CREDENTIAL_KEY: &str = "%5Buser_key%5D";
 const TIMESTAMP_BYTES: usize = field_bytes("%5Btimestamp%5D", NUMBER_BYTES);
 const CODE_BYTES: usize = field_bytes("%5Blog%5D%5Bcode%5D", NUMBER_BYTES);
 
-/// The open batch's share of its call: form fields, and an upper bound of their encoded bytes
-/// (reckoned per transaction from the sizes above). A batch is sealed once the largest transaction
-/// the next request can make might not fit any more, so that no call ever passes either limit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Form fields, and an upper bound of their encoded bytes (reckoned per transaction from the sizes
+/// above). A batch is sealed once the largest transaction the next request can make might not fit
+/// its call any more, so that no call ever passes either limit.
+#[derive(Debug, Clone, Copy, Default)]
 struct Budget {
     fields: usize,
     bytes: usize,
@@ -194,12 +194,6 @@ impl Budget {
     fn add(&mut self, fields: usize, bytes: usize) {
         self.fields += fields;
         self.bytes += bytes;
-    }
-
-    /// Whether `next` more can still be added within [`Budget::ROOM`].
-    fn has_room_for(&self, next: Budget) -> bool {
-        self.fields + next.fields <= Budget::ROOM.fields
-            && self.bytes + next.bytes <= Budget::ROOM.bytes
     }
 }
 
@@ -232,14 +226,22 @@ impl Interner {
     }
 
     fn id(&mut self, credential: Credential<'_>) -> Result<Known, Skip> {
-        let full = self.full();
         let (table, raw) = match credential {
-            Credential::UserKey(raw) => (&mut self.user_keys, raw),
-            Credential::AppId(raw) => (&mut self.app_ids, raw),
+            Credential::UserKey(raw) => (&self.user_keys, raw),
+            Credential::AppId(raw) => (&self.app_ids, raw),
         };
-        if let Some(known) = table.get(raw) {
-            return *known;
+        match table.get(raw) {
+            Some(known) => *known,
+            None => self.intern(credential),
         }
+    }
+
+    /// A credential met for the first time: decoded, measured and remembered. Out of line, so
+    /// that the lookup of every request stays small.
+    #[cold]
+    #[inline(never)]
+    fn intern(&mut self, credential: Credential<'_>) -> Result<Known, Skip> {
+        let full = self.full();
         let known = credential.decode().and_then(|name| {
             let encoded: usize = form_urlencoded::byte_serialize(name.as_bytes())
                 .map(str::len)
@@ -259,6 +261,10 @@ impl Interner {
         // Past the limit, an unreportable credential is not remembered: a stream of them alone
         // (which never fills a batch, so never renews the tables) must not grow them.
         if known.is_ok() || !full {
+            let (table, raw) = match credential {
+                Credential::UserKey(raw) => (&mut self.user_keys, raw),
+                Credential::AppId(raw) => (&mut self.app_ids, raw),
+            };
             table.insert(raw.into(), known);
         }
         known
@@ -282,15 +288,21 @@ pub struct Aggregator {
     advances: Vec<Advance>,
     /// What the open batch's transactions use of their call.
     used: Budget,
-    /// The most a request can add to a batch: a transaction with the longest credential, the
-    /// largest usage the service's metrics allow and a code.
-    largest: Budget,
+    /// What every transaction uses besides its credential's field (sized per application) and its
+    /// usage: the credential's and the timestamp's fields, and the code's whenever codes are on
+    /// (one field too many for the rare status outside 100-599, sent without a code: still an
+    /// upper bound).
+    fixed: Budget,
+    /// Past this, the next request might not fit: [`Budget::ROOM`] less the most one request can
+    /// add, a transaction with the longest credential, a usage of as many metrics as the service's
+    /// allow (each as long as the longest) and a code.
+    limit: Budget,
     /// Folding index of the open batch: (application, second) → transaction.
     folded: FxHashMap<(u32, i64), usize>,
     interner: Interner,
     metrics: MetricNames,
-    /// The encoded size of each metric's usage field, at most, by metric id.
-    metric_bytes: Vec<usize>,
+    /// The encoded size of one usage field, at most: the longest metric name's.
+    usage_bytes: usize,
 }
 
 impl Aggregator {
@@ -306,20 +318,25 @@ impl Aggregator {
         max_transactions: usize,
         metrics: MetricNames,
     ) -> Aggregator {
-        let metric_bytes: Vec<usize> = metrics
-            .iter()
-            .map(|m| field_bytes(&m.encoded, NUMBER_BYTES) + "%5Busage%5D%5B%5D".len())
-            .collect();
-        let mut widest = metric_bytes.clone();
-        widest.sort_unstable_by(|a, b| b.cmp(a));
-        widest.truncate(USAGE_METRICS);
+        let longest = metrics.iter().map(|m| m.encoded.len()).max().unwrap_or(0);
+        let usage_bytes = field_bytes("%5Busage%5D%5B%5D", longest + NUMBER_BYTES);
+        let usage_fields = metrics.iter().count().min(USAGE_METRICS);
         let code = usize::from(response_codes);
-        let largest = Budget {
-            fields: 2 + widest.len() + code,
-            bytes: field_bytes(CREDENTIAL_KEY, MAX_CREDENTIAL_BYTES)
-                + widest.iter().sum::<usize>()
-                + TIMESTAMP_BYTES
-                + code * CODE_BYTES,
+        let fixed = Budget {
+            fields: 2 + code,
+            bytes: TIMESTAMP_BYTES + code * CODE_BYTES,
+        };
+        // Metric names come from the service's configuration, tens of bytes: saturating only
+        // keeps absurd ones from wrapping around.
+        let limit = Budget {
+            fields: Budget::ROOM
+                .fields
+                .saturating_sub(fixed.fields + usage_fields),
+            bytes: Budget::ROOM.bytes.saturating_sub(
+                fixed.bytes
+                    + field_bytes(CREDENTIAL_KEY, MAX_CREDENTIAL_BYTES)
+                    + usage_fields * usage_bytes,
+            ),
         };
         Aggregator {
             response_codes,
@@ -327,11 +344,12 @@ impl Aggregator {
             transactions: Vec::new(),
             advances: Vec::new(),
             used: Budget::default(),
-            largest,
+            fixed,
+            limit,
             folded: FxHashMap::default(),
             interner: Interner::new(100_000),
             metrics,
-            metric_bytes,
+            usage_bytes,
         }
     }
 
@@ -344,14 +362,11 @@ impl Aggregator {
         if !self.response_codes {
             if let Some(&i) = self.folded.get(&key) {
                 let t = &mut self.transactions[i];
-                let before = t.usage;
+                let before = t.usage.len();
                 if t.usage.merge(usage) {
                     t.requests += 1;
-                    let after = t.usage;
-                    if after.len() > before.len() {
-                        let bytes = self.usage_bytes(&after) - self.usage_bytes(&before);
-                        self.used.add(after.len() - before.len(), bytes);
-                    }
+                    let added = t.usage.len() - before;
+                    self.used.add(added, added * self.usage_bytes);
                     return Ok(self.full());
                 }
                 // The sum would not fit one usage: this request starts a transaction of its own,
@@ -363,13 +378,9 @@ impl Aggregator {
         // other odd values are reported without a code rather than as a made-up class.
         let code = (self.response_codes && (100..=599).contains(&request.status))
             .then_some(request.status);
-        let coded = usize::from(code.is_some());
         self.used.add(
-            2 + usage.len() + coded,
-            application.bytes as usize
-                + self.usage_bytes(usage)
-                + TIMESTAMP_BYTES
-                + coded * CODE_BYTES,
+            self.fixed.fields + usage.len(),
+            self.fixed.bytes + application.bytes as usize + usage.len() * self.usage_bytes,
         );
         self.transactions.push(Transaction {
             application: application.id,
@@ -381,18 +392,12 @@ impl Aggregator {
         Ok(self.full())
     }
 
-    fn usage_bytes(&self, usage: &Usage) -> usize {
-        usage
-            .iter()
-            .map(|(metric, _)| self.metric_bytes[metric.index()])
-            .sum()
-    }
-
     /// Whether the open batch must be sealed: at `max_transactions`, when the next request might
     /// not fit its call, or when the credential tables must start anew.
     fn full(&self) -> bool {
         self.transactions.len() >= self.max_transactions
-            || !self.used.has_room_for(self.largest)
+            || self.used.fields > self.limit.fields
+            || self.used.bytes > self.limit.bytes
             || self.interner.full()
     }
 

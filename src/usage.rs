@@ -11,8 +11,7 @@ impl MetricId {
     /// `hits`, every 3scale service's own metric: always the first name of a [`MetricNames`].
     pub const HITS: MetricId = MetricId(0);
 
-    /// Its position in its table.
-    pub fn index(self) -> usize {
+    fn index(self) -> usize {
         self.0 as usize
     }
 }
