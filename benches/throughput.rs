@@ -253,7 +253,7 @@ fn parse_and_aggregate(log: &Path) -> (u64, u64) {
     let (follower, mut rx) = pipeline::read_once(log, 4, metrics.clone());
     let (mut reported, mut batches) = (0u64, 0u64);
     let mut count = |batch: tally::aggregate::Batch| {
-        reported += batch.transactions.hits();
+        reported += batch.transactions.requests();
         batches += 1;
     };
     while let Some(message) = rx.blocking_recv() {

@@ -1,8 +1,12 @@
-//! Request records → batches of 3scale transactions, one batch at most `max_transactions` long.
+//! Request records and their usage → batches of 3scale transactions, each batch one report call.
 //!
 //! With response codes on, every request is its own transaction: the backend adds exactly one to the
 //! response-code counters per transaction, whatever its usage, so folding would lose codes. With them
-//! off, requests of one application and second are folded into one transaction.
+//! off, requests of one application and second are folded into one transaction, their usages added
+//! metric by metric.
+//!
+//! A batch is sealed at `max_transactions`, or before the next request could take the call past
+//! 3scale's limits (4096 form fields, 4 MiB): see [`Budget`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,6 +20,7 @@ use crate::parse::{Credential, Parser, Request, Skip};
 use crate::state::{Advance, Fate};
 use crate::tail::{Chunk, Tailed};
 use crate::telemetry::{masked_line, Metrics};
+use crate::usage::{MetricNames, Usage, ONE_HIT, USAGE_METRICS};
 
 /// How 3scale identifies the application in a report. The app_key is not part of a report.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -42,7 +47,10 @@ pub struct Transaction {
     pub application: u32,
     /// Epoch seconds.
     pub timestamp: i64,
-    pub hits: u64,
+    /// The requests it counts (several when folded): what the counters and logs count.
+    pub requests: u64,
+    /// What it counts, by metric of [`Transactions::metrics`].
+    pub usage: Usage,
     /// The HTTP status, when response codes are reported.
     pub code: Option<u16>,
 }
@@ -55,6 +63,8 @@ pub type Applications = Arc<boxcar::Vec<Application>>;
 #[derive(Debug, Default, Clone)]
 pub struct Transactions {
     pub applications: Applications,
+    /// The names of the metrics their usages count.
+    pub metrics: MetricNames,
     pub list: Vec<Transaction>,
 }
 
@@ -68,8 +78,8 @@ impl Transactions {
     }
 
     /// The requests they count.
-    pub fn hits(&self) -> u64 {
-        self.list.iter().map(|t| t.hits).sum()
+    pub fn requests(&self) -> u64 {
+        self.list.iter().map(|t| t.requests).sum()
     }
 
     pub fn application(&self, t: &Transaction) -> &Application {
@@ -88,13 +98,32 @@ impl Transactions {
             .retain(|t| keep(&applications[t.application as usize], t));
     }
 
-    /// Transactions from (application, timestamp, hits, code), for tests.
+    /// Transactions from (application, timestamp, hits, code), one request per hit, for tests.
     #[cfg(test)]
     pub fn of(list: Vec<(Application, i64, u64, Option<u16>)>) -> Transactions {
-        let all = Transactions::default();
+        use crate::usage::MetricId;
         let list = list
             .into_iter()
-            .map(|(application, timestamp, hits, code)| {
+            .map(|(a, timestamp, hits, code)| {
+                (a, timestamp, hits, Usage::one(MetricId::HITS, hits), code)
+            })
+            .collect();
+        Transactions::of_usages(MetricNames::default(), list)
+    }
+
+    /// Transactions from (application, timestamp, requests, usage, code), for tests.
+    #[cfg(test)]
+    pub fn of_usages(
+        metrics: MetricNames,
+        list: Vec<(Application, i64, u64, Usage, Option<u16>)>,
+    ) -> Transactions {
+        let all = Transactions {
+            metrics,
+            ..Transactions::default()
+        };
+        let list = list
+            .into_iter()
+            .map(|(application, timestamp, requests, usage, code)| {
                 let id = match all.applications.iter().find(|(_, a)| **a == application) {
                     Some((id, _)) => id,
                     None => all.applications.push(application),
@@ -102,7 +131,8 @@ impl Transactions {
                 Transaction {
                     application: id as u32,
                     timestamp,
-                    hits,
+                    requests,
+                    usage,
                     code,
                 }
             })
@@ -119,13 +149,70 @@ pub struct Batch {
     pub advances: Vec<Advance>,
 }
 
+/// The most `key=value` pairs 3scale takes in one report body (more: 400 bad_request).
+pub const MAX_FIELDS_PER_CALL: usize = 4096;
+/// The largest report body 3scale takes (larger: 400 bad_request).
+pub const MAX_BYTES_PER_CALL: usize = 4 << 20;
+/// The call's own fields: the service token (or provider key) and the service id.
+const CALL_FIELDS: usize = 2;
+/// Bytes kept for the call's own fields, `service_token=…&service_id=…`. 3scale's tokens and ids
+/// are tens of bytes; a secret of kilobytes, which 3scale would refuse anyway, is the only way past.
+const CALL_BYTES: usize = 16 << 10;
+/// The longest credential reported, percent-encoded: far above any real user_key or app_id (NGINX
+/// refuses request lines over 8 KiB by default). A longer one is skipped as invalid: it bounds the
+/// room a batch keeps for its next transaction, and one of several MiB could never be sent.
+const MAX_CREDENTIAL_BYTES: usize = 64 << 10;
+
+/// The encoded size of one transaction field, at most, as `report::form::encode` writes it:
+/// `&transactions%5B<index>%5D<key>=<value>`. The index has at most four digits (a call holds fewer
+/// than 4096 fields, so fewer than 4096 transactions) and a number at most 20 characters (u64 or
+/// i64): a folded delta can grow after it is reckoned, and an index only shrinks (when transactions
+/// are taken out before sending), so the bound holds until the call is sent.
+const fn field_bytes(key: &str, value: usize) -> usize {
+    "&transactions%5B".len() + 4 + "%5D".len() + key.len() + "=".len() + value
+}
+const NUMBER_BYTES: usize = 20;
+/// `[user_key]`, the longer of the two credential keys.
+const CREDENTIAL_KEY: &str = "%5Buser_key%5D";
+const TIMESTAMP_BYTES: usize = field_bytes("%5Btimestamp%5D", NUMBER_BYTES);
+const CODE_BYTES: usize = field_bytes("%5Blog%5D%5Bcode%5D", NUMBER_BYTES);
+
+/// Form fields, and an upper bound of their encoded bytes (reckoned per transaction from the sizes
+/// above). A batch is sealed once the largest transaction the next request can make might not fit
+/// its call any more, so that no call ever passes either limit.
+#[derive(Debug, Clone, Copy, Default)]
+struct Budget {
+    fields: usize,
+    bytes: usize,
+}
+
+impl Budget {
+    /// What the transactions of one call may use.
+    const ROOM: Budget = Budget {
+        fields: MAX_FIELDS_PER_CALL - CALL_FIELDS,
+        bytes: MAX_BYTES_PER_CALL - CALL_BYTES,
+    };
+
+    fn add(&mut self, fields: usize, bytes: usize) {
+        self.fields += fields;
+        self.bytes += bytes;
+    }
+}
+
+/// A known credential: its application's id and the encoded size of its field, at most.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    id: u32,
+    bytes: u32,
+}
+
 /// Gives each distinct credential an id, decoding it once. Bounded: an API hammered with random keys
 /// must not grow tally's memory, so past the limit the tables start anew (batches under way keep the
 /// old list of applications).
 struct Interner {
     /// Raw credential as logged → its id, or why it cannot be reported.
-    user_keys: FxHashMap<Box<[u8]>, Result<u32, Skip>>,
-    app_ids: FxHashMap<Box<[u8]>, Result<u32, Skip>>,
+    user_keys: FxHashMap<Box<[u8]>, Result<Known, Skip>>,
+    app_ids: FxHashMap<Box<[u8]>, Result<Known, Skip>>,
     applications: Applications,
     limit: usize,
 }
@@ -140,28 +227,49 @@ impl Interner {
         }
     }
 
-    fn id(&mut self, credential: Credential<'_>) -> Result<u32, Skip> {
-        let full = self.full();
+    fn id(&mut self, credential: Credential<'_>) -> Result<Known, Skip> {
         let (table, raw) = match credential {
-            Credential::UserKey(raw) => (&mut self.user_keys, raw),
-            Credential::AppId(raw) => (&mut self.app_ids, raw),
+            Credential::UserKey(raw) => (&self.user_keys, raw),
+            Credential::AppId(raw) => (&self.app_ids, raw),
         };
-        if let Some(known) = table.get(raw) {
-            return *known;
+        match table.get(raw) {
+            Some(known) => *known,
+            None => self.intern(credential),
         }
-        let id = credential.decode().map(|name| {
+    }
+
+    /// A credential met for the first time: decoded, measured and remembered. Out of line, so
+    /// that the lookup of every request stays small.
+    #[cold]
+    #[inline(never)]
+    fn intern(&mut self, credential: Credential<'_>) -> Result<Known, Skip> {
+        let full = self.full();
+        let known = credential.decode().and_then(|name| {
+            let encoded: usize = form_urlencoded::byte_serialize(name.as_bytes())
+                .map(str::len)
+                .sum();
+            if encoded > MAX_CREDENTIAL_BYTES {
+                return Err(Skip::InvalidCredential);
+            }
             let application = match credential {
                 Credential::UserKey(_) => Application::UserKey(name.into()),
                 Credential::AppId(_) => Application::AppId(name.into()),
             };
-            self.applications.push(application) as u32
+            Ok(Known {
+                id: self.applications.push(application) as u32,
+                bytes: field_bytes(CREDENTIAL_KEY, encoded) as u32,
+            })
         });
         // Past the limit, an unreportable credential is not remembered: a stream of them alone
         // (which never fills a batch, so never renews the tables) must not grow them.
-        if id.is_ok() || !full {
-            table.insert(raw.into(), id);
+        if known.is_ok() || !full {
+            let (table, raw) = match credential {
+                Credential::UserKey(raw) => (&mut self.user_keys, raw),
+                Credential::AppId(raw) => (&mut self.app_ids, raw),
+            };
+            table.insert(raw.into(), known);
         }
-        id
+        known
     }
 
     fn full(&self) -> bool {
@@ -180,45 +288,119 @@ pub struct Aggregator {
     /// The open batch.
     transactions: Vec<Transaction>,
     advances: Vec<Advance>,
+    /// What the open batch's transactions use of their call.
+    used: Budget,
+    /// What every transaction uses besides its credential's field (sized per application) and its
+    /// usage: the credential's and the timestamp's fields, and the code's whenever codes are on
+    /// (one field too many for the rare status outside 100-599, sent without a code: still an
+    /// upper bound).
+    fixed: Budget,
+    /// Past this, the next request might not fit: [`Budget::ROOM`] less the most one request can
+    /// add, a transaction with the longest credential, a usage of as many metrics as the service's
+    /// allow (each as long as the longest) and a code.
+    limit: Budget,
     /// Folding index of the open batch: (application, second) → transaction.
     folded: FxHashMap<(u32, i64), usize>,
     interner: Interner,
+    metrics: MetricNames,
+    /// The encoded size of one usage field, at most: the longest metric name's.
+    usage_bytes: usize,
 }
 
 impl Aggregator {
+    /// An aggregator whose usages count `hits` alone.
     pub fn new(response_codes: bool, max_transactions: usize) -> Aggregator {
+        Aggregator::with_metrics(response_codes, max_transactions, MetricNames::default())
+    }
+
+    /// An aggregator for usages of `metrics` (all of them known before the first request: a
+    /// batch's room for its next request depends on them).
+    pub fn with_metrics(
+        response_codes: bool,
+        max_transactions: usize,
+        metrics: MetricNames,
+    ) -> Aggregator {
+        let longest = metrics.iter().map(|m| m.encoded.len()).max().unwrap_or(0);
+        let usage_bytes = field_bytes("%5Busage%5D%5B%5D", longest + NUMBER_BYTES);
+        let usage_fields = metrics.iter().count().min(USAGE_METRICS);
+        let code = usize::from(response_codes);
+        let fixed = Budget {
+            fields: 2 + code,
+            bytes: TIMESTAMP_BYTES + code * CODE_BYTES,
+        };
+        // Metric names come from the service's configuration, tens of bytes: saturating only
+        // keeps absurd ones from wrapping around.
+        let limit = Budget {
+            fields: Budget::ROOM
+                .fields
+                .saturating_sub(fixed.fields + usage_fields),
+            bytes: Budget::ROOM.bytes.saturating_sub(
+                fixed.bytes
+                    + field_bytes(CREDENTIAL_KEY, MAX_CREDENTIAL_BYTES)
+                    + usage_fields * usage_bytes,
+            ),
+        };
         Aggregator {
             response_codes,
             max_transactions: max_transactions.max(1),
             transactions: Vec::new(),
             advances: Vec::new(),
+            used: Budget::default(),
+            fixed,
+            limit,
             folded: FxHashMap::default(),
             interner: Interner::new(100_000),
+            metrics,
+            usage_bytes,
         }
     }
 
-    /// Adds one request; true when the batch is full (then [`Aggregator::advance`] and
-    /// [`Aggregator::take`] it). A credential that cannot be reported is a skip.
-    pub fn add(&mut self, request: &Request<'_>) -> Result<bool, Skip> {
+    /// Adds one request, which counts `usage` (of the aggregator's metrics); true when the batch is
+    /// full (then [`Aggregator::advance`] and [`Aggregator::take`] it). A credential that
+    /// cannot be reported is a skip.
+    pub fn add(&mut self, request: &Request<'_>, usage: &Usage) -> Result<bool, Skip> {
         let application = self.interner.id(request.credential)?;
+        let key = (application.id, request.timestamp);
         if !self.response_codes {
-            let key = (application, request.timestamp);
             if let Some(&i) = self.folded.get(&key) {
-                self.transactions[i].hits += 1;
-                return Ok(false);
+                let t = &mut self.transactions[i];
+                let before = t.usage.len();
+                if t.usage.merge(usage) {
+                    t.requests += 1;
+                    let added = t.usage.len() - before;
+                    self.used.add(added, added * self.usage_bytes);
+                    return Ok(self.full());
+                }
+                // The sum would not fit one usage: this request starts a transaction of its own,
+                // which the next ones of its application and second fold into.
             }
             self.folded.insert(key, self.transactions.len());
         }
+        // 3scale counts only three-digit codes, by class; NGINX's `000` (no response sent) and
+        // other odd values are reported without a code rather than as a made-up class.
+        let code = (self.response_codes && (100..=599).contains(&request.status))
+            .then_some(request.status);
+        self.used.add(
+            self.fixed.fields + usage.len(),
+            self.fixed.bytes + application.bytes as usize + usage.len() * self.usage_bytes,
+        );
         self.transactions.push(Transaction {
-            application,
+            application: application.id,
             timestamp: request.timestamp,
-            hits: 1,
-            // 3scale counts only three-digit codes, by class; NGINX's `000` (no response sent) and
-            // other odd values are reported without a code rather than as a made-up class.
-            code: (self.response_codes && (100..=599).contains(&request.status))
-                .then_some(request.status),
+            requests: 1,
+            usage: *usage,
+            code,
         });
-        Ok(self.transactions.len() >= self.max_transactions || self.interner.full())
+        Ok(self.full())
+    }
+
+    /// Whether the open batch must be sealed: at `max_transactions`, when the next request might
+    /// not fit its call, or when the credential tables must start anew.
+    fn full(&self) -> bool {
+        self.transactions.len() >= self.max_transactions
+            || self.used.fields > self.limit.fields
+            || self.used.bytes > self.limit.bytes
+            || self.interner.full()
     }
 
     /// Records how far the open batch takes a file (the latest position of a file wins; the batch's
@@ -245,12 +427,14 @@ impl Aggregator {
     /// Seals the open batch, if it counts anything or moves a file on.
     pub fn take(&mut self) -> Option<Batch> {
         self.folded.clear();
+        self.used = Budget::default();
         if self.transactions.is_empty() && self.advances.is_empty() {
             return None;
         }
         let batch = Batch {
             transactions: Transactions {
                 applications: self.interner.applications.clone(),
+                metrics: self.metrics.clone(),
                 // The next batch gets its full size at once, instead of growing by copies.
                 list: std::mem::replace(
                     &mut self.transactions,
@@ -263,6 +447,12 @@ impl Aggregator {
             self.interner.renew();
         }
         Some(batch)
+    }
+
+    /// The open batch's fields and bytes as reckoned, for the tests that hold them to the encoder.
+    #[cfg(test)]
+    pub(crate) fn reckoned(&self) -> (usize, usize) {
+        (self.used.fields, self.used.bytes)
     }
 }
 
@@ -410,7 +600,7 @@ pub fn parse_chunk(
                 if first_line_time == 0 {
                     first_line_time = line_time;
                 }
-                aggregator.add(&request)
+                aggregator.add(&request, &ONE_HIT)
             }),
             None => Err(Skip::Malformed),
         };
@@ -484,11 +674,17 @@ pub async fn run(
 mod tests {
     use super::*;
 
+    use crate::parse::LOGGED_HEADERS;
+    use crate::usage::MetricId;
+
     fn request(key: &str, timestamp: i64, status: u16) -> Request<'_> {
         Request {
             timestamp,
-            method: b"GET",
-            path: b"/",
+            method: Some(b"GET"),
+            path: Some(b"/"),
+            query: None,
+            host: None,
+            headers: [None; LOGGED_HEADERS],
             status,
             credential: Credential::UserKey(key.as_bytes()),
         }
@@ -556,19 +752,23 @@ mod tests {
         (Application::UserKey(key.into()), timestamp, hits, code)
     }
 
+    /// (application, timestamp, hits, code), each request one hit.
     fn flat(transactions: &Transactions) -> Vec<Flat> {
         transactions
             .iter()
-            .map(|(a, t)| (a.clone(), t.timestamp, t.hits, t.code))
+            .map(|(a, t)| {
+                assert_eq!(t.usage, Usage::one(MetricId::HITS, t.requests), "{t:?}");
+                (a.clone(), t.timestamp, t.requests, t.code)
+            })
             .collect()
     }
 
     #[test]
     fn with_response_codes_each_request_is_a_transaction() {
         let mut a = Aggregator::new(true, 3);
-        assert!(!a.add(&request("k", 10, 200)).unwrap());
-        assert!(!a.add(&request("k", 10, 200)).unwrap());
-        assert!(a.add(&request("j", 10, 404)).unwrap());
+        assert!(!a.add(&request("k", 10, 200), &ONE_HIT).unwrap());
+        assert!(!a.add(&request("k", 10, 200), &ONE_HIT).unwrap());
+        assert!(a.add(&request("j", 10, 404), &ONE_HIT).unwrap());
         let full = a.take().unwrap();
         assert_eq!(
             flat(&full.transactions),
@@ -579,7 +779,7 @@ mod tests {
             ]
         );
         assert!(a.take().is_none());
-        a.add(&request("k", 11, 500)).unwrap();
+        a.add(&request("k", 11, 500), &ONE_HIT).unwrap();
         let next = a.take().unwrap().transactions;
         assert_eq!(flat(&next), vec![tx("k", 11, 1, Some(500))]);
         // The batches share one list of applications.
@@ -590,7 +790,7 @@ mod tests {
     fn without_response_codes_requests_fold_per_application_and_second() {
         let mut a = Aggregator::new(false, 1000);
         for (k, t) in [("k", 10), ("k", 10), ("j", 10), ("k", 11), ("k", 10)] {
-            assert!(!a.add(&request(k, t, 200)).unwrap());
+            assert!(!a.add(&request(k, t, 200), &ONE_HIT).unwrap());
         }
         let b = a.take().unwrap();
         assert_eq!(
@@ -601,9 +801,9 @@ mod tests {
                 tx("k", 11, 1, None)
             ]
         );
-        assert_eq!(b.transactions.hits(), 5);
+        assert_eq!(b.transactions.requests(), 5);
         // A new batch starts a new fold.
-        a.add(&request("k", 10, 200)).unwrap();
+        a.add(&request("k", 10, 200), &ONE_HIT).unwrap();
         assert_eq!(
             flat(&a.take().unwrap().transactions),
             vec![tx("k", 10, 1, None)]
@@ -613,11 +813,14 @@ mod tests {
     #[test]
     fn user_keys_and_app_ids_never_fold_together() {
         let mut a = Aggregator::new(false, 1000);
-        a.add(&request("same", 10, 200)).unwrap();
-        a.add(&Request {
-            credential: Credential::AppId(b"same"),
-            ..request("", 10, 200)
-        })
+        a.add(&request("same", 10, 200), &ONE_HIT).unwrap();
+        a.add(
+            &Request {
+                credential: Credential::AppId(b"same"),
+                ..request("", 10, 200)
+            },
+            &ONE_HIT,
+        )
         .unwrap();
         assert_eq!(a.take().unwrap().transactions.len(), 2);
     }
@@ -628,7 +831,9 @@ mod tests {
         a.interner = Interner::new(10);
         let mut batches = Vec::new();
         for n in 0..1000 {
-            if a.add(&request(&(n % 50).to_string(), 10, 200)).unwrap() {
+            if a.add(&request(&(n % 50).to_string(), 10, 200), &ONE_HIT)
+                .unwrap()
+            {
                 batches.push(a.take().unwrap());
             }
             assert!(a.interner.user_keys.len() <= 10);
@@ -642,7 +847,7 @@ mod tests {
             for (application, t) in b.transactions.iter() {
                 *per_key
                     .entry(application.field().1.to_string())
-                    .or_insert(0) += t.hits;
+                    .or_insert(0) += t.requests;
             }
         }
         assert_eq!(per_key.len(), 50);
@@ -654,7 +859,7 @@ mod tests {
                 credential: Credential::AppId(raw.as_bytes()),
                 ..request("", 10, 200)
             };
-            assert_eq!(a.add(&bad), Err(Skip::InvalidCredential));
+            assert_eq!(a.add(&bad, &ONE_HIT), Err(Skip::InvalidCredential));
         }
         assert!(a.interner.app_ids.len() <= 10);
     }
@@ -663,16 +868,22 @@ mod tests {
     fn credentials_are_decoded_once_and_bad_ones_skipped() {
         let mut a = Aggregator::new(true, 1000);
         for raw in [&b"a%2Bb+c"[..], b"a%2Bb+c", br"caf\xC3\xA9", b"%FF"] {
-            let _ = a.add(&Request {
-                credential: Credential::UserKey(raw),
-                ..request("", 10, 200)
-            });
+            let _ = a.add(
+                &Request {
+                    credential: Credential::UserKey(raw),
+                    ..request("", 10, 200)
+                },
+                &ONE_HIT,
+            );
         }
         assert_eq!(
-            a.add(&Request {
-                credential: Credential::UserKey(b"%FF"),
-                ..request("", 10, 200)
-            }),
+            a.add(
+                &Request {
+                    credential: Credential::UserKey(b"%FF"),
+                    ..request("", 10, 200)
+                },
+                &ONE_HIT
+            ),
             Err(Skip::InvalidCredential)
         );
         let names: Vec<_> = flat(&a.take().unwrap().transactions)
@@ -688,5 +899,142 @@ mod tests {
             ]
         );
         assert_eq!(a.interner.user_keys.len(), 3);
+    }
+
+    /// Usage of each (metric, delta).
+    fn usage(metrics: &MetricNames, of: &[(&str, u64)]) -> Usage {
+        let mut u = Usage::default();
+        for &(name, delta) in of {
+            assert!(u.add(metrics.id(name).unwrap(), delta));
+        }
+        u
+    }
+
+    /// (application, timestamp, requests, usage by name, code).
+    type Named = (String, i64, u64, Vec<(String, u64)>, Option<u16>);
+
+    fn named(transactions: &Transactions) -> Vec<Named> {
+        transactions
+            .iter()
+            .map(|(a, t)| {
+                let usage = t
+                    .usage
+                    .iter()
+                    .map(|(m, d)| (transactions.metrics.get(m).name.to_string(), d))
+                    .collect();
+                (
+                    a.field().1.to_string(),
+                    t.timestamp,
+                    t.requests,
+                    usage,
+                    t.code,
+                )
+            })
+            .collect()
+    }
+
+    fn owned(of: &[(&str, u64)]) -> Vec<(String, u64)> {
+        of.iter().map(|&(m, d)| (m.to_string(), d)).collect()
+    }
+
+    #[test]
+    fn folding_adds_usages_metric_by_metric_within_one_usage() {
+        let metrics = MetricNames::new(&["search", "a", "b", "c"]);
+        let mut a = Aggregator::with_metrics(false, 1000, metrics.clone());
+        let u = |of: &[(&str, u64)]| usage(&metrics, of);
+        for (k, t, of) in [
+            ("k", 10, &[("hits", 1), ("search", 1)][..]),
+            ("k", 10, &[("hits", 1)]),
+            ("j", 10, &[("search", 2)]),
+            ("k", 10, &[("hits", 1), ("a", 3)]),
+            // hits, search, a and b: the fourth and last metric a usage holds.
+            ("k", 10, &[("b", 1)]),
+            // A fifth does not fit: a transaction of its own, which the next request folds into.
+            ("k", 10, &[("c", 1), ("hits", 1)]),
+            ("k", 10, &[("hits", 1), ("search", 1)]),
+        ] {
+            assert!(!a.add(&request(k, t, 200), &u(of)).unwrap());
+        }
+        assert_eq!(
+            named(&a.take().unwrap().transactions),
+            vec![
+                (
+                    "k".into(),
+                    10,
+                    4,
+                    owned(&[("hits", 3), ("search", 1), ("a", 3), ("b", 1)]),
+                    None
+                ),
+                ("j".into(), 10, 1, owned(&[("search", 2)]), None),
+                (
+                    "k".into(),
+                    10,
+                    2,
+                    owned(&[("c", 1), ("hits", 2), ("search", 1)]),
+                    None
+                ),
+            ]
+        );
+    }
+
+    /// Until a request can carry more than hits, the fields allow what `max_transactions` allowed:
+    /// 1023 transactions of four fields with response codes, 1364 of three without.
+    #[test]
+    fn hits_alone_fill_the_fields_as_before() {
+        for (response_codes, most) in [(true, 1023), (false, 1364)] {
+            let mut a = Aggregator::new(response_codes, 5000);
+            let mut n = 0;
+            while !a.add(&request("k", n, 200), &ONE_HIT).unwrap() {
+                n += 1;
+            }
+            assert_eq!(n + 1, most);
+            assert_eq!(
+                a.reckoned().0,
+                most as usize * (3 + usize::from(response_codes))
+            );
+        }
+    }
+
+    #[test]
+    fn multi_metric_usages_seal_the_batch_before_4096_fields() {
+        let metrics = MetricNames::new(&["search", "a", "b"]);
+        let four = usage(&metrics, &[("hits", 1), ("search", 1), ("a", 1), ("b", 1)]);
+        let mut a = Aggregator::with_metrics(true, 1023, metrics);
+        let mut n = 0;
+        while !a.add(&request("k", 10, 200), &four).unwrap() {
+            n += 1;
+        }
+        // Seven fields a transaction: the 585th would make 4097 with the call's own two.
+        let (fields, _) = a.reckoned();
+        assert_eq!((n + 1, fields), (584, 584 * 7));
+        assert!(fields + CALL_FIELDS + 7 > MAX_FIELDS_PER_CALL);
+        assert_eq!(a.take().unwrap().transactions.len(), 584);
+    }
+
+    #[test]
+    fn long_credentials_seal_the_batch_before_4_mib() {
+        let mut a = Aggregator::new(true, 1023);
+        let mut n = 0;
+        loop {
+            // 60 KiB of `%2F` once encoded.
+            let key = format!("{n:05}{}", "%2F".repeat(20 << 10));
+            if a.add(&request(&key, 10, 200), &ONE_HIT).unwrap() {
+                break;
+            }
+            n += 1;
+        }
+        let (_, bytes) = a.reckoned();
+        assert!(n + 1 < 100, "{n}");
+        assert!(bytes <= MAX_BYTES_PER_CALL - CALL_BYTES, "{bytes}");
+        // No room left for one more of the longest credentials.
+        assert!(bytes + (MAX_CREDENTIAL_BYTES + 200) > MAX_BYTES_PER_CALL - CALL_BYTES);
+        // A credential too long for any call is skipped, not sent.
+        let key = "%2F".repeat((MAX_CREDENTIAL_BYTES / 3) + 1);
+        assert_eq!(
+            a.add(&request(&key, 10, 200), &ONE_HIT),
+            Err(Skip::InvalidCredential)
+        );
+        let key = "%2F".repeat(MAX_CREDENTIAL_BYTES / 3);
+        assert!(a.add(&request(&key, 10, 200), &ONE_HIT).is_ok());
     }
 }

@@ -1,8 +1,8 @@
 //! tally follows access logs and reports the traffic they record to 3scale.
 //!
 //! The data path, one module per step: [`tail`] (log file → lines) → [`parse`] (line → request) →
-//! [`aggregate`] (requests → transaction batches) → [`report`] (batch → report call), with
-//! [`config`], [`telemetry`] and [`run`] (the wiring) beside them.
+//! [`aggregate`] (requests and their [`usage`] → transaction batches) → [`report`] (batch → report
+//! call), with [`config`], [`telemetry`] and [`run`] (the wiring) beside them.
 
 pub mod aggregate;
 pub mod config;
@@ -14,3 +14,4 @@ pub mod run;
 pub mod state;
 pub mod tail;
 pub mod telemetry;
+pub mod usage;

@@ -1,4 +1,5 @@
-//! One access-log line → one request record (time, method, path, status, credential).
+//! One access-log line → one request record (time, method, path, query, host, status, credential,
+//! logged header values).
 //!
 //! The record borrows from the line and parsing allocates nothing: the credential stays as the log
 //! wrote it, and is decoded ([`Credential::decode`]) once per distinct credential by the aggregation.
@@ -43,14 +44,27 @@ impl Credential<'_> {
     }
 }
 
-/// What tally needs of one request.
+/// The most request headers one log format can log (`$http_…` variables) for tally to read.
+pub const LOGGED_HEADERS: usize = 4;
+
+/// What tally needs of one request. The optional fields are None when the log format does not log
+/// them (a format without the request line has no method; only some log the Host); mapping rules
+/// and Host routing read them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request<'a> {
     /// Epoch seconds, from the line's own time.
     pub timestamp: i64,
-    pub method: &'a [u8],
-    /// The path without its query string.
-    pub path: &'a [u8],
+    pub method: Option<&'a [u8]>,
+    /// The path without its query string, as logged (still escaped).
+    pub path: Option<&'a [u8]>,
+    /// The query string without its `?` (empty when the request had none), as logged.
+    pub query: Option<&'a [u8]>,
+    /// The Host header (or `$host`), as logged.
+    pub host: Option<&'a [u8]>,
+    /// The raw values of the request headers the format logs, by their position among the
+    /// format's logged headers (the format knows their names). Filled by the formats that log
+    /// headers (JSON lines, `log_format`, regex: the next step); `combined` logs none.
+    pub headers: [Option<&'a [u8]>; LOGGED_HEADERS],
     pub status: u16,
     pub credential: Credential<'a>,
 }
@@ -66,7 +80,8 @@ macro_rules! for_each_skip {
             Malformed = "malformed", skipped_malformed;
             /// The request carries no credential, so 3scale could not attribute it.
             NoCredential = "no_credential", skipped_no_credential;
-            /// The credential is not valid UTF-8 once decoded; the backend would reject the whole call.
+            /// The credential is not valid UTF-8 once decoded (the backend would reject the whole
+            /// call), or too long to report (`aggregate::MAX_CREDENTIAL_BYTES`).
             InvalidCredential = "invalid_credential", skipped_invalid_credential;
             /// The line is longer than `max_line_length`.
             TooLong = "too_long", skipped_too_long;
@@ -128,7 +143,10 @@ impl Parser {
         }
     }
 
-    /// `line` is without its newline.
+    /// `line` is without its newline. Inlined, with the format's and the credential's parsing,
+    /// into the aggregation loop: the record is then built where it is used instead of copied
+    /// there (it is larger than a copy the compiler inlines).
+    #[inline]
     pub fn parse<'a>(&mut self, line: &'a [u8]) -> Result<Request<'a>, Skip> {
         let fields = match self.format {
             LogFormat::Combined => combined(line).ok_or(Skip::Malformed)?,
@@ -146,8 +164,11 @@ impl Parser {
         };
         Ok(Request {
             timestamp,
-            method: fields.method,
-            path,
+            method: Some(fields.method),
+            path: Some(path),
+            query: Some(query),
+            host: None,
+            headers: [None; LOGGED_HEADERS],
             status: fields.status,
             credential: credential(query, self.credential)?,
         })
@@ -166,6 +187,7 @@ struct Fields<'a> {
 /// `$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer"
 /// "$http_user_agent"`; only the time, request and status are read, so anything may follow the
 /// status (extra fields, a truncated user agent).
+#[inline]
 fn combined(line: &[u8]) -> Option<Fields<'_>> {
     let open = find_short(line, b'[')?;
     let time = line.get(open + 1..open + 27)?.try_into().ok()?;
@@ -294,6 +316,7 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 
 /// The first non-empty `user_key`, or `app_id`, of the query string, as NGINX's `$arg_` variables
 /// would give them.
+#[inline]
 fn credential(query: &[u8], mode: CredentialMode) -> Result<Credential<'_>, Skip> {
     let (mut user_key, mut app_id) = (None, None);
     let mut rest = query;
@@ -353,8 +376,10 @@ mod tests {
     fn a_plain_combined_line() {
         let r = parse(r#"192.168.1.20 - - [24/Nov/2026:10:15:00 +0000] "GET /v1/words?user_key=abc123&x=1 HTTP/1.1" 200 612 "-" "curl/8.0""#).unwrap();
         assert_eq!(r.timestamp, 1_795_515_300);
-        assert_eq!(r.method, b"GET");
-        assert_eq!(r.path, b"/v1/words");
+        assert_eq!(r.method, Some(&b"GET"[..]));
+        assert_eq!(r.path, Some(&b"/v1/words"[..]));
+        assert_eq!(r.query, Some(&b"user_key=abc123&x=1"[..]));
+        assert_eq!((r.host, r.headers), (None, [None; LOGGED_HEADERS]));
         assert_eq!(r.status, 200);
         assert_eq!(r.credential, user_key("abc123"));
     }
@@ -379,17 +404,19 @@ mod tests {
     fn odd_but_valid_lines() {
         // IPv6 client, a remote user, escaped quotes in the user agent and the request.
         let r = parse(r#"2001:db8::1 - alice [24/Nov/2026:10:15:00 +0000] "POST /a\"b?app_id=id1&app_key=k1 HTTP/2.0" 201 0 "http://x/?q=\"1\"" "Mozilla \"quoted\" [x]""#).unwrap();
-        assert_eq!(r.method, b"POST");
-        assert_eq!(r.path, br#"/a\"b"#);
+        assert_eq!(r.method, Some(&b"POST"[..]));
+        assert_eq!(r.path, Some(&br#"/a\"b"#[..]));
+        assert_eq!(r.query, Some(&b"app_id=id1&app_key=k1"[..]));
         assert_eq!(r.status, 201);
         assert_eq!(r.credential, Credential::AppId(b"id1"));
         // NGINX's own escaping, HTTP/0.9 (no protocol), a 499, nothing after the status.
         let r =
             parse(r#"::1 - - [24/Nov/2026:10:15:00 +0000] "GET /x\x22y?user_key=k" 499"#).unwrap();
-        assert_eq!((r.status, r.path), (499, &br"/x\x22y"[..]));
+        assert_eq!((r.status, r.path), (499, Some(&br"/x\x22y"[..])));
         // Extra fields after the user agent ($request_time and friends).
         let r = parse(r#"10.0.0.1 - - [24/Nov/2026:10:15:00 +0000] "DELETE /?app_id=a HTTP/1.1" 503 1 "-" "ua" 0.002 "x""#).unwrap();
         assert_eq!(r.status, 503);
+        assert_eq!((r.path, r.query), (Some(&b"/"[..]), Some(&b"app_id=a"[..])));
         assert_eq!(r.credential, Credential::AppId(b"a"));
     }
 

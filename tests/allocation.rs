@@ -87,7 +87,7 @@ fn allocations_to_aggregate(path: &Path) -> (u64, u64) {
         ));
     }
     let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
-    let reported = batches.iter().map(|b| b.transactions.hits()).sum();
+    let reported = batches.iter().map(|b| b.transactions.requests()).sum();
     (allocations, reported)
 }
 

@@ -106,15 +106,15 @@ impl Credentials {
                 return true;
             }
             match taken.iter_mut().find(|(id, _)| *id == t.application) {
-                Some((_, hits)) => *hits += t.hits,
-                None => taken.push((t.application, t.hits)),
+                Some((_, requests)) => *requests += t.requests,
+                None => taken.push((t.application, t.requests)),
             }
             false
         });
         transactions.list = list;
         taken
             .into_iter()
-            .map(|(id, hits)| (transactions.applications[id as usize].clone(), hits))
+            .map(|(id, requests)| (transactions.applications[id as usize].clone(), requests))
             .collect()
     }
 }

@@ -25,6 +25,7 @@ use crate::aggregate::{Application, Batch, Transaction, Transactions};
 use crate::config::BackendAuth;
 use crate::state::{Advance, InFlight, ServiceState, StateError};
 use crate::telemetry::{mask, Cause, Endpoint, Metrics};
+use crate::usage::MetricNames;
 
 /// What masks the service token or provider key wherever a report body is shown.
 pub const MASK: &str = "***";
@@ -447,7 +448,7 @@ async fn wait_for_an_answer(
 
 fn count_reported(metrics: &Metrics, transactions: &Transactions) {
     Metrics::add(&metrics.transactions_reported, transactions.len() as u64);
-    Metrics::add(&metrics.requests_reported, transactions.hits());
+    Metrics::add(&metrics.requests_reported, transactions.requests());
 }
 
 fn unix_now() -> i64 {
@@ -469,10 +470,10 @@ fn drop_outside_window(
     let mut dropped = Vec::new();
     transactions.retain(|application, t| {
         let why = if t.timestamp < oldest {
-            old += t.hits;
+            old += t.requests;
             "older than max_age"
         } else if t.timestamp > now + MAX_AHEAD {
-            ahead += t.hits;
+            ahead += t.requests;
             "more than an hour ahead"
         } else {
             return true;
@@ -505,7 +506,7 @@ async fn keep_sendable(
     let dropped = drop_outside_window(shared, transactions);
     let client = match sink {
         Sink::DryRun(_) => {
-            print_dropped(&dropped);
+            print_dropped(&dropped, &transactions.metrics);
             return Ok(());
         }
         Sink::Backend(client) => client,
@@ -542,10 +543,10 @@ async fn keep_sendable(
         // The wait may have taken some transactions out of 3scale's time window.
         drop_outside_window(shared, transactions);
     }
-    for (application, hits) in credentials.take_missing(transactions) {
+    for (application, requests) in credentials.take_missing(transactions) {
         shared
             .metrics
-            .invalid_credential(application.field().1, hits);
+            .invalid_credential(application.field().1, requests);
     }
     Ok(())
 }
@@ -639,19 +640,24 @@ fn print_dry_run(url: &reqwest::Url, shared: &Shared, transactions: &Transaction
 }
 
 /// What `--dry-run` would not send for its time.
-fn print_dropped(dropped: &[(Application, Transaction, &str)]) {
+fn print_dropped(dropped: &[(Application, Transaction, &str)], metrics: &MetricNames) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     for (application, t, why) in dropped {
         let (field, value) = application.field();
+        let usage: String = t
+            .usage
+            .iter()
+            .map(|(metric, delta)| format!(" usage[{}]={delta}", metrics.get(metric).name))
+            .collect();
         let code = t
             .code
             .map(|c| format!(" log[code]={c}"))
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "NOT SENT ({why}): {field}={value} usage[hits]={} timestamp={}{code}",
-            t.hits, t.timestamp
+            "NOT SENT ({why}): {field}={value}{usage} timestamp={}{code}",
+            t.timestamp
         );
     }
 }
