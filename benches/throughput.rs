@@ -18,8 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tally::aggregate::{take_in, Aggregator};
-use tally::telemetry::Metrics;
+use tally::pipeline::{take_in, Aggregator, Metrics};
 
 #[path = "../tests/support/pipeline.rs"]
 mod pipeline;
@@ -252,7 +251,7 @@ fn parse_and_aggregate(log: &Path) -> (u64, u64) {
     // A small queue, as in `tally run`: the reader waits while parsing is behind.
     let (follower, mut rx) = pipeline::read_once(log, 4, metrics.clone());
     let (mut reported, mut batches) = (0u64, 0u64);
-    let mut count = |batch: tally::aggregate::Batch| {
+    let mut count = |batch: tally::pipeline::Batch| {
         reported += batch.transactions.requests();
         batches += 1;
     };

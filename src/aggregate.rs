@@ -57,7 +57,7 @@ pub struct Transaction {
 
 /// The applications that transactions name, by id. Append-only (ids stay valid), written by the
 /// aggregation and read by the report calls under way.
-pub type Applications = Arc<boxcar::Vec<Application>>;
+pub(crate) type Applications = Arc<boxcar::Vec<Application>>;
 
 /// The transactions of one report call.
 #[derive(Debug, Default, Clone)]
@@ -144,15 +144,16 @@ impl Transactions {
 /// A sealed batch, ready for one report call.
 #[derive(Debug, Default)]
 pub struct Batch {
+    /// What the call reports.
     pub transactions: Transactions,
     /// Where each file stands once the batch, and every batch before it, is accepted.
     pub advances: Vec<Advance>,
 }
 
 /// The most `key=value` pairs 3scale takes in one report body (more: 400 bad_request).
-pub const MAX_FIELDS_PER_CALL: usize = 4096;
+pub(crate) const MAX_FIELDS_PER_CALL: usize = 4096;
 /// The largest report body 3scale takes (larger: 400 bad_request).
-pub const MAX_BYTES_PER_CALL: usize = 4 << 20;
+pub(crate) const MAX_BYTES_PER_CALL: usize = 4 << 20;
 /// The call's own fields: the service token (or provider key) and the service id.
 const CALL_FIELDS: usize = 2;
 /// Bytes kept for the call's own fields, `service_token=…&service_id=…`. 3scale's tokens and ids
@@ -282,6 +283,7 @@ impl Interner {
     }
 }
 
+/// Folds one service's requests into batches of transactions, sealed when full.
 pub struct Aggregator {
     response_codes: bool,
     max_transactions: usize,
@@ -458,11 +460,14 @@ impl Aggregator {
 
 /// What one service's aggregation loop needs.
 pub struct ServiceLines {
+    /// The 3scale service the lines are reported to.
     pub service_id: String,
     /// The parser of each feed (follower), by feed index (None: that feed does not feed this
     /// service).
     pub parsers: Vec<Option<Parser>>,
+    /// Longer lines are skipped, counted as too long.
     pub max_line_length: usize,
+    /// How often the open batch is sealed, full or not.
     pub flush_interval: std::time::Duration,
     /// What this service counted already in files it resumes behind (another service fed by the
     /// same file is further behind), by feed and file.
@@ -528,7 +533,7 @@ pub fn take_in(
 
 /// Parses one chunk's lines into the aggregator; returns the batches they filled. `fate`: what
 /// becomes of the file once they are accepted.
-pub fn parse_chunk(
+pub(crate) fn parse_chunk(
     lines: &mut ServiceLines,
     aggregator: &mut Aggregator,
     chunk: &Chunk,
@@ -638,7 +643,7 @@ pub fn parse_chunk(
 
 /// Parses the chunks of one service's sources into batches, sealed when full or at each flush
 /// interval. Ends, after sealing what it holds, when every follower is gone.
-pub async fn run(
+pub(crate) async fn run(
     mut lines: ServiceLines,
     mut aggregator: Aggregator,
     mut tailed: mpsc::Receiver<Tailed>,

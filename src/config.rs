@@ -11,83 +11,99 @@ use toml::Spanned;
 
 /// The most transactions one report call may carry: the backend takes at most 4096 `key=value` pairs,
 /// two go to `service_token` and `service_id`, and a transaction with a response code takes four.
-pub const MAX_TRANSACTIONS_PER_CALL: usize = 1023;
+pub(crate) const MAX_TRANSACTIONS_PER_CALL: usize = 1023;
 
 /// Each key's default, named by its section and key. The parser takes them from here only; tests
 /// hold `config/tally.toml` and the README's table of keys to them.
-pub mod defaults {
-    pub mod backend {
+pub(crate) mod defaults {
+    pub(crate) mod backend {
         use std::time::Duration;
-        pub const URL: &str = "https://su1.3scale.net";
-        pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-        pub const TIMEOUT: Duration = Duration::from_secs(60);
-        pub const VALIDATE_CREDENTIALS: bool = true;
-        pub const VALID_CREDENTIAL_TTL: Duration = Duration::from_secs(3600);
-        pub const INVALID_CREDENTIAL_TTL: Duration = Duration::from_secs(300);
-        pub const REJECTED_RETRY: Duration = Duration::from_secs(60);
+        pub(crate) const URL: &str = "https://su1.3scale.net";
+        pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+        pub(crate) const TIMEOUT: Duration = Duration::from_secs(60);
+        pub(crate) const VALIDATE_CREDENTIALS: bool = true;
+        pub(crate) const VALID_CREDENTIAL_TTL: Duration = Duration::from_secs(3600);
+        pub(crate) const INVALID_CREDENTIAL_TTL: Duration = Duration::from_secs(300);
+        pub(crate) const REJECTED_RETRY: Duration = Duration::from_secs(60);
     }
 
     /// Each `[[sources]]` table's; its name is its path unless given.
-    pub mod sources {
+    pub(crate) mod sources {
         use crate::config::{CredentialMode, LogFormat, ReadFrom};
-        pub const FORMAT: LogFormat = LogFormat::Combined;
-        pub const READ_FROM: ReadFrom = ReadFrom::End;
-        pub const CREDENTIAL: CredentialMode = CredentialMode::Auto;
+        pub(crate) const FORMAT: LogFormat = LogFormat::Combined;
+        pub(crate) const READ_FROM: ReadFrom = ReadFrom::End;
+        pub(crate) const CREDENTIAL: CredentialMode = CredentialMode::Auto;
     }
 
-    pub mod report {
+    pub(crate) mod report {
         use std::time::Duration;
-        pub const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
-        pub const MAX_TRANSACTIONS: usize = 1000;
-        pub const RESPONSE_CODES: bool = true;
-        pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
-        pub const CONCURRENCY: usize = 2;
+        pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
+        pub(crate) const MAX_TRANSACTIONS: usize = 1000;
+        pub(crate) const RESPONSE_CODES: bool = true;
+        pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+        pub(crate) const CONCURRENCY: usize = 2;
         /// Five minutes of margin under 3scale's 24 hours.
-        pub const MAX_AGE: Duration = Duration::from_secs(24 * 3600 - 300);
+        pub(crate) const MAX_AGE: Duration = Duration::from_secs(24 * 3600 - 300);
     }
 
-    pub mod tail {
+    pub(crate) mod tail {
         use std::time::Duration;
-        pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
-        pub const WATCH: bool = true;
-        pub const ROTATE_GRACE: Duration = Duration::from_secs(5);
-        pub const MAX_LINE_LENGTH: usize = 64 * 1024;
+        pub(crate) const POLL_INTERVAL: Duration = Duration::from_secs(1);
+        pub(crate) const WATCH: bool = true;
+        pub(crate) const ROTATE_GRACE: Duration = Duration::from_secs(5);
+        pub(crate) const MAX_LINE_LENGTH: usize = 64 * 1024;
     }
 
-    pub mod state {
-        pub const DIR: &str = "/var/lib/tally";
+    pub(crate) mod state {
+        pub(crate) const DIR: &str = "/var/lib/tally";
     }
 
-    pub mod log {
+    pub(crate) mod log {
         use std::time::Duration;
-        pub const FORMAT: crate::config::LogOutput = crate::config::LogOutput::Text;
-        pub const LEVEL: &str = "info";
-        pub const STATS_INTERVAL: Duration = Duration::from_secs(60);
+        pub(crate) const FORMAT: crate::config::LogOutput = crate::config::LogOutput::Text;
+        pub(crate) const LEVEL: &str = "info";
+        pub(crate) const STATS_INTERVAL: Duration = Duration::from_secs(60);
     }
 
-    pub mod telemetry {
+    pub(crate) mod telemetry {
         use std::time::Duration;
         /// Not served.
-        pub const LISTEN: Option<std::net::SocketAddr> = None;
-        pub const STALLED_AFTER: Duration = Duration::from_secs(300);
+        pub(crate) const LISTEN: Option<std::net::SocketAddr> = None;
+        pub(crate) const STALLED_AFTER: Duration = Duration::from_secs(300);
     }
 }
 
+/// Why a configuration cannot be used; the message names the file, and the line and key when
+/// there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     // The OS error is in the message, not a `source`: a whole chain printed would show it twice.
+    /// The file cannot be read.
     #[error("{path}: cannot read the configuration: {error}")]
     Read {
+        /// The configuration file.
         path: PathBuf,
+        /// Why.
         error: std::io::Error,
     },
+    /// The file is not valid TOML (the message quotes the line, secrets masked).
     #[error("{path}: {message}")]
-    Syntax { path: PathBuf, message: String },
+    Syntax {
+        /// The configuration file.
+        path: PathBuf,
+        /// The TOML parser's message.
+        message: String,
+    },
+    /// A key has a value tally cannot use.
     #[error("{path}:{line}: {key}: {message}")]
     Invalid {
+        /// The configuration file.
         path: PathBuf,
+        /// The key's line.
         line: usize,
+        /// The key, as a path (`sources[1].path`).
         key: String,
+        /// What is wrong, and what would be right.
         message: String,
     },
 }
@@ -201,6 +217,7 @@ pub struct Backend {
     pub rejected_retry: Duration,
 }
 
+/// How the lines of a source are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -211,7 +228,9 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReadFrom {
+    /// Read the files there at the first start from their start.
     Beginning,
+    /// Skip what they hold at the first start.
     End,
 }
 
@@ -221,7 +240,9 @@ pub enum ReadFrom {
 pub enum CredentialMode {
     /// `user_key` if present, else `app_id` (with optional `app_key`).
     Auto,
+    /// `user_key` only.
     UserKey,
+    /// `app_id` only.
     AppId,
 }
 
@@ -274,22 +295,29 @@ pub struct State {
     pub dir: PathBuf,
 }
 
+/// How tally writes its own log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogOutput {
+    /// One line of `key=value` fields per event.
     Text,
+    /// One JSON object per event, for log pipelines.
     Json,
 }
 
+/// `[log]`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Logging {
+    /// Text or JSON.
     pub format: LogOutput,
+    /// A tracing filter (`info`, `tally=debug`); `RUST_LOG` overrides it.
     pub level: String,
     /// How often the counters and each file's lag are logged.
     #[serde(serialize_with = "duration::serialize")]
     pub stats_interval: Duration,
 }
 
+/// `[telemetry]`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Telemetry {
     /// Where /metrics, /healthz and /livez are served; None: nowhere, shown as `""` (which the
@@ -304,12 +332,19 @@ pub struct Telemetry {
 /// The fields in the order `tally check` shows the sections.
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
+    /// `[backend]`: where and how to call 3scale.
     pub backend: Backend,
+    /// `[[sources]]`: the logs and the services they report to.
     pub sources: Vec<Source>,
+    /// `[report]`: batching and sending.
     pub report: Report,
+    /// `[tail]`: following the files.
     pub tail: Tail,
+    /// `[state]`: the checkpoints.
     pub state: State,
+    /// `[log]`: tally's own log.
     pub log: Logging,
+    /// `[telemetry]`: metrics and health.
     pub telemetry: Telemetry,
 }
 
@@ -455,12 +490,12 @@ mod duration {
     use std::time::Duration;
 
     /// As the file gives it: "10s", "1m", "23h 55m".
-    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&humantime::format_duration(*value))
     }
 
     /// A humantime duration ("5s", "1m 30s"), which must be above zero.
-    pub fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    pub(super) fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let text = String::deserialize(d)?;
         let value = humantime::parse_duration(&text).map_err(|e| {
             D::Error::custom(format!(
@@ -474,7 +509,7 @@ mod duration {
     }
 
     /// `report.max_age`: a duration of at most 24 h (the error points at the key's line).
-    pub fn max_age<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    pub(super) fn max_age<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let value = optional(d)?;
         if value.is_some_and(|v| v > Duration::from_secs(24 * 3600)) {
             return Err(D::Error::custom(format!(

@@ -1,17 +1,37 @@
 //! tally follows access logs and reports the traffic they record to 3scale.
 //!
-//! The data path, one module per step: [`tail`] (log file → lines) → [`parse`] (line → request) →
-//! [`aggregate`] (requests and their [`usage`] → transaction batches) → [`report`] (batch → report
-//! call), with [`config`], [`telemetry`] and [`run`] (the wiring) beside them.
+//! The data path, one module per step: `tail` (log file → lines) → `parse` (line → request) →
+//! `aggregate` (requests and their `usage` → transaction batches) → `report` (batch → report
+//! call), with `state` (checkpoints), `config`, `telemetry` and `run` (the wiring) beside them.
+//! Inside, everything is crate-private; what the binary, the tests and the benchmark use is
+//! re-exported below.
 
-pub mod aggregate;
-pub mod config;
-pub mod identity;
-pub mod parse;
-pub mod preflight;
-pub mod report;
-pub mod run;
-pub mod state;
-pub mod tail;
-pub mod telemetry;
-pub mod usage;
+#![warn(missing_docs, unreachable_pub)]
+
+mod aggregate;
+mod config;
+mod identity;
+mod parse;
+mod preflight;
+mod report;
+mod run;
+mod state;
+mod tail;
+mod telemetry;
+mod usage;
+
+// What the `tally` binary runs.
+pub use config::{Config, ConfigError, LogOutput};
+pub use preflight::{inspect, Findings};
+pub use run::{run, Outcome, RunOptions};
+pub use telemetry::init_logging;
+
+/// tally's read → parse → aggregate path, driven directly by the allocation test and the
+/// benchmark.
+pub mod pipeline {
+    pub use crate::aggregate::{take_in, Aggregator, Batch, ServiceLines};
+    pub use crate::config::{CredentialMode, LogFormat};
+    pub use crate::parse::Parser;
+    pub use crate::tail::{Follower, TailEvents, TailOptions, Tailed};
+    pub use crate::telemetry::Metrics;
+}

@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use tally::config::{Config, LogOutput};
-use tally::preflight::{self, Findings};
-use tally::run::{run, Outcome, RunOptions};
+use tally::{Config, Findings, LogOutput, Outcome, RunOptions};
 
 /// Exit codes: 0 done, 1 an error (3scale rejects the calls, a state that cannot be read...),
 /// 2 a bad configuration, 3 `--once` stopped before everything was accepted (nothing is lost: the
@@ -66,7 +64,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config: file } => match Config::load(&file) {
             Ok(c) => {
-                let found = preflight::inspect(&c, true);
+                let found = tally::inspect(&c, true);
                 for w in &found.warnings {
                     eprintln!("warning: {}: {w}", file.display());
                 }
@@ -104,11 +102,11 @@ fn main() -> ExitCode {
                 }
             };
             // --dry-run writes no state, so its folder need not be writable.
-            let found = preflight::inspect(&config, !dry_run);
+            let found = tally::inspect(&config, !dry_run);
             if report_errors(&file, &found) {
                 return ExitCode::from(EXIT_BAD_CONFIG);
             }
-            tally::telemetry::init_logging(
+            tally::init_logging(
                 log_json || config.log.format == LogOutput::Json,
                 &config.log.level,
             );
@@ -131,7 +129,7 @@ fn main() -> ExitCode {
                 once,
                 max_wait,
             };
-            match runtime.block_on(run(config, options)) {
+            match runtime.block_on(tally::run(config, options)) {
                 Ok(Outcome::Complete | Outcome::Stopped) => ExitCode::SUCCESS,
                 Ok(Outcome::Unfinished) => {
                     tracing::warn!("stopped before 3scale accepted everything: the rest is kept and read again from the checkpoints at the next run");

@@ -45,7 +45,7 @@ impl Credential<'_> {
 }
 
 /// The most request headers one log format can log (`$http_…` variables) for tally to read.
-pub const LOGGED_HEADERS: usize = 4;
+pub(crate) const LOGGED_HEADERS: usize = 4;
 
 /// What tally needs of one request. The optional fields are None when the log format does not log
 /// them (a format without the request line has no method; only some log the Host); mapping rules
@@ -135,6 +135,7 @@ pub struct Parser {
 }
 
 impl Parser {
+    /// A parser of lines in `format`, reading the credential as `credential` says.
     pub fn new(format: LogFormat, credential: CredentialMode) -> Parser {
         Parser {
             format,

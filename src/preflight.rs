@@ -13,7 +13,9 @@ use crate::telemetry::printable;
 /// What was found: errors stop tally; warnings are worth a look.
 #[derive(Debug, Default)]
 pub struct Findings {
+    /// What makes tally fail (`tally check` exits 1).
     pub errors: Vec<String>,
+    /// What is probably not what was meant.
     pub warnings: Vec<String>,
 }
 
@@ -40,7 +42,7 @@ pub fn inspect(config: &Config, state: bool) -> Findings {
 }
 
 /// Sources whose path names no file now (tally follows them as soon as one appears).
-pub fn unmatched(config: &Config) -> Vec<String> {
+pub(crate) fn unmatched(config: &Config) -> Vec<String> {
     config
         .sources
         .iter()

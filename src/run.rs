@@ -19,6 +19,7 @@ use crate::state::{Resume, SourceId, StateDir};
 use crate::tail::{Follower, TailEvents, TailOptions, Tailed};
 use crate::telemetry::{self, Metrics};
 
+/// How `tally run` runs.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunOptions {
     /// Print each report call instead of sending it.
@@ -41,6 +42,8 @@ pub enum Outcome {
     Unfinished,
 }
 
+/// `tally run`: follows the sources and reports to 3scale until a signal (or, `--once`, until
+/// everything read is accepted); an error when a stage fails.
 pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome> {
     // Listen first: a SIGTERM that arrives while tally starts must stop it in order too.
     let mut signals = Signals::listen()?;

@@ -32,7 +32,7 @@ const SYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// The state could not be read or written.
 #[derive(Debug, thiserror::Error)]
-pub enum StateError {
+pub(crate) enum StateError {
     // The OS error is part of the message and deliberately not a `source`: an error chain printed
     // whole (`{:#}`) would show it twice.
     /// A file-system operation failed.
@@ -55,14 +55,14 @@ pub enum StateError {
 
 /// A `[[sources]]` entry as the state knows it: its service and its name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SourceId {
+pub(crate) struct SourceId {
     pub service_id: String,
     pub name: String,
 }
 
 /// Where one source stands in one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileCheckpoint {
+pub(crate) struct FileCheckpoint {
     pub key: FileKey,
     pub fingerprint: Fingerprint,
     /// Just past the last line accounted for.
@@ -108,7 +108,7 @@ pub struct Advance {
 
 /// A report call that was under way when tally stopped: its lines are read and sent again.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InFlight {
+pub(crate) struct InFlight {
     pub path: PathBuf,
     pub from: u64,
     pub to: u64,
@@ -116,7 +116,7 @@ pub struct InFlight {
 
 /// Where a follower resumes and what each service it feeds has counted already.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Resume {
+pub(crate) struct Resume {
     /// Where the follower reads from, in the files read before: the lowest offset any of its
     /// sources needs.
     pub checkpoints: Vec<FilePosition>,
@@ -129,7 +129,7 @@ pub struct Resume {
 }
 
 /// The state folder, locked for this process, and its state.
-pub struct StateDir {
+pub(crate) struct StateDir {
     store: Arc<Mutex<Store>>,
     _lock: Option<File>,
 }
@@ -137,7 +137,7 @@ pub struct StateDir {
 impl StateDir {
     /// Opens (creating it) and locks the folder, and reads the state. Read-only (`--dry-run`)
     /// neither creates nor locks nor writes.
-    pub fn open(dir: &Path, read_only: bool) -> Result<StateDir, StateError> {
+    pub(crate) fn open(dir: &Path, read_only: bool) -> Result<StateDir, StateError> {
         let io = |message: &str| {
             let message = message.to_string();
             move |error| StateError::Io {
@@ -177,13 +177,14 @@ impl StateDir {
     }
 
     /// Whether the source was read in an earlier run.
-    pub fn knows_source(&self, source: &SourceId) -> bool {
+    #[cfg(test)]
+    fn knows_source(&self, source: &SourceId) -> bool {
         self.store().sources.contains(source)
     }
 
     /// A source that was known by its path and is now given a name keeps its checkpoints: they
     /// move to the name (written at the next change).
-    pub fn adopt(&self, source: &SourceId, path: &str) {
+    pub(crate) fn adopt(&self, source: &SourceId, path: &str) {
         let old = SourceId {
             service_id: source.service_id.clone(),
             name: path.to_string(),
@@ -212,7 +213,7 @@ impl StateDir {
     ///
     /// A checkpoint whose file was replaced since (its first bytes changed) no longer applies: its
     /// source reads the file's new content from the start.
-    pub fn resume(
+    pub(crate) fn resume(
         &self,
         sources: &[(SourceId, bool)],
         matching: &HashMap<PathBuf, (FileKey, u64)>,
@@ -316,7 +317,7 @@ impl StateDir {
     }
 
     /// Records that these sources are being read, so read_from never applies to them again.
-    pub fn start_sources(&self, sources: &[SourceId]) -> Result<(), StateError> {
+    pub(crate) fn start_sources(&self, sources: &[SourceId]) -> Result<(), StateError> {
         let mut store = self.store();
         let before = store.sources.len();
         store.sources.extend(sources.iter().cloned());
@@ -327,7 +328,7 @@ impl StateDir {
     }
 
     /// The report calls under way when tally last stopped, by service.
-    pub fn in_flight(&self, service_id: &str) -> Vec<InFlight> {
+    pub(crate) fn in_flight(&self, service_id: &str) -> Vec<InFlight> {
         self.store()
             .in_flight
             .range((service_id.to_string(), 0)..=(service_id.to_string(), u64::MAX))
@@ -337,7 +338,7 @@ impl StateDir {
 
     /// One service's handle on the state. `sources`: the name of its source on each feed (follower)
     /// that feeds it; `feeds`: every source of each feed, across services.
-    pub fn service(
+    pub(crate) fn service(
         &self,
         service_id: &str,
         sources: HashMap<usize, String>,
@@ -361,7 +362,7 @@ fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
 }
 
 /// One service's view of the state: its checkpoints and its report calls.
-pub struct ServiceState {
+pub(crate) struct ServiceState {
     service_id: String,
     /// Its source on each feed.
     sources: HashMap<usize, String>,
@@ -387,7 +388,7 @@ impl ServiceState {
     /// that a crash before its first acceptance reads it again (even rotated away meanwhile: it is
     /// found by its identity); and, when `sending`, the call as under way with the byte ranges it
     /// covers.
-    pub fn begin(
+    pub(crate) fn begin(
         &mut self,
         seq: u64,
         advances: &[Advance],
@@ -444,7 +445,7 @@ impl ServiceState {
     }
 
     /// The byte ranges of report call `seq`, recorded by [`ServiceState::begin`].
-    pub fn call_ranges(&self, seq: u64) -> Vec<InFlight> {
+    pub(crate) fn call_ranges(&self, seq: u64) -> Vec<InFlight> {
         lock(&self.store)
             .in_flight
             .get(&(self.service_id.clone(), seq))
@@ -454,7 +455,7 @@ impl ServiceState {
 
     /// Batch `seq`, and every batch before it, is accepted (or had nothing to send): move this
     /// service's checkpoints on.
-    pub fn commit(&mut self, seq: u64, advances: &[Advance]) -> Result<(), StateError> {
+    pub(crate) fn commit(&mut self, seq: u64, advances: &[Advance]) -> Result<(), StateError> {
         let mut store = lock(&self.store);
         for a in advances {
             let me = self.source(a.feed);
@@ -510,7 +511,7 @@ impl ServiceState {
 
     /// Where a file stands for every source it feeds: the lowest live checkpoint (offset, line
     /// time), or None once the file is forgotten.
-    pub fn watermark(&self, feed: usize, key: FileKey) -> Option<(u64, i64)> {
+    pub(crate) fn watermark(&self, feed: usize, key: FileKey) -> Option<(u64, i64)> {
         let store = lock(&self.store);
         self.feeds
             .get(feed)?

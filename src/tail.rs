@@ -27,7 +27,12 @@ use crate::identity::{FileKey, FilePosition, Fingerprint};
 pub enum Tailed {
     /// A file is open at `at.offset`. It is checkpointed before its first lines: if it is rotated
     /// away while tally is down, the checkpoint is what finds it again.
-    Opened { feed: usize, at: FilePosition },
+    Opened {
+        /// The follower (`[[sources]]` path).
+        feed: usize,
+        /// The file, and where reading starts.
+        at: FilePosition,
+    },
     /// Complete lines of a file.
     Lines(Arc<Chunk>),
     /// A rotated or deleted file read to its end, with its last lines (maybe none): it is closed,
@@ -36,8 +41,11 @@ pub enum Tailed {
     /// The checkpoint `at` no longer applies: its file is `gone`, or holds something else now (its
     /// first bytes changed; it is then read again from its start).
     Forget {
+        /// The follower (`[[sources]]` path).
         feed: usize,
+        /// The checkpoint.
         at: FilePosition,
+        /// The file is gone (else replaced).
         gone: bool,
     },
 }
@@ -129,6 +137,7 @@ pub trait TailEvents: Send + Sync {
     fn died(&self, pattern: &str, panic: &(dyn std::any::Any + Send));
 }
 
+/// How a follower reads.
 #[derive(Debug, Clone)]
 pub struct TailOptions {
     /// Start at the end of files found at start-up (else at their start). Only for a source never
@@ -225,7 +234,7 @@ impl Follower {
 }
 
 /// The files a `[[sources]]` path (a file or a glob) names now, with their identities and sizes.
-pub fn matching_files(pattern: &str) -> HashMap<PathBuf, (FileKey, u64)> {
+pub(crate) fn matching_files(pattern: &str) -> HashMap<PathBuf, (FileKey, u64)> {
     let paths: Vec<PathBuf> = if is_glob(pattern) {
         match glob::glob(pattern) {
             Ok(found) => found.filter_map(Result::ok).collect(),
@@ -246,7 +255,7 @@ pub fn matching_files(pattern: &str) -> HashMap<PathBuf, (FileKey, u64)> {
 /// Whether the file of a checkpoint still holds what it held then (the same first bytes), found by
 /// its identity among `matching` (see [`matching_files`]) or, rotated away, beside its old path;
 /// None if it is gone.
-pub fn still_holds(
+pub(crate) fn still_holds(
     matching: &HashMap<PathBuf, (FileKey, u64)>,
     key: FileKey,
     fingerprint: Fingerprint,
@@ -262,7 +271,7 @@ pub fn still_holds(
 }
 
 /// Whether a `[[sources]]` path is a glob pattern rather than one file's path.
-pub fn is_glob(pattern: &str) -> bool {
+pub(crate) fn is_glob(pattern: &str) -> bool {
     pattern.contains(['*', '?', '['])
 }
 

@@ -526,7 +526,7 @@ struct FileStatus {
 }
 
 /// A credential as logs and metrics show it: its ends only (`abcd…wxyz`).
-pub fn mask(credential: &str) -> String {
+pub(crate) fn mask(credential: &str) -> String {
     let chars: Vec<char> = credential.chars().collect();
     if chars.len() <= 8 {
         return "***".to_string();
@@ -538,7 +538,7 @@ pub fn mask(credential: &str) -> String {
 
 /// Text from outside (a log line, a file name, a backend's message) as tally's logs show it: control
 /// characters escaped (`\x1b`), so that a crafted line cannot drive the terminal that reads the log.
-pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.chars().any(char::is_control) {
         return std::borrow::Cow::Borrowed(text);
     }
@@ -556,7 +556,7 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// What a panic said, from its payload.
-pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -565,13 +565,13 @@ pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// A file's path as logs show it: file names come from outside too (a glob matches what it finds).
-pub fn shown_path(path: &Path) -> String {
+pub(crate) fn shown_path(path: &Path) -> String {
     printable(&path.to_string_lossy()).into_owned()
 }
 
 /// A log line as tally's own logs show it: at most 200 bytes, lossy UTF-8, control characters
 /// escaped, and the values of the credential parameters (`user_key`, `app_id`, `app_key`) masked.
-pub fn masked_line(line: &[u8]) -> String {
+pub(crate) fn masked_line(line: &[u8]) -> String {
     let lossy = String::from_utf8_lossy(&line[..line.len().min(200)]);
     let text = printable(&lossy);
     let mut out = String::with_capacity(text.len());
@@ -612,7 +612,10 @@ pub fn init_logging(json: bool, level: &str) {
 
 /// Serves `/metrics` (Prometheus), `/healthz` (503 with the reasons while 3scale rejects a service's
 /// reports) and `/livez` (200 while tally runs) on `listen`, in the background.
-pub async fn serve(listen: std::net::SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+pub(crate) async fn serve(
+    listen: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "serving /metrics, /healthz and /livez");
     tokio::spawn(async move {

@@ -69,7 +69,7 @@ impl Default for MetricNames {
 
 /// The most metrics one usage holds. A request's mapping rules name one metric or a few (3scale
 /// adds a child metric to its parent itself), and a usage that would need more is not folded.
-pub const USAGE_METRICS: usize = 4;
+pub(crate) const USAGE_METRICS: usize = 4;
 
 /// Metric → delta, each metric once, held inline: a transaction's usage allocates nothing. Slots
 /// past `len` keep their defaults, so usages built in the same order compare equal.
@@ -81,7 +81,7 @@ pub struct Usage {
 }
 
 /// The usage of one request until mapping rules come: `hits = 1`.
-pub const ONE_HIT: Usage = Usage::one(MetricId::HITS, 1);
+pub(crate) const ONE_HIT: Usage = Usage::one(MetricId::HITS, 1);
 
 impl Usage {
     pub const fn one(metric: MetricId, delta: u64) -> Usage {

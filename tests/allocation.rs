@@ -8,9 +8,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tally::aggregate::{take_in, Aggregator};
-use tally::tail::Tailed;
-use tally::telemetry::Metrics;
+use tally::pipeline::{take_in, Aggregator, Metrics, Tailed};
 
 #[path = "support/pipeline.rs"]
 mod pipeline;

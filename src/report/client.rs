@@ -11,7 +11,7 @@ use crate::telemetry::{printable, Cause};
 
 /// A call that failed in a way worth retrying.
 #[derive(Debug, Clone)]
-pub struct Failure {
+pub(crate) struct Failure {
     pub cause: Cause,
     /// What went wrong, for the log.
     pub detail: String,
@@ -21,7 +21,7 @@ pub struct Failure {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ReportError {
+pub(crate) enum ReportError {
     /// The backend refused the whole call (bad token, unknown service...): retrying the same call
     /// cannot help until the configuration is fixed.
     #[error("the 3scale backend rejected the report: HTTP {status}, error code {code}: {message}")]
@@ -58,7 +58,7 @@ impl ReportError {
 
 /// What an authorize call says of a credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Existence {
+pub(crate) enum Existence {
     /// The application exists (authorized or not: limits and suspension do not matter to a report).
     Exists,
     /// 3scale does not know it: a report holding it would be dropped whole.
@@ -70,7 +70,7 @@ pub enum Existence {
 /// the configured value as answers come in time: a 3scale that got slow gets calls that wait long
 /// enough, instead of calls that give up, are processed anyway, and are sent again.
 #[derive(Debug)]
-pub struct ResponseTimeout {
+pub(crate) struct ResponseTimeout {
     configured: Duration,
     current: Mutex<Duration>,
 }
@@ -78,14 +78,14 @@ pub struct ResponseTimeout {
 impl ResponseTimeout {
     const CAP_FACTOR: u32 = 16;
 
-    pub fn new(configured: Duration) -> ResponseTimeout {
+    pub(crate) fn new(configured: Duration) -> ResponseTimeout {
         ResponseTimeout {
             configured,
             current: Mutex::new(configured),
         }
     }
 
-    pub fn get(&self) -> Duration {
+    pub(crate) fn get(&self) -> Duration {
         self.current.lock().map_or(self.configured, |c| *c)
     }
 
@@ -102,12 +102,12 @@ impl ResponseTimeout {
 
     /// A call made with timeout `used` timed out: wait twice that from now on. Calls under way
     /// together that time out together double it once, not once each.
-    pub fn timed_out(&self, used: Duration) -> Duration {
+    pub(crate) fn timed_out(&self, used: Duration) -> Duration {
         self.update(|c| c.max(used * 2))
     }
 
     /// 3scale answered in `took`: at least twice that from now on.
-    pub fn answered_in(&self, took: Duration) -> Duration {
+    pub(crate) fn answered_in(&self, took: Duration) -> Duration {
         self.update(|c| c.max(took * 2))
     }
 
@@ -118,7 +118,7 @@ impl ResponseTimeout {
 }
 
 /// Sends report and authorize calls over one keep-alive connection pool.
-pub struct Client {
+pub(crate) struct Client {
     http: reqwest::Client,
     report: reqwest::Url,
     authorize: reqwest::Url,
@@ -126,7 +126,7 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(
+    pub(crate) fn new(
         base: &reqwest::Url,
         connect_timeout: Duration,
         response_timeout: Duration,
@@ -189,7 +189,7 @@ impl Client {
     }
 
     /// One report call. `body` is an encoded [`super::ReportForm`] holding `auth`'s secret.
-    pub async fn report(&self, body: &str, auth: &BackendAuth) -> Result<(), ReportError> {
+    pub(crate) async fn report(&self, body: &str, auth: &BackendAuth) -> Result<(), ReportError> {
         let request = self
             .http
             .post(self.report.clone())
@@ -217,7 +217,7 @@ impl Client {
     }
 
     /// Asks 3scale whether an application exists.
-    pub async fn authorize(
+    pub(crate) async fn authorize(
         &self,
         auth: &BackendAuth,
         service_id: &str,
@@ -292,7 +292,7 @@ fn classify(e: reqwest::Error, timeout: Duration) -> Failure {
 }
 
 /// A duration as logs show it: to the millisecond.
-pub fn shown(d: Duration) -> humantime::FormattedDuration {
+pub(super) fn shown(d: Duration) -> humantime::FormattedDuration {
     humantime::format_duration(Duration::from_millis(d.as_millis() as u64))
 }
 
@@ -316,7 +316,7 @@ fn describe(e: reqwest::Error) -> String {
 
 /// `<error code="CODE">message</error>` → (CODE, message); the raw text when the body is not that.
 /// Both come from outside: control characters are escaped.
-pub fn xml_error(body: &str) -> (String, String) {
+pub(crate) fn xml_error(body: &str) -> (String, String) {
     let parsed = (|| {
         let start = body.find("<error")?;
         let rest = &body[start..];

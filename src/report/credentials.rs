@@ -9,7 +9,7 @@ use rustc_hash::FxHashMap;
 
 use crate::aggregate::{Application, Transactions};
 
-pub struct Credentials {
+pub(crate) struct Credentials {
     answers: FxHashMap<Application, (bool, Instant)>,
     /// The same answers by application id, for the list of applications of the last batch (ids
     /// mean something only in their list): a batch is checked without hashing a name per
@@ -26,7 +26,7 @@ pub struct Credentials {
 const LIMIT: usize = 100_000;
 
 impl Credentials {
-    pub fn new(valid_ttl: Duration, invalid_ttl: Duration) -> Credentials {
+    pub(crate) fn new(valid_ttl: Duration, invalid_ttl: Duration) -> Credentials {
         Credentials {
             answers: FxHashMap::default(),
             by_id: Vec::new(),
@@ -59,7 +59,7 @@ impl Credentials {
     }
 
     /// The distinct applications of `transactions` without a fresh answer.
-    pub fn unknown(&mut self, transactions: &Transactions) -> Vec<Application> {
+    pub(crate) fn unknown(&mut self, transactions: &Transactions) -> Vec<Application> {
         self.use_list(transactions);
         let now = Instant::now();
         let mut unknown: Vec<u32> = Vec::new();
@@ -76,7 +76,7 @@ impl Credentials {
             .collect()
     }
 
-    pub fn record(&mut self, application: Application, exists: bool) {
+    pub(crate) fn record(&mut self, application: Application, exists: bool) {
         if self.answers.len() >= LIMIT {
             let now = Instant::now();
             self.answers.retain(|_, (_, until)| now < *until);
@@ -96,7 +96,10 @@ impl Credentials {
 
     /// Takes out the transactions of applications 3scale said lately do not exist; returns the
     /// requests taken out per application.
-    pub fn take_missing(&mut self, transactions: &mut Transactions) -> Vec<(Application, u64)> {
+    pub(crate) fn take_missing(
+        &mut self,
+        transactions: &mut Transactions,
+    ) -> Vec<(Application, u64)> {
         self.use_list(transactions);
         let now = Instant::now();
         let mut taken: Vec<(u32, u64)> = Vec::new();

@@ -13,7 +13,7 @@ use crate::config::BackendAuth;
 use super::MASK;
 
 /// The form of one report call.
-pub struct ReportForm<'a> {
+pub(crate) struct ReportForm<'a> {
     pub auth: &'a BackendAuth,
     pub service_id: &'a str,
     pub transactions: &'a Transactions,
@@ -22,7 +22,10 @@ pub struct ReportForm<'a> {
 }
 
 /// Encodes a report body into `out` (cleared first), reusing its allocation.
-pub fn encode(form: &ReportForm<'_>, out: &mut String) -> Result<(), serde_urlencoded::ser::Error> {
+pub(crate) fn encode(
+    form: &ReportForm<'_>,
+    out: &mut String,
+) -> Result<(), serde_urlencoded::ser::Error> {
     out.clear();
     let (field, secret) = form.auth.field();
     let secret = if form.masked { MASK } else { secret.expose() };

@@ -17,9 +17,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-pub use client::{xml_error, Client, Existence, Failure, ReportError, ResponseTimeout};
-pub use credentials::Credentials;
-pub use form::{encode, ReportForm};
+pub(crate) use client::{Client, Existence, Failure, ReportError};
+pub(crate) use credentials::Credentials;
+pub(crate) use form::{encode, ReportForm};
 
 use crate::aggregate::{Application, Batch, Transaction, Transactions};
 use crate::config::BackendAuth;
@@ -28,7 +28,7 @@ use crate::telemetry::{mask, Cause, Endpoint, Metrics};
 use crate::usage::MetricNames;
 
 /// What masks the service token or provider key wherever a report body is shown.
-pub const MASK: &str = "***";
+pub(crate) const MASK: &str = "***";
 
 /// How far in the future 3scale accepts a timestamp (1 h), less a margin for clock skew.
 const MAX_AHEAD: i64 = 3600 - 300;
@@ -36,14 +36,14 @@ const MAX_AHEAD: i64 = 3600 - 300;
 const AUTHORIZE_CONCURRENCY: usize = 8;
 
 /// Exponential backoff with full jitter, capped.
-pub struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
     first: Duration,
     cap: Duration,
 }
 
 impl Backoff {
-    pub fn new(first: Duration, cap: Duration) -> Backoff {
+    pub(crate) fn new(first: Duration, cap: Duration) -> Backoff {
         Backoff {
             next: first,
             first,
@@ -57,20 +57,20 @@ impl Backoff {
     }
 
     /// The wait before the next try: uniform in [half, full] of the current step, which then doubles.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let step = self.next;
         self.next = (self.next * 2).min(self.cap);
         let half = step / 2;
         half + half.mul_f64(fastrand::f64())
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.first;
     }
 }
 
 /// Where batches go.
-pub enum Sink {
+pub(crate) enum Sink {
     /// The Service Management API.
     Backend(Arc<Client>),
     /// Standard output, with the secret masked (`--dry-run`).
@@ -78,7 +78,7 @@ pub enum Sink {
 }
 
 /// How one service reports.
-pub struct Settings {
+pub(crate) struct Settings {
     /// Report calls under way at once.
     pub concurrency: usize,
     /// Transactions older than this when sent are dropped.
@@ -93,7 +93,7 @@ pub struct Settings {
 }
 
 /// What one service's report loop needs.
-pub struct ServiceReport {
+pub(crate) struct ServiceReport {
     pub service_id: String,
     pub auth: BackendAuth,
     pub sink: Sink,
@@ -174,7 +174,7 @@ struct Pending {
 /// Two steps run side by side: admission (the time window, the credential checks) and dispatch
 /// (calls, checkpoints in order). A slow credential check holds the next batch, never the
 /// checkpoints of the calls that finished meanwhile.
-pub async fn run(
+pub(crate) async fn run(
     report: ServiceReport,
     batches: mpsc::Receiver<Batch>,
     metrics: Arc<Metrics>,

@@ -5,11 +5,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tally::aggregate::ServiceLines;
-use tally::config::{CredentialMode, LogFormat};
-use tally::parse::Parser;
-use tally::tail::{Follower, TailEvents, TailOptions, Tailed};
-use tally::telemetry::Metrics;
+use tally::pipeline::{
+    CredentialMode, Follower, LogFormat, Metrics, Parser, ServiceLines, TailEvents, TailOptions,
+    Tailed,
+};
 
 const MAX_LINE_LENGTH: usize = 64 * 1024;
 
