@@ -16,7 +16,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 
 use crate::identity::FileKey;
-use crate::parse::{Credential, Parser, Request, Skip};
+use crate::parse::{Credential, CredentialKind, Encoding, Parser, Request, Skip};
 use crate::state::{Advance, Fate};
 use crate::tail::{Chunk, Tailed};
 use crate::telemetry::{masked_line, Metrics};
@@ -211,29 +211,39 @@ struct Known {
 /// must not grow tally's memory, so past the limit the tables start anew (batches under way keep the
 /// old list of applications).
 struct Interner {
-    /// Raw credential as logged → its id, or why it cannot be reported.
-    user_keys: FxHashMap<Box<[u8]>, Result<Known, Skip>>,
-    app_ids: FxHashMap<Box<[u8]>, Result<Known, Skip>>,
+    /// Raw credential as logged → its id, or why it cannot be reported; one table per kind of
+    /// credential and encoding (the same bytes decode differently from a query and a header).
+    tables: [CredentialTable; TABLES],
     applications: Applications,
     limit: usize,
+}
+
+/// Raw credentials of one kind and encoding → their id, or why they cannot be reported.
+type CredentialTable = FxHashMap<Box<[u8]>, Result<Known, Skip>>;
+
+/// One table per kind of credential and encoding.
+const TABLES: usize = 2 * Encoding::COUNT;
+
+/// The table of `credential`'s kind and encoding.
+fn table(credential: &Credential<'_>) -> usize {
+    let kind = match credential.kind {
+        CredentialKind::UserKey => 0,
+        CredentialKind::AppId => 1,
+    };
+    kind * Encoding::COUNT + credential.encoding.index()
 }
 
 impl Interner {
     fn new(limit: usize) -> Interner {
         Interner {
-            user_keys: FxHashMap::default(),
-            app_ids: FxHashMap::default(),
+            tables: std::array::from_fn(|_| FxHashMap::default()),
             applications: Applications::default(),
             limit,
         }
     }
 
     fn id(&mut self, credential: Credential<'_>) -> Result<Known, Skip> {
-        let (table, raw) = match credential {
-            Credential::UserKey(raw) => (&self.user_keys, raw),
-            Credential::AppId(raw) => (&self.app_ids, raw),
-        };
-        match table.get(raw) {
+        match self.tables[table(&credential)].get(credential.raw) {
             Some(known) => *known,
             None => self.intern(credential),
         }
@@ -252,9 +262,9 @@ impl Interner {
             if encoded > MAX_CREDENTIAL_BYTES {
                 return Err(Skip::InvalidCredential);
             }
-            let application = match credential {
-                Credential::UserKey(_) => Application::UserKey(name.into()),
-                Credential::AppId(_) => Application::AppId(name.into()),
+            let application = match credential.kind {
+                CredentialKind::UserKey => Application::UserKey(name.into()),
+                CredentialKind::AppId => Application::AppId(name.into()),
             };
             Ok(Known {
                 id: self.applications.push(application) as u32,
@@ -264,17 +274,13 @@ impl Interner {
         // Past the limit, an unreportable credential is not remembered: a stream of them alone
         // (which never fills a batch, so never renews the tables) must not grow them.
         if known.is_ok() || !full {
-            let (table, raw) = match credential {
-                Credential::UserKey(raw) => (&mut self.user_keys, raw),
-                Credential::AppId(raw) => (&mut self.app_ids, raw),
-            };
-            table.insert(raw.into(), known);
+            self.tables[table(&credential)].insert(credential.raw.into(), known);
         }
         known
     }
 
     fn full(&self) -> bool {
-        self.user_keys.len() + self.app_ids.len() >= self.limit
+        self.tables.iter().map(|t| t.len()).sum::<usize>() >= self.limit
     }
 
     /// Starts anew; only between batches, since the open batch's ids index the current list.
@@ -572,8 +578,8 @@ pub(crate) fn parse_chunk(
         return full;
     }
     let mut line_time = 0;
-    // A copy per chunk: the parser caches the last time field it read.
-    let mut parser = lines.parsers.get(chunk.feed).copied().flatten();
+    // The source's parser, which caches the last time field it read.
+    let mut parser = lines.parsers.get_mut(chunk.feed).and_then(Option::as_mut);
     // Where the open batch's data of this chunk starts: the chunk's start, then each split point.
     let mut from = base.max(counted).min(chunk.at.offset);
     let at = |from: u64, offset: u64, line_time: i64, fate: Fate| Advance {
@@ -598,7 +604,7 @@ pub(crate) fn parse_chunk(
             continue;
         }
         read += 1;
-        let added = match parser.as_mut() {
+        let added = match parser.as_deref_mut() {
             _ if line.len() > lines.max_line_length => Err(Skip::TooLong),
             Some(parser) => parser.parse(line).and_then(|request| {
                 line_time = request.timestamp;
@@ -691,7 +697,7 @@ mod tests {
             host: None,
             headers: [None; LOGGED_HEADERS],
             status,
-            credential: Credential::UserKey(key.as_bytes()),
+            credential: Credential::user_key(key.as_bytes()),
         }
     }
 
@@ -702,14 +708,17 @@ mod tests {
     /// checkpoint yet gets one).
     #[test]
     fn a_batch_split_inside_a_chunk_starts_at_the_split() {
-        use crate::config::{CredentialMode, LogFormat};
         use crate::identity::{FileKey, FilePosition, Fingerprint};
+        use crate::parse::{CredentialMode, CredentialRule, LogFormat};
         use crate::tail::Chunk;
         let line = "1.2.3.4 - - [10/Oct/2026:13:55:36 +0000] \"GET /?user_key=k HTTP/1.1\" 200 1 \"-\" \"a\"\n";
         let len = line.len() as u64;
         let mut lines = ServiceLines {
             service_id: "42".into(),
-            parsers: vec![Some(Parser::new(LogFormat::Combined, CredentialMode::Auto))],
+            parsers: vec![Some(Parser::new(
+                LogFormat::Combined,
+                CredentialRule::query(CredentialMode::Auto),
+            ))],
             max_line_length: 1 << 16,
             flush_interval: std::time::Duration::from_secs(1),
             counted: HashMap::new(),
@@ -821,7 +830,7 @@ mod tests {
         a.add(&request("same", 10, 200), &ONE_HIT).unwrap();
         a.add(
             &Request {
-                credential: Credential::AppId(b"same"),
+                credential: Credential::app_id(b"same"),
                 ..request("", 10, 200)
             },
             &ONE_HIT,
@@ -841,7 +850,7 @@ mod tests {
             {
                 batches.push(a.take().unwrap());
             }
-            assert!(a.interner.user_keys.len() <= 10);
+            assert!(a.interner.tables[0].len() <= 10);
             assert!(a.interner.applications.count() <= 10);
         }
         batches.extend(a.take());
@@ -861,12 +870,12 @@ mod tests {
         for n in 0..1000 {
             let raw = format!("%FF{n}");
             let bad = Request {
-                credential: Credential::AppId(raw.as_bytes()),
+                credential: Credential::app_id(raw.as_bytes()),
                 ..request("", 10, 200)
             };
             assert_eq!(a.add(&bad, &ONE_HIT), Err(Skip::InvalidCredential));
         }
-        assert!(a.interner.app_ids.len() <= 10);
+        assert!(a.interner.tables[Encoding::COUNT].len() <= 10);
     }
 
     #[test]
@@ -875,7 +884,7 @@ mod tests {
         for raw in [&b"a%2Bb+c"[..], b"a%2Bb+c", br"caf\xC3\xA9", b"%FF"] {
             let _ = a.add(
                 &Request {
-                    credential: Credential::UserKey(raw),
+                    credential: Credential::user_key(raw),
                     ..request("", 10, 200)
                 },
                 &ONE_HIT,
@@ -884,7 +893,7 @@ mod tests {
         assert_eq!(
             a.add(
                 &Request {
-                    credential: Credential::UserKey(b"%FF"),
+                    credential: Credential::user_key(b"%FF"),
                     ..request("", 10, 200)
                 },
                 &ONE_HIT
@@ -903,7 +912,7 @@ mod tests {
                 Application::UserKey("café".into()),
             ]
         );
-        assert_eq!(a.interner.user_keys.len(), 3);
+        assert_eq!(a.interner.tables[0].len(), 3);
     }
 
     /// Usage of each (metric, delta).

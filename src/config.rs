@@ -9,6 +9,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize, Serializer};
 use toml::Spanned;
 
+use crate::parse::{
+    CredentialLocation, CredentialMode, CredentialRule, LogEscape, LogFormat, NginxFormat,
+};
+
 /// The most transactions one report call may carry: the backend takes at most 4096 `key=value` pairs,
 /// two go to `service_token` and `service_id`, and a transaction with a response code takes four.
 pub(crate) const MAX_TRANSACTIONS_PER_CALL: usize = 1023;
@@ -29,10 +33,18 @@ pub(crate) mod defaults {
 
     /// Each `[[sources]]` table's; its name is its path unless given.
     pub(crate) mod sources {
-        use crate::config::{CredentialMode, LogFormat, ReadFrom};
-        pub(crate) const FORMAT: LogFormat = LogFormat::Combined;
+        use crate::config::ReadFrom;
+        use crate::parse::{CredentialLocation, CredentialMode, LogEscape};
+        /// `format`: a name of [`crate::parse::LogFormat`].
+        pub(crate) const FORMAT: &str = "combined";
+        pub(crate) const LOG_ESCAPE: LogEscape = LogEscape::Default;
         pub(crate) const READ_FROM: ReadFrom = ReadFrom::End;
-        pub(crate) const CREDENTIAL: CredentialMode = CredentialMode::Auto;
+        pub(crate) const CREDENTIALS_LOCATION: CredentialLocation = CredentialLocation::Query;
+        pub(crate) const CREDENTIALS_MODE: CredentialMode = CredentialMode::Auto;
+        /// APIcast's default names of the credential parameters (and headers).
+        pub(crate) const USER_KEY: &str = "user_key";
+        pub(crate) const APP_ID: &str = "app_id";
+        pub(crate) const APP_KEY: &str = "app_key";
     }
 
     pub(crate) mod report {
@@ -217,14 +229,6 @@ pub struct Backend {
     pub rejected_retry: Duration,
 }
 
-/// How the lines of a source are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    /// NGINX's predefined `combined` format.
-    Combined,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReadFrom {
@@ -234,18 +238,6 @@ pub enum ReadFrom {
     End,
 }
 
-/// Which query parameters carry the caller's credential.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CredentialMode {
-    /// `user_key` if present, else `app_id` (with optional `app_key`).
-    Auto,
-    /// `user_key` only.
-    UserKey,
-    /// `app_id` only.
-    AppId,
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct Source {
     /// What the source is known by in the state (its checkpoints) and the logs: given, or its
@@ -253,10 +245,15 @@ pub struct Source {
     pub name: String,
     /// A file path or a glob pattern, made absolute against the configuration file's folder.
     pub path: String,
+    /// The 3scale service its requests are reported to.
     pub service_id: String,
+    /// How its lines are written (`format`, or `log_format` and `log_escape`).
+    #[serde(flatten, serialize_with = "log_format")]
     pub format: LogFormat,
+    /// Where the first run starts in the files there.
     pub read_from: ReadFrom,
-    pub credential: CredentialMode,
+    /// Where its requests carry their credential (`[sources.credentials]`).
+    pub credentials: CredentialRule,
     /// This source's own service token (or provider key), instead of `[backend]`'s.
     #[serde(flatten)]
     pub auth: Option<BackendAuth>,
@@ -346,6 +343,9 @@ pub struct Config {
     pub log: Logging,
     /// `[telemetry]`: metrics and health.
     pub telemetry: Telemetry,
+    /// Keys given under an older name: they work, and `tally check` says what to write instead.
+    #[serde(skip)]
+    pub(crate) deprecated: Vec<String>,
 }
 
 fn as_text<S: Serializer>(value: &impl fmt::Display, s: S) -> Result<S::Ok, S::Error> {
@@ -366,6 +366,18 @@ fn ca_file<S: Serializer>(
         Some((file, _)) => path_text(file, s),
         None => s.serialize_none(),
     }
+}
+
+/// A source's format as the file gives it: `format`, and for a `log_format` its text and escaping.
+fn log_format<S: Serializer>(format: &LogFormat, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(None)?;
+    map.serialize_entry("format", format.name())?;
+    if let LogFormat::Nginx(nginx) = format {
+        map.serialize_entry("log_format", &nginx.text)?;
+        map.serialize_entry("log_escape", &nginx.escape())?;
+    }
+    map.end()
 }
 
 fn listen<S: Serializer>(value: &Option<std::net::SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
@@ -433,15 +445,29 @@ struct RawSource {
     name: Option<Spanned<String>>,
     path: Spanned<String>,
     service_id: Spanned<String>,
-    format: Option<LogFormat>,
+    format: Option<Spanned<String>>,
+    log_format: Option<Spanned<String>>,
+    log_escape: Option<LogEscape>,
     read_from: Option<ReadFrom>,
-    credential: Option<CredentialMode>,
+    /// Before `[sources.credentials]`: the mode alone.
+    credential: Option<Spanned<CredentialMode>>,
+    credentials: Option<Spanned<RawCredentials>>,
     service_token: Option<Spanned<String>>,
     service_token_env: Option<Spanned<String>>,
     service_token_file: Option<Spanned<String>>,
     provider_key: Option<Spanned<String>>,
     provider_key_env: Option<Spanned<String>>,
     provider_key_file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCredentials {
+    location: Option<CredentialLocation>,
+    mode: Option<CredentialMode>,
+    user_key: Option<String>,
+    app_id: Option<String>,
+    app_key: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -542,11 +568,16 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn invalid(&self, key: &str, offset: usize, message: impl Into<String>) -> ConfigError {
-        let line = self.text[..offset.min(self.text.len())]
+    /// The line number of a byte offset in the file.
+    fn line(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
             .matches('\n')
             .count()
-            + 1;
+            + 1
+    }
+
+    fn invalid(&self, key: &str, offset: usize, message: impl Into<String>) -> ConfigError {
+        let line = self.line(offset);
         ConfigError::Invalid {
             path: self.path.to_path_buf(),
             line,
@@ -776,15 +807,112 @@ impl Ctx<'_> {
             }
             Some(n) => n.get_ref().trim().to_string(),
         };
+        let credentials = self.credentials(i, s)?;
+        let format = self.format(i, s, &credentials)?;
         Ok(Source {
             name,
             path,
             service_id: service_id.to_string(),
-            format: s.format.unwrap_or(defaults::sources::FORMAT),
+            format,
             read_from: s.read_from.unwrap_or(defaults::sources::READ_FROM),
-            credential: s.credential.unwrap_or(defaults::sources::CREDENTIAL),
+            credentials,
             auth,
         })
+    }
+
+    /// `[sources.credentials]`, or the mode of the older `credential` key.
+    fn credentials(&self, i: usize, s: &RawSource) -> Result<CredentialRule, ConfigError> {
+        use defaults::sources as d;
+        let raw = s.credentials.as_ref().map(Spanned::get_ref);
+        if let (Some(old), Some(new)) = (&s.credential, &s.credentials) {
+            if new.get_ref().mode.is_some() {
+                return Err(self.invalid(
+                    &format!("sources[{i}].credential"),
+                    old.span().start,
+                    "give credentials.mode only (credential is its older name)",
+                ));
+            }
+        }
+        let name = |value: Option<&String>, default: &str, key: &str| {
+            let value = value.map_or(default, |v| v.trim());
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(self.invalid(
+                    &format!("sources[{i}].credentials.{key}"),
+                    s.credentials.as_ref().map_or(0, |c| c.span().start),
+                    "give the parameter or header name, as in the 3scale product's settings",
+                ));
+            }
+            Ok(value.to_string())
+        };
+        Ok(CredentialRule {
+            location: raw
+                .and_then(|c| c.location)
+                .unwrap_or(d::CREDENTIALS_LOCATION),
+            mode: raw
+                .and_then(|c| c.mode)
+                .or(s.credential.as_ref().map(|m| *m.get_ref()))
+                .unwrap_or(d::CREDENTIALS_MODE),
+            user_key: name(
+                raw.and_then(|c| c.user_key.as_ref()),
+                d::USER_KEY,
+                "user_key",
+            )?,
+            app_id: name(raw.and_then(|c| c.app_id.as_ref()), d::APP_ID, "app_id")?,
+            app_key: name(raw.and_then(|c| c.app_key.as_ref()), d::APP_KEY, "app_key")?,
+        })
+    }
+
+    /// `format`, or a `log_format` compiled for the source's credentials.
+    fn format(
+        &self,
+        i: usize,
+        s: &RawSource,
+        credentials: &CredentialRule,
+    ) -> Result<LogFormat, ConfigError> {
+        let key = |k: &str| format!("sources[{i}].{k}");
+        let name = s.format.as_ref().map(|f| f.get_ref().as_str());
+        let fixed = |format: LogFormat| {
+            if credentials.location != CredentialLocation::Query {
+                return Err(self.invalid(
+                    &key("credentials.location"),
+                    s.credentials.as_ref().map_or(0, |c| c.span().start),
+                    format!(
+                        "the {} format logs no request headers: give a log_format that logs them ($http_…)",
+                        format.name()
+                    ),
+                ));
+            }
+            Ok(format)
+        };
+        match (name, &s.log_format) {
+            (None | Some("nginx"), Some(text)) => {
+                let escape = s.log_escape.unwrap_or(defaults::sources::LOG_ESCAPE);
+                NginxFormat::compile(text.get_ref(), escape, credentials)
+                    .map(|f| LogFormat::Nginx(std::sync::Arc::new(f)))
+                    .map_err(|e| self.invalid(&key("log_format"), text.span().start, e))
+            }
+            (Some(other), Some(text)) => Err(self.invalid(
+                &key("format"),
+                text.span().start,
+                format!("give format = \"{other}\" or a log_format, not both"),
+            )),
+            (Some("nginx"), None) => Err(self.invalid(
+                &key("format"),
+                s.format.as_ref().map_or(0, |f| f.span().start),
+                "format nginx needs the log_format itself: log_format = '...' (from nginx.conf)",
+            )),
+            (None, None) => fixed(match defaults::sources::FORMAT {
+                "common" => LogFormat::Common,
+                _ => LogFormat::Combined,
+            }),
+            (Some("combined"), None) => fixed(LogFormat::Combined),
+            (Some("common"), None) => fixed(LogFormat::Common),
+            (Some(other), None) => Err(self.invalid(
+                &key("format"),
+                s.format.as_ref().map_or(0, |f| f.span().start),
+                format!("unknown format `{other}`: give combined, common, or a log_format = '...' from nginx.conf"),
+            )),
+        }
     }
 }
 
@@ -971,6 +1099,20 @@ impl Config {
                 format!("`{}`: {e}", log.level),
             )
         })?;
+        let deprecated = raw
+            .sources
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let old = s.get_ref().credential.as_ref()?;
+                Some(format!(
+                    "{}:{}: sources[{i}].credential is the older name of credentials.mode: write [sources.credentials] mode = \"{}\"",
+                    ctx.path.display(),
+                    ctx.line(old.span().start),
+                    crate::parse::CredentialMode::name(*old.get_ref()),
+                ))
+            })
+            .collect();
         Ok(Config {
             backend,
             telemetry,
@@ -979,6 +1121,7 @@ impl Config {
             tail,
             state,
             log,
+            deprecated,
         })
     }
 
@@ -1059,9 +1202,12 @@ service_id = "42"
         assert_eq!(b.rejected_retry, defaults::backend::REJECTED_RETRY);
         let s = &c.sources[0];
         assert_eq!(s.name, s.path);
-        assert_eq!(s.format, defaults::sources::FORMAT);
+        assert_eq!(s.format.name(), defaults::sources::FORMAT);
         assert_eq!(s.read_from, defaults::sources::READ_FROM);
-        assert_eq!(s.credential, defaults::sources::CREDENTIAL);
+        assert_eq!(
+            s.credentials,
+            CredentialRule::query(defaults::sources::CREDENTIALS_MODE)
+        );
         assert!(s.auth.is_none());
         let r = &c.report;
         assert_eq!(r.flush_interval, defaults::report::FLUSH_INTERVAL);
@@ -1270,15 +1416,27 @@ rejected_retry = "30s"
 name = "edge"
 path = "logs/*.log"
 service_id = "42"
-format = "combined"
+format = "common"
 read_from = "beginning"
-credential = "user_key"
+
+[sources.credentials]
+location = "query"
+mode = "user_key"
+user_key = "api_key"
+app_id = "application"
+app_key = "application_key"
 
 [[sources]]
 path = "other.log"
 service_id = "43"
-credential = "app_id"
+log_format = '[$time_local] "$request" $status $http_x_app_id'
+log_escape = "json"
 service_token = "tok-of-43"
+
+[sources.credentials]
+location = "headers"
+mode = "app_id"
+app_id = "X-App-Id"
 
 [report]
 flush_interval = "2s"
@@ -1349,6 +1507,7 @@ stalled_after = "10m"
             assert!(!names.is_empty(), "{e}");
             names
         };
+        // `sources.credential` is the older name of `credentials.mode`: shown under the new one.
         let mut keys = std::collections::BTreeSet::new();
         for section in expected(&format!("not_a_key = 1\n{MINIMAL}")) {
             let probe = match section.as_str() {
@@ -1367,7 +1526,8 @@ stalled_after = "10m"
                         };
                         !other_way("_env") && !other_way("_file")
                     })
-                    .map(|f| format!("{section}.{f}")),
+                    .map(|f| format!("{section}.{f}"))
+                    .filter(|k| k != "sources.credential"),
             );
         }
         keys
@@ -1460,8 +1620,12 @@ stalled_after = "10m"
         let value = |key: &str| {
             let (section, key) = key.split_once('.').unwrap();
             let section = &effective[section.trim_end_matches("[]")];
-            let table = section.as_array().map_or(section, |a| &a[0]);
-            table.get(key).cloned()
+            let mut value = section.as_array().map_or(section, |a| &a[0]);
+            // `credentials.mode`: a key of a table in the section.
+            for part in key.split('.') {
+                value = value.get(part)?;
+            }
+            Some(value.clone())
         };
         let ticked = |cell: &str| -> Option<Vec<String>> {
             cell.split(" / ")
@@ -1480,12 +1644,13 @@ stalled_after = "10m"
             if keys.len() != defaults.len() || !keys[0].contains('.') {
                 continue;
             }
-            let section = keys[0].split_once('.').unwrap().0;
+            // `a.b.c` / `d`: `d` is `a.b.d`.
+            let table = keys[0].rsplit_once('.').unwrap().0;
             for (key, readme_value) in keys.iter().zip(&defaults) {
                 let key = if key.contains('.') {
                     key.clone()
                 } else {
-                    format!("{section}.{key}")
+                    format!("{table}.{key}")
                 };
                 let shown = value(&key).unwrap_or_else(|| panic!("{key} is not a key"));
                 let same = match &shown {

@@ -30,8 +30,8 @@ pub use telemetry::init_logging;
 /// benchmark.
 pub mod pipeline {
     pub use crate::aggregate::{take_in, Aggregator, Batch, ServiceLines};
-    pub use crate::config::{CredentialMode, LogFormat};
     pub use crate::parse::Parser;
+    pub use crate::parse::{CredentialMode, CredentialRule, LogFormat};
     pub use crate::tail::{Follower, TailEvents, TailOptions, Tailed};
     pub use crate::telemetry::Metrics;
 }

@@ -31,6 +31,7 @@ pub fn inspect(config: &Config, state: bool) -> Findings {
             ));
         }
     }
+    found.warnings.extend(config.deprecated.iter().cloned());
     found.warnings.extend(unmatched(config));
     found.warnings.extend(shared_files(config));
     if state {

@@ -143,7 +143,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         for &i in &sources {
             let feed = feed_of(i);
             let s = &config.sources[i];
-            parsers[feed] = Some(Parser::new(s.format, s.credential));
+            parsers[feed] = Some(Parser::new(s.format.clone(), s.credentials.clone()));
             names.insert(feed, s.name.clone());
             feed_out[feed].push(tailed_tx.clone());
             let place = feeds[feed].iter().position(|&j| j == i).unwrap_or(0);

@@ -735,8 +735,8 @@ fn find_in_folder(path: &Path, key: FileKey) -> Option<PathBuf> {
 mod model {
     use super::*;
     use crate::aggregate::{take_in, Aggregator, Application, Batch, Counted, ServiceLines};
-    use crate::config::{CredentialMode, LogFormat};
     use crate::parse::Parser;
+    use crate::parse::{CredentialMode, CredentialRule, LogFormat};
     use crate::state::{ServiceState, SourceId, StateDir};
     use crate::telemetry::Metrics;
     use proptest::prelude::*;
@@ -875,7 +875,7 @@ mod model {
                             service_id: service_id.to_string(),
                             parsers: vec![Some(Parser::new(
                                 LogFormat::Combined,
-                                CredentialMode::Auto,
+                                CredentialRule::query(CredentialMode::Auto),
                             ))],
                             max_line_length: 64 * 1024,
                             flush_interval: Duration::from_secs(1),

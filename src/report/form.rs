@@ -308,7 +308,7 @@ mod tests {
                     host: None,
                     headers: [None; LOGGED_HEADERS],
                     status,
-                    credential: Credential::UserKey(credentials[who % credentials.len()].as_bytes()),
+                    credential: Credential::user_key(credentials[who % credentials.len()].as_bytes()),
                 };
                 match aggregator.add(&request, &usage) {
                     Ok(full) => {

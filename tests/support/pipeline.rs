@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tally::pipeline::{
-    CredentialMode, Follower, LogFormat, Metrics, Parser, ServiceLines, TailEvents, TailOptions,
-    Tailed,
+    CredentialMode, CredentialRule, Follower, LogFormat, Metrics, Parser, ServiceLines, TailEvents,
+    TailOptions, Tailed,
 };
 
 const MAX_LINE_LENGTH: usize = 64 * 1024;
@@ -16,7 +16,10 @@ const MAX_LINE_LENGTH: usize = 64 * 1024;
 pub fn combined_source() -> ServiceLines {
     ServiceLines {
         service_id: "1".into(),
-        parsers: vec![Some(Parser::new(LogFormat::Combined, CredentialMode::Auto))],
+        parsers: vec![Some(Parser::new(
+            LogFormat::Combined,
+            CredentialRule::query(CredentialMode::Auto),
+        ))],
         max_line_length: MAX_LINE_LENGTH,
         flush_interval: Duration::from_secs(5),
         counted: Default::default(),

@@ -1,0 +1,992 @@
+//! One access-log line → one request record (time, method, path, query, host, status, credential,
+//! logged header values).
+//!
+//! The record borrows from the line and parsing allocates nothing: the credential stays as the log
+//! wrote it, and is decoded ([`Credential::decode`]) once per distinct credential by the aggregation.
+
+mod credential;
+mod nginx;
+
+use std::sync::Arc;
+
+pub(crate) use credential::{Credential, CredentialKind, CredentialLocation, Encoding};
+pub use credential::{CredentialMode, CredentialRule};
+pub(crate) use nginx::LogEscape;
+
+/// How the lines of a source are written.
+#[derive(Debug, Clone)]
+pub enum LogFormat {
+    /// NGINX's predefined `combined` format.
+    Combined,
+    /// The Common Log Format (`combined` without the referer and the user agent).
+    Common,
+    /// A `log_format` from nginx.conf, compiled.
+    Nginx(Arc<NginxFormat>),
+}
+
+impl LogFormat {
+    /// Its name in the configuration (`format`).
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            LogFormat::Combined => "combined",
+            LogFormat::Common => "common",
+            LogFormat::Nginx(_) => "nginx",
+        }
+    }
+}
+
+/// A `log_format` compiled for one source's credentials.
+#[derive(Debug)]
+pub struct NginxFormat {
+    format: nginx::Format,
+    /// The `log_format` as given (for `tally check`).
+    pub(crate) text: String,
+    /// Where the credentials are among the format's values.
+    slots: Slots,
+}
+
+/// Which of a format's values hold the user_key and the app_id.
+#[derive(Debug, Default, Clone, Copy)]
+struct Slots {
+    user_key: Option<Slot>,
+    app_id: Option<Slot>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// `$http_<name>`.
+    Header(u8),
+    /// `$arg_<name>`.
+    Arg(u8),
+    /// `$http_authorization`, whose Basic user is the credential.
+    BasicUser(u8),
+}
+
+impl NginxFormat {
+    /// Compiles `text` for credentials found as `rule` says; the error says what is missing.
+    pub(crate) fn compile(
+        text: &str,
+        escape: LogEscape,
+        rule: &CredentialRule,
+    ) -> Result<NginxFormat, String> {
+        let variable = |name: &str| name.to_ascii_lowercase().replace('-', "_");
+        let names = [variable(&rule.user_key), variable(&rule.app_id)];
+        let (headers, args) = match rule.location {
+            CredentialLocation::Query => (Vec::new(), names.to_vec()),
+            CredentialLocation::Headers => (names.to_vec(), Vec::new()),
+            CredentialLocation::Authorization => (vec!["authorization".to_string()], Vec::new()),
+        };
+        let format = nginx::Format::compile(text, escape, &headers, &args)?;
+        let position = |list: &[String], name: &str| list.iter().position(|n| n == name);
+        let slot = |name: &str| match rule.location {
+            CredentialLocation::Query => position(&format.args, name).map(|i| Slot::Arg(i as u8)),
+            CredentialLocation::Headers => {
+                position(&format.headers, name).map(|i| Slot::Header(i as u8))
+            }
+            CredentialLocation::Authorization => {
+                position(&format.headers, "authorization").map(|i| Slot::BasicUser(i as u8))
+            }
+        };
+        let slots = Slots {
+            user_key: slot(&names[0]),
+            app_id: slot(&names[1]),
+        };
+        match rule.location {
+            CredentialLocation::Query => {
+                let query = format.logs(|v| {
+                    matches!(
+                        v,
+                        nginx::Variable::Request
+                            | nginx::Variable::RequestUri
+                            | nginx::Variable::Args
+                    )
+                });
+                if !query && slots.user_key.is_none() && slots.app_id.is_none() {
+                    return Err(format!(
+                        "it logs no query string, so no credential: add $request, $request_uri, $args or $arg_{}",
+                        names[0]
+                    ));
+                }
+            }
+            CredentialLocation::Headers => {
+                // The headers the mode reads: in auto, either will do.
+                let needed: &[(Option<Slot>, &String)] = match rule.mode {
+                    CredentialMode::UserKey => &[(slots.user_key, &names[0])],
+                    CredentialMode::AppId => &[(slots.app_id, &names[1])],
+                    CredentialMode::Auto if slots.user_key.is_some() || slots.app_id.is_some() => {
+                        &[]
+                    }
+                    CredentialMode::Auto => &[(None, &names[0])],
+                };
+                if let Some((_, name)) = needed.iter().find(|(found, _)| found.is_none()) {
+                    return Err(format!(
+                        "credentials are read from request headers, and it does not log this one: add $http_{name}",
+                    ));
+                }
+            }
+            CredentialLocation::Authorization => {
+                if slots.user_key.is_none() {
+                    return Err(
+                        "credentials are read from the Authorization header, and it does not log it: add $http_authorization"
+                            .into(),
+                    );
+                }
+            }
+        }
+        Ok(NginxFormat {
+            format,
+            text: text.to_string(),
+            slots,
+        })
+    }
+
+    /// The escaping the format was compiled for.
+    pub(crate) fn escape(&self) -> LogEscape {
+        self.format.escape
+    }
+}
+
+/// The most request headers one log format can log (`$http_…` variables) for tally to read.
+pub(crate) const LOGGED_HEADERS: usize = 4;
+
+/// What tally needs of one request. The optional fields are None when the log format does not log
+/// them (a format without the request line has no method; only some log the Host); mapping rules
+/// and Host routing read them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// Epoch seconds, from the line's own time.
+    pub timestamp: i64,
+    pub method: Option<&'a [u8]>,
+    /// The path without its query string, as logged (still escaped).
+    pub path: Option<&'a [u8]>,
+    /// The query string without its `?` (empty when the request had none), as logged.
+    pub query: Option<&'a [u8]>,
+    /// The Host header (or `$host`), as logged.
+    pub host: Option<&'a [u8]>,
+    /// The raw values of the request headers the format logs, by their position among the
+    /// format's logged headers (the format knows their names). Filled by the formats that log
+    /// headers (JSON lines, `log_format`, regex: the next step); `combined` logs none.
+    pub headers: [Option<&'a [u8]>; LOGGED_HEADERS],
+    pub status: u16,
+    pub credential: Credential<'a>,
+}
+
+/// Every reason a line is skipped, declared once, one line each: what it means (its doc, the help),
+/// the [`Skip`] variant, its label (`reason` in `tally_lines_skipped_total`) and its field in the
+/// log summary (tracing takes field names only as written). Hands the list to `$then!`, after
+/// `$pass`: [`Skip`] here and the summary in `telemetry` are generated from it.
+macro_rules! for_each_skip {
+    ($then:ident! { $($pass:tt)* }) => {
+        $then! { $($pass)*
+            /// The line is not in the configured format (garbage, truncated, another format).
+            Malformed = "malformed", skipped_malformed;
+            /// The request carries no credential, so 3scale could not attribute it.
+            NoCredential = "no_credential", skipped_no_credential;
+            /// The credential is not valid UTF-8 once decoded (the backend would reject the whole
+            /// call), or too long to report (`aggregate::MAX_CREDENTIAL_BYTES`).
+            InvalidCredential = "invalid_credential", skipped_invalid_credential;
+            /// The line is longer than `max_line_length`.
+            TooLong = "too_long", skipped_too_long;
+        }
+    };
+}
+pub(crate) use for_each_skip;
+
+/// Declares [`Skip`] from [`for_each_skip`]'s list.
+macro_rules! declare_skip {
+    ($( $(#[doc = $doc:literal])+ $variant:ident = $label:literal, $field:ident; )+) => {
+        /// Why a line is not reported. Every skip is counted under its reason.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(usize)]
+        pub enum Skip {
+            $( $(#[doc = $doc])+ $variant, )+
+        }
+
+        impl Skip {
+            /// Every reason: the per-chunk tallies, the counters and `/metrics` iterate this.
+            pub const ALL: [Skip; [$(Skip::$variant),+].len()] = [$(Skip::$variant),+];
+
+            /// Its label: `reason` in `tally_lines_skipped_total` and in the logs.
+            pub fn reason(self) -> &'static str {
+                match self {
+                    $( Skip::$variant => $label, )+
+                }
+            }
+
+            /// What it means, for `/metrics`' help.
+            pub fn description(self) -> &'static str {
+                match self {
+                    $( Skip::$variant => concat!($($doc),+).trim_ascii_start(), )+
+                }
+            }
+        }
+    };
+}
+for_each_skip!(declare_skip! {});
+
+/// `$time_local` as written: `25/Nov/2026:18:41:03 +0100`.
+type TimeField = [u8; 26];
+
+/// Parses the lines of one source.
+#[derive(Debug, Clone)]
+pub struct Parser {
+    format: LogFormat,
+    credentials: CredentialRule,
+    /// The last `$time_local` parsed and its value: consecutive lines mostly share their second.
+    last_time: (TimeField, i64),
+}
+
+impl Parser {
+    /// A parser of lines in `format`, reading the credential as `credentials` says (a compiled
+    /// `log_format` was compiled for them).
+    pub fn new(format: LogFormat, credentials: CredentialRule) -> Parser {
+        Parser {
+            format,
+            credentials,
+            last_time: ([0; 26], 0),
+        }
+    }
+
+    /// `line` is without its newline. Inlined, with the format's and the credential's parsing,
+    /// into the aggregation loop: the record is then built where it is used instead of copied
+    /// there (it is larger than a copy the compiler inlines).
+    #[inline]
+    pub fn parse<'a>(&mut self, line: &'a [u8]) -> Result<Request<'a>, Skip> {
+        let Parser {
+            format,
+            credentials,
+            last_time,
+        } = self;
+        match format {
+            LogFormat::Combined | LogFormat::Common => {
+                let fields = combined(line).ok_or(Skip::Malformed)?;
+                let timestamp = cached_time_local(last_time, fields.time)?;
+                let (path, query) = split_target(fields.target);
+                Ok(Request {
+                    timestamp,
+                    method: Some(fields.method),
+                    path: Some(path),
+                    query: Some(query),
+                    host: None,
+                    headers: [None; LOGGED_HEADERS],
+                    status: fields.status,
+                    credential: credentials.in_query(query, LogEscape::Default)?,
+                })
+            }
+            LogFormat::Nginx(format) => nginx_line(format, credentials, last_time, line),
+        }
+    }
+}
+
+/// `$time_local`, through the cache of the last one.
+#[inline]
+fn cached_time_local(last: &mut (TimeField, i64), time: &TimeField) -> Result<i64, Skip> {
+    if *time == last.0 {
+        return Ok(last.1);
+    }
+    let t = time_local(time).ok_or(Skip::Malformed)?;
+    *last = (*time, t);
+    Ok(t)
+}
+
+/// A request target → its path and its query string (empty when it has none).
+#[inline]
+fn split_target(target: &[u8]) -> (&[u8], &[u8]) {
+    match memchr::memchr(b'?', target) {
+        Some(q) => (&target[..q], &target[q + 1..]),
+        None => (target, &b""[..]),
+    }
+}
+
+/// A line of a compiled `log_format`.
+#[inline]
+fn nginx_line<'a>(
+    format: &NginxFormat,
+    rule: &CredentialRule,
+    last_time: &mut (TimeField, i64),
+    line: &'a [u8],
+) -> Result<Request<'a>, Skip> {
+    let v = format.format.scan(line).map_err(|_| Skip::Malformed)?;
+    let timestamp = match v.time.ok_or(Skip::Malformed)? {
+        (nginx::Variable::TimeLocal, t) => {
+            cached_time_local(last_time, t.try_into().map_err(|_| Skip::Malformed)?)?
+        }
+        (nginx::Variable::TimeIso8601, t) => time_iso8601(t).ok_or(Skip::Malformed)?,
+        (_, t) => msec(t).ok_or(Skip::Malformed)?,
+    };
+    let status = v.status.and_then(status_digits).ok_or(Skip::Malformed)?;
+    // `$request` is `METHOD TARGET PROTOCOL`; without it, its parts may be logged one by one.
+    let (method, target) = match v.request.map(request_line) {
+        Some(Some((method, target))) => (Some(method), Some(target)),
+        Some(None) => return Err(Skip::Malformed),
+        None => (v.method, v.request_uri),
+    };
+    let (path, query) = match target.map(split_target) {
+        Some((path, query)) => (Some(path), Some(query)),
+        None => (v.uri, v.args),
+    };
+    let escape = format.format.escape;
+    let value = |slot: Option<Slot>, kind: CredentialKind| {
+        let (raw, encoding) = match slot? {
+            Slot::Header(i) => (v.headers[i as usize]?, Encoding::Header(escape)),
+            Slot::Arg(i) => (v.arg_values[i as usize]?, Encoding::Query(escape)),
+            Slot::BasicUser(i) => (v.headers[i as usize]?, Encoding::BasicUser(escape)),
+        };
+        (!raw.is_empty()).then(|| Credential::new(kind, raw, encoding))
+    };
+    let credential = match (rule.location, format.slots) {
+        // `$arg_<name>` logged: its value; else the query string's parameter.
+        (
+            CredentialLocation::Query,
+            Slots {
+                user_key: None,
+                app_id: None,
+            },
+        ) => rule.in_query(query.unwrap_or_default(), escape)?,
+        // Basic: the user is the user_key, or the app_id (the password its app_key).
+        (CredentialLocation::Authorization, slots) => {
+            let kind = match rule.mode {
+                CredentialMode::AppId => CredentialKind::AppId,
+                CredentialMode::UserKey | CredentialMode::Auto => CredentialKind::UserKey,
+            };
+            value(slots.user_key, kind).ok_or(Skip::NoCredential)?
+        }
+        (_, slots) => rule.pick(
+            value(slots.user_key, CredentialKind::UserKey),
+            value(slots.app_id, CredentialKind::AppId),
+        )?,
+    };
+    let mut headers = [None; LOGGED_HEADERS];
+    headers[..nginx::SLOTS.min(LOGGED_HEADERS)]
+        .copy_from_slice(&v.headers[..nginx::SLOTS.min(LOGGED_HEADERS)]);
+    Ok(Request {
+        timestamp,
+        method,
+        path,
+        query,
+        host: v.host.map(|(_, host)| host),
+        headers,
+        status,
+        credential,
+    })
+}
+
+/// `METHOD SP TARGET [SP PROTOCOL]` → method and target.
+fn request_line(request: &[u8]) -> Option<(&[u8], &[u8])> {
+    let m = request.iter().position(|b| !b.is_ascii_uppercase())?;
+    if m == 0 || request[m] != b' ' {
+        return None;
+    }
+    let rest = &request[m + 1..];
+    let target = match rest.iter().rposition(|&b| b == b' ') {
+        Some(last) if rest[last + 1..].starts_with(b"HTTP/") => &rest[..last],
+        _ => rest,
+    };
+    (!target.is_empty()).then_some((&request[..m], target))
+}
+
+/// Three digits, alone.
+fn status_digits(s: &[u8]) -> Option<u16> {
+    (s.len() == 3).then_some(())?;
+    status(s)
+}
+
+/// `2026-11-25T18:41:03+01:00` (or `Z`, or fractions of a second) → epoch seconds.
+fn time_iso8601(t: &[u8]) -> Option<i64> {
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        t.get(r)?.iter().try_fold(0i64, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + i64::from(d - b'0'))
+        })
+    };
+    let sep = |i: usize, c: u8| t.get(i) == Some(&c);
+    if !(sep(4, b'-') && sep(7, b'-') && sep(10, b'T') && sep(13, b':') && sep(16, b':')) {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, m, s) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
+    let mut rest = &t[19..];
+    if let Some(fraction) = rest.strip_prefix(b".") {
+        let digits = fraction.iter().take_while(|b| b.is_ascii_digit()).count();
+        rest = &fraction[digits..];
+    }
+    let offset = match rest {
+        b"Z" => 0,
+        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
+            let two = |a: u8, b: u8| {
+                (a.is_ascii_digit() && b.is_ascii_digit())
+                    .then(|| i64::from(a - b'0') * 10 + i64::from(b - b'0'))
+            };
+            let offset = two(*h1, *h2)? * 3600 + two(*m1, *m2)? * 60;
+            if *sign == b'-' {
+                -offset
+            } else {
+                offset
+            }
+        }
+        _ => return None,
+    };
+    Some(days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + s - offset)
+}
+
+/// `$msec`: `1764092463.123` → whole epoch seconds.
+fn msec(t: &[u8]) -> Option<i64> {
+    let whole = t.split(|&b| b == b'.').next()?;
+    if whole.is_empty() || whole.len() > 12 || !whole.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let fraction = &t[whole.len()..];
+    let fraction_ok = match fraction.split_first() {
+        None => true,
+        Some((dot, digits)) => *dot == b'.' && digits.iter().all(u8::is_ascii_digit),
+    };
+    if !fraction_ok {
+        return None;
+    }
+    Some(whole.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0')))
+}
+
+struct Fields<'a> {
+    /// `$time_local`, not yet parsed.
+    time: &'a TimeField,
+    method: &'a [u8],
+    /// The request target (path and query), without the protocol.
+    target: &'a [u8],
+    status: u16,
+}
+
+/// `$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer"
+/// "$http_user_agent"`; only the time, request and status are read, so anything may follow the
+/// status (extra fields, a truncated user agent).
+#[inline]
+fn combined(line: &[u8]) -> Option<Fields<'_>> {
+    let open = find_short(line, b'[')?;
+    let time = line.get(open + 1..open + 27)?.try_into().ok()?;
+    let rest = line[open + 27..].strip_prefix(b"] \"")?;
+    // `METHOD SP TARGET [SP PROTOCOL]`
+    let m = rest.iter().position(|b| !b.is_ascii_uppercase())?;
+    if m == 0 || rest[m] != b' ' {
+        return None;
+    }
+    let method = &rest[..m];
+    let rest = &rest[m + 1..];
+    let end = closing_quote(rest)?;
+    let request = &rest[..end];
+    let target = match request.iter().rposition(|&b| b == b' ') {
+        Some(last) if request[last + 1..].starts_with(b"HTTP/") => &request[..last],
+        _ => request,
+    };
+    if target.is_empty() {
+        return None;
+    }
+    let status = status(rest[end + 1..].strip_prefix(b" ")?)?;
+    Some(Fields {
+        time,
+        method,
+        target,
+        status,
+    })
+}
+
+/// The index of the first `"` not escaped by a backslash (Apache writes `\"`, NGINX `\x22`): a
+/// quote is escaped when an odd run of backslashes precedes it.
+fn closing_quote(s: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    loop {
+        let at = from + memchr::memchr(b'"', &s[from..])?;
+        let backslashes = s[..at].iter().rev().take_while(|&&b| b == b'\\').count();
+        if backslashes % 2 == 0 {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+}
+
+fn status(s: &[u8]) -> Option<u16> {
+    let digits = s.get(..3)?;
+    if !digits.iter().all(u8::is_ascii_digit) || s.get(3).is_some_and(|&b| b != b' ') {
+        return None;
+    }
+    Some(
+        digits
+            .iter()
+            .fold(0u16, |n, d| n * 10 + u16::from(d - b'0')),
+    )
+}
+
+/// The index of the first `needle` in `hay`, eight bytes at a time: for the short fields of a line,
+/// where calling out to a vectorised search costs more than the search.
+#[inline]
+fn find_short(hay: &[u8], needle: u8) -> Option<usize> {
+    const LOW: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let pattern = LOW * u64::from(needle);
+    let (words, tail) = hay.as_chunks::<8>();
+    for (i, word) in words.iter().enumerate() {
+        let x = u64::from_le_bytes(*word) ^ pattern;
+        // A zero byte of x is a match; the lowest flagged byte is always a true one.
+        let zero = x.wrapping_sub(LOW) & !x & HIGH;
+        if zero != 0 {
+            return Some(i * 8 + (zero.trailing_zeros() / 8) as usize);
+        }
+    }
+    let at = words.len() * 8;
+    tail.iter().position(|&b| b == needle).map(|i| at + i)
+}
+
+/// `25/Nov/2026:18:41:03 +0100` → epoch seconds.
+fn time_local(t: &TimeField) -> Option<i64> {
+    if t[2] != b'/' || t[6] != b'/' || t[11] != b':' || t[20] != b' ' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        t[r].iter().try_fold(0i64, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + i64::from(d - b'0'))
+        })
+    };
+    let day = num(0..2)?;
+    let month = match &t[3..6] {
+        b"Jan" => 1,
+        b"Feb" => 2,
+        b"Mar" => 3,
+        b"Apr" => 4,
+        b"May" => 5,
+        b"Jun" => 6,
+        b"Jul" => 7,
+        b"Aug" => 8,
+        b"Sep" => 9,
+        b"Oct" => 10,
+        b"Nov" => 11,
+        b"Dec" => 12,
+        _ => return None,
+    };
+    let year = num(7..11)?;
+    let (h, m, s) = (num(12..14)?, num(15..17)?, num(18..20)?);
+    if t[14] != b':' || t[17] != b':' || !(1..=31).contains(&day) || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
+    let sign = match t[21] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let offset = sign * (num(22..24)? * 3600 + num(24..26)? * 60);
+    Some(days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + s - offset)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Result<Request<'_>, Skip> {
+        Parser::new(
+            LogFormat::Combined,
+            CredentialRule::query(CredentialMode::Auto),
+        )
+        .parse(line.as_bytes())
+    }
+
+    fn user_key(k: &str) -> Credential<'_> {
+        Credential::user_key(k.as_bytes())
+    }
+
+    #[test]
+    fn a_plain_combined_line() {
+        let r = parse(r#"192.168.1.20 - - [24/Nov/2026:10:15:00 +0000] "GET /v1/words?user_key=abc123&x=1 HTTP/1.1" 200 612 "-" "curl/8.0""#).unwrap();
+        assert_eq!(r.timestamp, 1_795_515_300);
+        assert_eq!(r.method, Some(&b"GET"[..]));
+        assert_eq!(r.path, Some(&b"/v1/words"[..]));
+        assert_eq!(r.query, Some(&b"user_key=abc123&x=1"[..]));
+        assert_eq!((r.host, r.headers), (None, [None; LOGGED_HEADERS]));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.credential, user_key("abc123"));
+    }
+
+    #[test]
+    fn time_zones_and_calendar() {
+        let at = |t: &str| time_local(t.as_bytes().try_into().ok()?);
+        assert_eq!(at("01/Jan/1970:00:00:00 +0000"), Some(0));
+        assert_eq!(at("01/Jan/1970:01:00:00 +0100"), Some(0));
+        assert_eq!(at("31/Dec/1969:19:00:00 -0500"), Some(0));
+        assert_eq!(at("29/Feb/2024:12:00:00 +0000"), Some(1_709_208_000));
+        assert_eq!(
+            at("24/Nov/2026:10:15:00 +0530"),
+            Some(1_795_515_300 - 19_800)
+        );
+        assert_eq!(at("24/Foo/2026:10:15:00 +0000"), None);
+        assert_eq!(at("24/Nov/2026:25:15:00 +0000"), None);
+        assert_eq!(at("24/Nov/2026:10:15:00"), None);
+    }
+
+    #[test]
+    fn odd_but_valid_lines() {
+        // IPv6 client, a remote user, escaped quotes in the user agent and the request.
+        let r = parse(r#"2001:db8::1 - alice [24/Nov/2026:10:15:00 +0000] "POST /a\"b?app_id=id1&app_key=k1 HTTP/2.0" 201 0 "http://x/?q=\"1\"" "Mozilla \"quoted\" [x]""#).unwrap();
+        assert_eq!(r.method, Some(&b"POST"[..]));
+        assert_eq!(r.path, Some(&br#"/a\"b"#[..]));
+        assert_eq!(r.query, Some(&b"app_id=id1&app_key=k1"[..]));
+        assert_eq!(r.status, 201);
+        assert_eq!(r.credential, Credential::app_id(b"id1"));
+        // NGINX's own escaping, HTTP/0.9 (no protocol), a 499, nothing after the status.
+        let r =
+            parse(r#"::1 - - [24/Nov/2026:10:15:00 +0000] "GET /x\x22y?user_key=k" 499"#).unwrap();
+        assert_eq!((r.status, r.path), (499, Some(&br"/x\x22y"[..])));
+        // Extra fields after the user agent ($request_time and friends).
+        let r = parse(r#"10.0.0.1 - - [24/Nov/2026:10:15:00 +0000] "DELETE /?app_id=a HTTP/1.1" 503 1 "-" "ua" 0.002 "x""#).unwrap();
+        assert_eq!(r.status, 503);
+        assert_eq!((r.path, r.query), (Some(&b"/"[..]), Some(&b"app_id=a"[..])));
+        assert_eq!(r.credential, Credential::app_id(b"a"));
+    }
+
+    #[test]
+    fn one_parser_reads_many_lines_with_its_time_cache() {
+        let mut p = Parser::new(
+            LogFormat::Combined,
+            CredentialRule::query(CredentialMode::Auto),
+        );
+        let line = |t: &str| format!(r#"h - - [{t}] "GET /?user_key=k HTTP/1.1" 200 1 "-" "-""#);
+        let times = [
+            "24/Nov/2026:10:15:00 +0000",
+            "24/Nov/2026:10:15:00 +0000",
+            "24/Nov/2026:10:15:01 +0000",
+            "24/Nov/2026:10:15:00 +0100",
+        ];
+        let got: Vec<i64> = times
+            .iter()
+            .map(|t| p.parse(line(t).as_bytes()).unwrap().timestamp)
+            .collect();
+        assert_eq!(
+            got,
+            vec![1_795_515_300, 1_795_515_300, 1_795_515_301, 1_795_511_700]
+        );
+        assert_eq!(
+            p.parse(line("24/Nov/2026:10:15:99 +0000").as_bytes()),
+            Err(Skip::Malformed)
+        );
+    }
+
+    #[test]
+    fn credentials_are_found_then_decoded() {
+        let line = |q: &str| {
+            format!(r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /p?{q} HTTP/1.1" 200 1 "-" "-""#)
+        };
+        let key = |q: &str| {
+            parse(&line(q)).and_then(|r| match r.credential.kind {
+                CredentialKind::UserKey => r.credential.decode().map(|k| format!("user_key {k}")),
+                CredentialKind::AppId => r.credential.decode().map(|k| format!("app_id {k}")),
+            })
+        };
+        assert_eq!(key("user_key=a%2Bb+c"), Ok("user_key a+b c".into()));
+        assert_eq!(key("user_key=caf%C3%A9"), Ok("user_key café".into()));
+        assert_eq!(key(r"user_key=caf\xC3\xA9"), Ok("user_key café".into()));
+        assert_eq!(key("user_key=%ZZ"), Ok("user_key %ZZ".into()));
+        assert_eq!(key("user_key=%4"), Ok("user_key %4".into()));
+        assert_eq!(key("user_key=%FF"), Err(Skip::InvalidCredential));
+        assert_eq!(
+            key("user_key=first&user_key=second"),
+            Ok("user_key first".into())
+        );
+        assert_eq!(
+            key("user_key=&user_key=second"),
+            Ok("user_key second".into())
+        );
+        assert_eq!(key("user_key=&app_id=x"), Ok("app_id x".into()));
+        assert_eq!(
+            key("app_id=x&app_key=k&user_key=u"),
+            Ok("user_key u".into())
+        );
+        assert_eq!(key("app_id=&app_id=y"), Ok("app_id y".into()));
+        assert_eq!(key("page=1&&app_id=x&"), Ok("app_id x".into()));
+        assert_eq!(key("app_key=only"), Err(Skip::NoCredential));
+        assert_eq!(key("foo=bar"), Err(Skip::NoCredential));
+        assert_eq!(key("xuser_key=a"), Err(Skip::NoCredential));
+        assert_eq!(key("user_key"), Err(Skip::NoCredential));
+        assert_eq!(key(""), Err(Skip::NoCredential));
+    }
+
+    #[test]
+    fn credential_mode_picks_the_parameter() {
+        let line = br#"h - - [24/Nov/2026:10:15:00 +0000] "GET /p?user_key=u&app_id=i HTTP/1.1" 200 1 "-" "-""#;
+        let with = |mode| {
+            Parser::new(LogFormat::Combined, CredentialRule::query(mode))
+                .parse(line)
+                .map(|r| r.credential)
+        };
+        assert_eq!(with(CredentialMode::Auto), Ok(user_key("u")));
+        assert_eq!(with(CredentialMode::UserKey), Ok(user_key("u")));
+        assert_eq!(with(CredentialMode::AppId), Ok(Credential::app_id(b"i")));
+    }
+
+    #[test]
+    fn missing_fields_and_garbage_are_malformed() {
+        for line in [
+            "",
+            "garbage",
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /?user_key=k HTTP/1.1""#,
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /?user_key=k HTTP/1.1" 20"#,
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /?user_key=k HTTP/1.1" 2000 1"#,
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /?user_key=k"#,
+            r#"h - - [24/Nov/2026:10:15 +0000] "GET /?user_key=k HTTP/1.1" 200 1"#,
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "-" 400 0 "-" "-""#,
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "\x16\x03\x01" 400 0 "-" "-""#,
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "GET " 400 0 "-" "-""#,
+            "h - - [24/Nov/2026:10:15:00 +0000] \"GET /?user_key=k\\",
+        ] {
+            assert_eq!(parse(line), Err(Skip::Malformed), "{line}");
+        }
+        // Bytes that are not UTF-8 around the fields do not matter.
+        let mut line =
+            br#"h - - [24/Nov/2026:10:15:00 +0000] "GET /?user_key=k HTTP/1.1" 200 1 "-" ""#
+                .to_vec();
+        line.extend_from_slice(&[0xff, 0xfe, b'"']);
+        let r = Parser::new(
+            LogFormat::Combined,
+            CredentialRule::query(CredentialMode::Auto),
+        )
+        .parse(&line)
+        .unwrap();
+        assert_eq!(r.credential, user_key("k"));
+    }
+
+    /// A source's parser for a `log_format`, credentials found as `rule` says.
+    fn nginx(format: &str, escape: LogEscape, rule: CredentialRule) -> Parser {
+        let format = NginxFormat::compile(format, escape, &rule).unwrap();
+        Parser::new(LogFormat::Nginx(Arc::new(format)), rule)
+    }
+
+    fn headers(mode: CredentialMode) -> CredentialRule {
+        CredentialRule {
+            location: CredentialLocation::Headers,
+            user_key: "X-Api-Key".into(),
+            app_id: "X-App-Id".into(),
+            ..CredentialRule::query(mode)
+        }
+    }
+
+    const MAIN: &str = r#"$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer" "$http_user_agent" $request_time $http_x_api_key $http_x_app_id"#;
+
+    /// What tally reports of a line: (credential kind and decoded value, status, time).
+    fn reported(
+        parser: &mut Parser,
+        line: &str,
+    ) -> Result<(CredentialKind, String, u16, i64), Skip> {
+        let r = parser.parse(line.as_bytes())?;
+        Ok((
+            r.credential.kind,
+            r.credential.decode()?,
+            r.status,
+            r.timestamp,
+        ))
+    }
+
+    #[test]
+    fn a_main_log_format_with_credentials_in_headers() {
+        let mut p = nginx(MAIN, LogEscape::Default, headers(CredentialMode::Auto));
+        let line = |key: &str, app: &str| {
+            format!(
+                r#"10.0.0.1 - - [24/Nov/2026:10:15:00 +0000] "GET /v1/words?page=2 HTTP/1.1" 200 612 "-" "curl/8.0" 0.012 {key} {app}"#
+            )
+        };
+        assert_eq!(
+            reported(&mut p, &line("k%2B1", "-")),
+            Ok((CredentialKind::UserKey, "k%2B1".into(), 200, 1_795_515_300))
+        );
+        assert_eq!(
+            reported(&mut p, &line("-", r"app\x22")),
+            Ok((CredentialKind::AppId, "app\"".into(), 200, 1_795_515_300))
+        );
+        assert_eq!(reported(&mut p, &line("-", "-")), Err(Skip::NoCredential));
+        let text = line("k", "-");
+        let r = p.parse(text.as_bytes()).unwrap();
+        assert_eq!(
+            (r.method, r.path, r.query),
+            (
+                Some(&b"GET"[..]),
+                Some(&b"/v1/words"[..]),
+                Some(&b"page=2"[..])
+            )
+        );
+        // The mode decides which header counts.
+        let mut app_only = nginx(MAIN, LogEscape::Default, headers(CredentialMode::AppId));
+        assert_eq!(
+            reported(&mut app_only, &line("k", "a")).map(|r| r.1),
+            Ok("a".into())
+        );
+        assert_eq!(reported(&mut p, "garbage"), Err(Skip::Malformed));
+    }
+
+    #[test]
+    fn a_format_that_cannot_carry_the_credential_is_refused_with_what_to_add() {
+        let e = NginxFormat::compile(
+            "[$time_local] \"$request\" $status",
+            LogEscape::Default,
+            &headers(CredentialMode::UserKey),
+        )
+        .unwrap_err();
+        assert!(e.contains("$http_x_api_key"), "{e}");
+        let e = NginxFormat::compile(
+            "[$time_local] $status",
+            LogEscape::Default,
+            &CredentialRule::query(CredentialMode::Auto),
+        )
+        .unwrap_err();
+        assert!(e.contains("$request") && e.contains("$arg_user_key"), "{e}");
+        let e = NginxFormat::compile(
+            "[$time_local] $status",
+            LogEscape::Default,
+            &CredentialRule {
+                location: CredentialLocation::Authorization,
+                ..CredentialRule::query(CredentialMode::Auto)
+            },
+        )
+        .unwrap_err();
+        assert!(e.contains("$http_authorization"), "{e}");
+    }
+
+    #[test]
+    fn json_escaped_formats_times_args_and_authorization() {
+        // escape=json, ISO 8601 time, the credential from $arg_user_key.
+        let mut p = nginx(
+            r#"{"t":"$time_iso8601","m":"$request_method","u":"$request_uri","s":$status,"k":"$arg_user_key"}"#,
+            LogEscape::Json,
+            CredentialRule::query(CredentialMode::Auto),
+        );
+        let line = r#"{"t":"2026-11-24T11:15:00+01:00","m":"POST","u":"/a?user_key=ignored","s":201,"k":"caf\u00e9%21"}"#;
+        assert_eq!(
+            reported(&mut p, line),
+            Ok((CredentialKind::UserKey, "café!".into(), 201, 1_795_515_300))
+        );
+        // $msec; without $arg_, the query string of $request.
+        let mut p = nginx(
+            "$msec \"$request\" $status",
+            LogEscape::Default,
+            CredentialRule::query(CredentialMode::Auto),
+        );
+        assert_eq!(
+            reported(
+                &mut p,
+                r#"1795515300.999 "GET /?app_id=a1&app_key=k HTTP/1.1" 404"#
+            ),
+            Ok((CredentialKind::AppId, "a1".into(), 404, 1_795_515_300))
+        );
+        // Basic authorization: the user is the user_key (or, in app_id mode, the app_id).
+        let basic = |mode| CredentialRule {
+            location: CredentialLocation::Authorization,
+            ..CredentialRule::query(mode)
+        };
+        let line = r#"[24/Nov/2026:10:15:00 +0000] "GET / HTTP/1.1" 200 "Basic dXNlcjpwYXNz""#;
+        let format = r#"[$time_local] "$request" $status "$http_authorization""#;
+        let mut p = nginx(format, LogEscape::Default, basic(CredentialMode::Auto));
+        assert_eq!(
+            reported(&mut p, line).map(|r| (r.0, r.1)),
+            Ok((CredentialKind::UserKey, "user".into()))
+        );
+        let mut p = nginx(format, LogEscape::Default, basic(CredentialMode::AppId));
+        assert_eq!(
+            reported(&mut p, line).map(|r| (r.0, r.1)),
+            Ok((CredentialKind::AppId, "user".into()))
+        );
+        let bearer = line.replace("Basic dXNlcjpwYXNz", "Bearer abc");
+        assert_eq!(reported(&mut p, &bearer), Err(Skip::NoCredential));
+    }
+
+    #[test]
+    fn times_as_nginx_writes_them() {
+        assert_eq!(
+            time_iso8601(b"2026-11-24T10:15:00+00:00"),
+            Some(1_795_515_300)
+        );
+        assert_eq!(time_iso8601(b"2026-11-24T10:15:00Z"), Some(1_795_515_300));
+        assert_eq!(
+            time_iso8601(b"2026-11-24T05:15:00.123-05:00"),
+            Some(1_795_515_300)
+        );
+        assert_eq!(time_iso8601(b"2026-13-24T10:15:00+00:00"), None);
+        assert_eq!(time_iso8601(b"2026-11-24 10:15:00+00:00"), None);
+        assert_eq!(time_iso8601(b"2026-11-24T10:15:00+0000"), None);
+        assert_eq!(msec(b"1795515300.123"), Some(1_795_515_300));
+        assert_eq!(msec(b"1795515300"), Some(1_795_515_300));
+        assert_eq!(msec(b"17955.15300.1"), None);
+        assert_eq!(msec(b".5"), None);
+        assert_eq!(msec(b"-1"), None);
+    }
+
+    #[test]
+    fn common_is_combined_without_the_last_fields() {
+        let mut p = Parser::new(
+            LogFormat::Common,
+            CredentialRule::query(CredentialMode::Auto),
+        );
+        assert_eq!(
+            reported(
+                &mut p,
+                r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /?user_key=k HTTP/1.1" 200 12"#
+            ),
+            Ok((CredentialKind::UserKey, "k".into(), 200, 1_795_515_300))
+        );
+    }
+
+    proptest::proptest! {
+        /// Any bytes into a compiled format's parser: a request or a skip, never a panic.
+        #[test]
+        fn any_bytes_parse_or_skip_in_a_log_format(line in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let _ = nginx(MAIN, LogEscape::Default, headers(CredentialMode::Auto)).parse(&line);
+            let _ = nginx(MAIN, LogEscape::Json, headers(CredentialMode::Auto)).parse(&line);
+        }
+    }
+
+    #[test]
+    fn escaped_quotes_in_the_request() {
+        for (request, end) in [
+            (r#"a" x"#, 1),
+            (r#"a\"b" x"#, 4),
+            (r#"a\\" x"#, 3),
+            (r#"a\\\"b" x"#, 6),
+            (r#"\"""#, 2),
+        ] {
+            assert_eq!(closing_quote(request.as_bytes()), Some(end), "{request}");
+        }
+        assert_eq!(closing_quote(br#"a\""#), None);
+        assert_eq!(closing_quote(b"abc"), None);
+    }
+
+    proptest::proptest! {
+        /// The word-at-a-time search finds what a plain search finds.
+        #[test]
+        fn find_short_is_a_search(hay in proptest::collection::vec(proptest::sample::select(vec![b'&', b'a', 0x80, 0xff, 0x00, 0x26 ^ 0x80]), 0..40), needle in proptest::sample::select(vec![b'&', b'a', 0x80, 0x00])) {
+            proptest::prop_assert_eq!(find_short(&hay, needle), hay.iter().position(|&b| b == needle));
+        }
+
+        /// Whatever the bytes, a line parses or is skipped with a reason: never a panic.
+        #[test]
+        fn any_bytes_parse_or_skip(line in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let _ = Parser::new(LogFormat::Combined, CredentialRule::query(CredentialMode::Auto)).parse(&line);
+        }
+
+        /// Mangled real lines, too: cut anywhere, with a byte changed anywhere.
+        #[test]
+        fn damaged_lines_parse_or_skip(cut in 0usize..120, at in 0usize..120, byte in proptest::prelude::any::<u8>()) {
+            let mut line = br#"10.0.0.1 - - [24/Nov/2026:10:15:00 +0000] "GET /v1/x?user_key=ab%41c&app_id=z HTTP/1.1" 200 5 "-" "ua""#.to_vec();
+            if at < line.len() {
+                line[at] = byte;
+            }
+            line.truncate(cut.min(line.len()));
+            for mode in [CredentialMode::Auto, CredentialMode::UserKey, CredentialMode::AppId] {
+                let _ = Parser::new(LogFormat::Combined, CredentialRule::query(mode)).parse(&line);
+            }
+        }
+    }
+}

@@ -1,0 +1,439 @@
+//! An NGINX `log_format`, compiled once at start into a byte scanner: the literal text between
+//! variables is matched exactly, and each variable's value runs to the next literal. No regex, no
+//! allocation per line.
+
+use serde::{Deserialize, Serialize};
+
+/// How NGINX escaped the values (its `log_format … escape=` parameter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum LogEscape {
+    /// `"`, `\` and bytes outside printable ASCII as `\xHH`.
+    #[default]
+    Default,
+    /// JSON string escapes (`\"`, `\\`, `\u00HH`).
+    Json,
+    /// Values as they are.
+    None,
+}
+
+/// What a variable is to tally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Variable {
+    /// `$time_local`: `25/Nov/2026:18:41:03 +0100`.
+    TimeLocal,
+    /// `$time_iso8601`: `2026-11-25T18:41:03+01:00`.
+    TimeIso8601,
+    /// `$msec`: epoch seconds with milliseconds.
+    Msec,
+    /// `$request`: method, URI and protocol.
+    Request,
+    /// `$request_method`.
+    Method,
+    /// `$request_uri`: path and query as the client sent them.
+    RequestUri,
+    /// `$uri`: the path, normalized, without the query.
+    Uri,
+    /// `$args` or `$query_string`.
+    Args,
+    /// `$status`.
+    Status,
+    /// `$host`, `$http_host` or `$server_name`: the lower, the better.
+    Host(u8),
+    /// `$http_<name>` that tally reads, by slot.
+    Header(u8),
+    /// `$arg_<name>` that tally reads, by slot.
+    Arg(u8),
+    /// Any other variable: its value is skipped.
+    Other,
+}
+
+/// The most `$http_…` and `$arg_…` variables tally reads from one format (each).
+pub(crate) const SLOTS: usize = 4;
+
+/// A compiled `log_format`.
+#[derive(Debug)]
+pub(crate) struct Format {
+    /// The literal text before the first variable.
+    prefix: Box<[u8]>,
+    /// Each variable with the literal text after it (empty: to the end of the line).
+    steps: Box<[(Variable, Box<[u8]>)]>,
+    pub(crate) escape: LogEscape,
+    /// The names of the `$http_…` variables read, by slot (lower case, `_` for `-`).
+    pub(crate) headers: Vec<String>,
+    /// The names of the `$arg_…` variables read, by slot.
+    pub(crate) args: Vec<String>,
+}
+
+/// The values of one line, as logged (still escaped); None: the format does not log it, or NGINX
+/// logged `-` (no value).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Values<'a> {
+    pub(crate) time: Option<(Variable, &'a [u8])>,
+    pub(crate) request: Option<&'a [u8]>,
+    pub(crate) method: Option<&'a [u8]>,
+    pub(crate) request_uri: Option<&'a [u8]>,
+    pub(crate) uri: Option<&'a [u8]>,
+    pub(crate) args: Option<&'a [u8]>,
+    pub(crate) status: Option<&'a [u8]>,
+    /// The best host variable logged, with its rank.
+    pub(crate) host: Option<(u8, &'a [u8])>,
+    pub(crate) headers: [Option<&'a [u8]>; SLOTS],
+    pub(crate) arg_values: [Option<&'a [u8]>; SLOTS],
+}
+
+/// Where a line stopped matching its format, for `tally parse` and the first malformed line's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Mismatch {
+    /// The byte offset in the line.
+    pub(crate) at: usize,
+    /// The literal text the format expects there.
+    pub(crate) expected: String,
+}
+
+impl Format {
+    /// Compiles `format` (the quoted parts of NGINX's `log_format` directive, concatenated). Of
+    /// the `$http_…` and `$arg_…` variables, those named in `headers` and `args` are read (lower
+    /// case, `_` for `-`); the others are skipped like any variable tally does not use.
+    pub(crate) fn compile(
+        format: &str,
+        escape: LogEscape,
+        headers: &[String],
+        args: &[String],
+    ) -> Result<Format, String> {
+        let mut prefix = Vec::new();
+        let mut steps: Vec<(Variable, Vec<u8>)> = Vec::new();
+        let mut read_headers = Vec::new();
+        let mut read_args = Vec::new();
+        let bytes = format.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let name = match bytes[i] {
+                b'$' => variable_name(&bytes[i + 1..]),
+                _ => None,
+            };
+            let Some((name, len)) = name else {
+                match steps.last_mut() {
+                    Some((_, literal)) => literal.push(bytes[i]),
+                    None => prefix.push(bytes[i]),
+                }
+                i += 1;
+                continue;
+            };
+            i += 1 + len;
+            if let Some((previous, literal)) = steps.last() {
+                if literal.is_empty() {
+                    return Err(format!(
+                        "`${name}` follows `{}` with nothing between them: tally cannot tell where one ends; put a space or other text between them",
+                        previous_name(format, steps.len())
+                            .unwrap_or_else(|| format!("{previous:?}"))
+                    ));
+                }
+            }
+            let slot = |names: &mut Vec<String>, wanted: &[String], key: &str| {
+                if !wanted.iter().any(|w| w == key) {
+                    return Ok(None);
+                }
+                if let Some(at) = names.iter().position(|n| n == key) {
+                    return Ok(Some(at as u8));
+                }
+                if names.len() == SLOTS {
+                    return Err(format!("tally reads at most {SLOTS} of these variables"));
+                }
+                names.push(key.to_string());
+                Ok(Some((names.len() - 1) as u8))
+            };
+            let variable = match name.as_str() {
+                "time_local" => Variable::TimeLocal,
+                "time_iso8601" => Variable::TimeIso8601,
+                "msec" => Variable::Msec,
+                "request" => Variable::Request,
+                "request_method" => Variable::Method,
+                "request_uri" => Variable::RequestUri,
+                "uri" | "document_uri" => Variable::Uri,
+                "args" | "query_string" => Variable::Args,
+                "status" => Variable::Status,
+                "host" => Variable::Host(0),
+                "http_host" => Variable::Host(1),
+                "server_name" => Variable::Host(2),
+                _ => match (name.strip_prefix("http_"), name.strip_prefix("arg_")) {
+                    (Some(header), _) => slot(&mut read_headers, headers, header)?
+                        .map_or(Variable::Other, Variable::Header),
+                    (_, Some(arg)) => {
+                        slot(&mut read_args, args, arg)?.map_or(Variable::Other, Variable::Arg)
+                    }
+                    _ => Variable::Other,
+                },
+            };
+            steps.push((variable, Vec::new()));
+        }
+        let has = |f: &dyn Fn(Variable) -> bool| steps.iter().any(|(v, _)| f(*v));
+        if !has(&|v| {
+            matches!(
+                v,
+                Variable::TimeLocal | Variable::TimeIso8601 | Variable::Msec
+            )
+        }) {
+            return Err(
+                "it logs no time tally can read: add $time_local, $time_iso8601 or $msec".into(),
+            );
+        }
+        if !has(&|v| v == Variable::Status) {
+            return Err("it logs no $status: add it".into());
+        }
+        Ok(Format {
+            prefix: prefix.into(),
+            steps: steps
+                .into_iter()
+                .map(|(v, literal)| (v, literal.into_boxed_slice()))
+                .collect(),
+            escape,
+            headers: read_headers,
+            args: read_args,
+        })
+    }
+
+    /// Whether the format logs the request's path (and so its method and query, for the formats
+    /// NGINX users write).
+    pub(crate) fn logs(&self, wanted: impl Fn(Variable) -> bool) -> bool {
+        self.steps.iter().any(|(v, _)| wanted(*v))
+    }
+
+    /// The values of `line`, or where it stopped matching.
+    #[inline]
+    pub(crate) fn scan<'a>(&self, line: &'a [u8]) -> Result<Values<'a>, Mismatch> {
+        let mismatch = |at: usize, literal: &[u8]| Mismatch {
+            at,
+            expected: String::from_utf8_lossy(literal).into_owned(),
+        };
+        let mut rest = line
+            .strip_prefix(&*self.prefix)
+            .ok_or_else(|| mismatch(0, &self.prefix))?;
+        let mut values = Values::default();
+        for (variable, literal) in self.steps.iter() {
+            let value = if literal.is_empty() {
+                std::mem::take(&mut rest)
+            } else {
+                let end = find_literal(rest, literal, self.escape)
+                    .ok_or_else(|| mismatch(line.len() - rest.len(), literal))?;
+                let value = &rest[..end];
+                rest = &rest[end + literal.len()..];
+                value
+            };
+            if *variable == Variable::Other {
+                continue;
+            }
+            // NGINX logs `-` for a variable without a value.
+            let value = (value != b"-").then_some(value);
+            match *variable {
+                Variable::TimeLocal | Variable::TimeIso8601 | Variable::Msec => {
+                    values.time = values.time.or(value.map(|v| (*variable, v)))
+                }
+                Variable::Request => values.request = value,
+                Variable::Method => values.method = value,
+                Variable::RequestUri => values.request_uri = value,
+                Variable::Uri => values.uri = value,
+                Variable::Args => values.args = value,
+                Variable::Status => values.status = value,
+                Variable::Host(rank) => {
+                    if let Some(v) = value.filter(|v| !v.is_empty()) {
+                        if values.host.is_none_or(|(r, _)| rank < r) {
+                            values.host = Some((rank, v));
+                        }
+                    }
+                }
+                Variable::Header(slot) => values.headers[slot as usize] = value,
+                Variable::Arg(slot) => values.arg_values[slot as usize] = value,
+                Variable::Other => {}
+            }
+        }
+        Ok(values)
+    }
+}
+
+/// A variable's name at the start of `s` (after its `$`): `name` or `{name}`, and the bytes it
+/// takes.
+fn variable_name(s: &[u8]) -> Option<(String, usize)> {
+    let name_len = |s: &[u8]| {
+        s.iter()
+            .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+            .count()
+    };
+    if let Some(braced) = s.strip_prefix(b"{") {
+        let n = name_len(braced);
+        (n > 0 && braced.get(n) == Some(&b'}'))
+            .then(|| (String::from_utf8_lossy(&braced[..n]).into_owned(), n + 2))
+    } else {
+        let n = name_len(s);
+        (n > 0).then(|| (String::from_utf8_lossy(&s[..n]).into_owned(), n))
+    }
+}
+
+/// The name of the `n`th variable of `format`, for messages.
+fn previous_name(format: &str, n: usize) -> Option<String> {
+    let bytes = format.as_bytes();
+    let mut seen = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'$' {
+            if let Some((name, len)) = variable_name(&bytes[i + 1..]) {
+                seen += 1;
+                if seen == n {
+                    return Some(format!("${name}"));
+                }
+                i += 1 + len;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Where `literal` next occurs in `s`. A quote escaped by a backslash (escape=json writes `\"`)
+/// is part of the value, not the end of it.
+#[inline]
+fn find_literal(s: &[u8], literal: &[u8], escape: LogEscape) -> Option<usize> {
+    let first = literal[0];
+    let mut from = 0;
+    loop {
+        let at = from + memchr::memchr(first, &s[from..])?;
+        let escaped = first == b'"'
+            && escape == LogEscape::Json
+            && s[..at].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1;
+        if !escaped && s[at..].starts_with(literal) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAIN: &str = r#"$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer" "$http_user_agent" "$http_x_forwarded_for" $request_time $http_x_api_key"#;
+
+    fn compile(format: &str) -> Format {
+        Format::compile(
+            format,
+            LogEscape::Default,
+            &["x_api_key".into(), "authorization".into()],
+            &["user_key".into()],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_main_format_with_a_header() {
+        let f = compile(MAIN);
+        let line = br#"10.1.2.3 - - [24/Nov/2026:10:15:00 +0000] "GET /v1/words?x=1 HTTP/1.1" 200 612 "-" "curl/8.0 \"q\"" "-" 0.012 abc123"#;
+        let v = f.scan(line).unwrap();
+        assert_eq!(
+            v.time,
+            Some((Variable::TimeLocal, &b"24/Nov/2026:10:15:00 +0000"[..]))
+        );
+        assert_eq!(v.request, Some(&b"GET /v1/words?x=1 HTTP/1.1"[..]));
+        assert_eq!(v.status, Some(&b"200"[..]));
+        assert_eq!(v.headers[0], Some(&b"abc123"[..]));
+        assert_eq!(f.headers, vec!["x_api_key".to_string()]);
+        // A header the request did not send is logged as `-`.
+        let line = br#"10.1.2.3 - - [24/Nov/2026:10:15:00 +0000] "GET / HTTP/1.1" 404 0 "-" "-" "-" 0.001 -"#;
+        assert_eq!(f.scan(line).unwrap().headers[0], None);
+    }
+
+    #[test]
+    fn every_variable_tally_reads() {
+        let f = compile(
+            "$msec|$time_iso8601|$request_method|$request_uri|$uri|$args|$status|$server_name|$http_host|$host|$http_authorization|${arg_user_key}|$arg_other",
+        );
+        let v = f
+            .scan(b"1764092463.123|2026-11-25T18:41:03+01:00|POST|/a?b=1|/a|b=1|201|srv|h.example:8080|h.example|Basic dTpw|k1|zz")
+            .unwrap();
+        assert_eq!(v.time, Some((Variable::Msec, &b"1764092463.123"[..])));
+        assert_eq!(v.method, Some(&b"POST"[..]));
+        assert_eq!(v.request_uri, Some(&b"/a?b=1"[..]));
+        assert_eq!((v.uri, v.args), (Some(&b"/a"[..]), Some(&b"b=1"[..])));
+        assert_eq!(v.status, Some(&b"201"[..]));
+        assert_eq!(v.host, Some((0, &b"h.example"[..])));
+        assert_eq!(v.headers[0], Some(&b"Basic dTpw"[..]));
+        assert_eq!(v.arg_values[0], Some(&b"k1"[..]));
+        assert_eq!(f.args, vec!["user_key".to_string()]);
+    }
+
+    #[test]
+    fn json_escaped_quotes_stay_inside_values() {
+        let f = Format::compile(
+            r#"{"time":"$time_iso8601","request":"$request","status":$status,"key":"$http_x_api_key","ua":"$http_user_agent"}"#,
+            LogEscape::Json,
+            &["x_api_key".into()],
+            &[],
+        )
+        .unwrap();
+        let v = f
+            .scan(br#"{"time":"2026-11-25T18:41:03+00:00","request":"GET /\"x\" HTTP/1.1","status":200,"key":"k\"1","ua":"a \"b\", c"}"#)
+            .unwrap();
+        assert_eq!(v.request, Some(&br#"GET /\"x\" HTTP/1.1"#[..]));
+        assert_eq!(v.headers[0], Some(&br#"k\"1"#[..]));
+        assert_eq!(v.status, Some(&b"200"[..]));
+    }
+
+    #[test]
+    fn lines_that_do_not_match_say_where() {
+        let f = compile(MAIN);
+        assert_eq!(
+            f.scan(b"10.1.2.3 - - 24/Nov").unwrap_err(),
+            Mismatch {
+                at: 11,
+                expected: " [".into()
+            }
+        );
+        let e = f
+            .scan(br#"10.1.2.3 - - [24/Nov/2026:10:15:00 +0000] "GET / HTTP/1.1" 200"#)
+            .unwrap_err();
+        // Where `$status` ends: the space after it is missing.
+        assert_eq!((e.at, e.expected.as_str()), (59, " "));
+    }
+
+    #[test]
+    fn formats_tally_cannot_use_are_errors_that_say_why() {
+        let e = |format: &str| {
+            Format::compile(format, LogEscape::Default, &[], &[])
+                .err()
+                .unwrap()
+        };
+        assert!(e("$remote_addr $status").contains("$time_local"));
+        assert!(e("[$time_local] $request").contains("$status"));
+        let adjacent = e("[$time_local] $status$body_bytes_sent");
+        assert!(
+            adjacent.contains("$body_bytes_sent") && adjacent.contains("$status"),
+            "{adjacent}"
+        );
+    }
+
+    proptest::proptest! {
+        /// Any bytes into a compiled format: values or a mismatch, never a panic.
+        #[test]
+        fn any_line_scans_or_fails_cleanly(line in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = compile(MAIN).scan(&line);
+        }
+
+        /// A line built from random values through a format gives those values back.
+        #[test]
+        fn values_round_trip(
+            method in "[A-Z]{1,7}",
+            path in "/[a-z0-9/._~%-]{0,20}",
+            key in "[A-Za-z0-9_.~][A-Za-z0-9_.~-]{0,29}",
+            status in 100u16..600,
+        ) {
+            let f = compile(MAIN);
+            let line = format!(r#"1.2.3.4 - - [24/Nov/2026:10:15:00 +0000] "{method} {path} HTTP/1.1" {status} 5 "-" "ua" "-" 0.001 {key}"#);
+            let v = f.scan(line.as_bytes()).unwrap();
+            let request = format!("{method} {path} HTTP/1.1");
+            let status = status.to_string();
+            proptest::prop_assert_eq!(v.request, Some(request.as_bytes()));
+            proptest::prop_assert_eq!(v.status, Some(status.as_bytes()));
+            proptest::prop_assert_eq!(v.headers[0], Some(key.as_bytes()));
+        }
+    }
+}
