@@ -152,10 +152,11 @@ for_each_skip!(declare_metrics! {
         Counter requests_reported_total "Requests 3scale accepted." { requests_reported }
         Counter transactions_reported_total "Transactions 3scale accepted." { transactions_reported }
         Counter requests_dropped_total
-            "Requests not sent because 3scale would drop their whole call, by reason." {
+            "Requests not sent, by reason: 3scale would drop their whole call (too_old, too_new, invalid_credential), or the service does not take their kind of credential (wrong_credential_kind: see credentials.mode)." {
             dropped_too_old(reason = "too_old"),
             dropped_too_new(reason = "too_new"),
             dropped_invalid_credential(reason = "invalid_credential"),
+            dropped_wrong_credential_kind(reason = "wrong_credential_kind"),
         }
         Counter report_calls_total "Report calls made." { report_calls }
         Counter ambiguous_resends_total
@@ -525,15 +526,22 @@ struct FileStatus {
     lag_seconds: i64,
 }
 
-/// A credential as logs and metrics show it: its ends only (`abcd…wxyz`).
+/// A credential as logs and metrics show it: its ends only (`abcd…wxyz`), or a short one's first
+/// half at most (`a1b2…` of an 8-character app_id), so that it stays recognisable without ever
+/// being shown whole.
 pub(crate) fn mask(credential: &str) -> String {
     let chars: Vec<char> = credential.chars().collect();
-    if chars.len() <= 8 {
+    if chars.len() > 8 {
+        let head: String = chars[..4].iter().collect();
+        let tail: String = chars[chars.len() - 4..].iter().collect();
+        return printable(&format!("{head}…{tail}")).into_owned();
+    }
+    let shown = chars.len() / 2;
+    if shown == 0 {
         return "***".to_string();
     }
-    let head: String = chars[..4].iter().collect();
-    let tail: String = chars[chars.len() - 4..].iter().collect();
-    printable(&format!("{head}…{tail}")).into_owned()
+    let head: String = chars[..shown].iter().collect();
+    printable(&format!("{head}…")).into_owned()
 }
 
 /// Text from outside (a log line, a file name, a backend's message) as tally's logs show it: control
@@ -890,7 +898,13 @@ mod tests {
     #[test]
     fn credentials_are_masked_in_logged_lines() {
         assert_eq!(mask("0123456789abcdef"), "0123…cdef");
-        assert_eq!(mask("short"), "***");
+        // Short ones show their first half at most: an 8-character app_id stays recognisable.
+        assert_eq!(mask("a1b2c3d4"), "a1b2…");
+        assert_eq!(mask("short"), "sh…");
+        assert_eq!(mask("ab"), "a…");
+        assert_eq!(mask("x"), "***");
+        assert_eq!(mask(""), "***");
+        assert_eq!(mask("\x1b[3m"), r"\x1b[…");
         let line = br#"1.2.3.4 - - [x] "GET /p?user_key=0123456789abcdef&x=1&app_key=supersecretkey HTTP/1.1" 200"#;
         assert_eq!(
             masked_line(line),
@@ -986,6 +1000,7 @@ mod tests {
             "dropped_too_old",
             "dropped_too_new",
             "dropped_invalid_credential",
+            "dropped_wrong_credential_kind",
             "rotations",
             "truncations",
         ] {

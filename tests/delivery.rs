@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use support::backend::Backend;
 use support::{
-    combined_line, events_with, last_summary, now, number, sample, telemetry_get, telemetry_port,
-    wait_for_health, write_config_with, Scenario, Tally, JSON_LOGS,
+    combined_line, events_with, has_fields, last_summary, now, number, sample, telemetry_get,
+    telemetry_port, wait_for_health, write_config_with, Scenario, Tally, JSON_LOGS,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -541,4 +541,105 @@ fn control_characters_from_a_line_never_reach_the_log_raw() {
     assert!(!log.contains(&0x1b), "{}", tally.logs());
     assert!(tally.logs().contains(r"x\x1b[2Jy.log"), "{}", tally.logs());
     assert_eq!(hits(&s), expect(&[("a", 1), ("b", 1)]));
+}
+
+/// A service that authenticates with `mode` (`user_key` or `app_id`), read in `auto` from a log
+/// holding both kinds: `known` and `unknown` are of the service's kind, `others` of the other.
+/// 3scale answers about the other kind "user key is missing" / "application id is missing",
+/// which says nothing of the application: those requests are taken out under their own reason,
+/// never as unknown credentials, and the configuration hint is logged once.
+fn a_service_of_one_kind(mode: &str, known: [&str; 2], unknown: &str, others: [&str; 2]) {
+    let (kind, other) = match mode {
+        "user_key" => ("user_key", "app_id"),
+        _ => ("app_id", "user_key"),
+    };
+    let s = Scenario::new();
+    s.backend.set_credential_mode(mode);
+    s.backend
+        .set_applications(&[known[0], known[1], others[0], others[1]]);
+    let t = now();
+    let target = |param: &str, value: &str| format!("/?{param}={value}");
+    let lines = [
+        // Three transactions per call: the first call holds both kinds.
+        (target(kind, known[0]), 200),
+        (target(other, others[0]), 200),
+        (target(kind, known[0]), 201),
+        (target(other, others[1]), 200),
+        (target(kind, known[1]), 200),
+        (target(kind, unknown), 404),
+        (target(other, others[0]), 500),
+        (target(other, others[1]), 200),
+        (target(kind, known[1]), 200),
+    ];
+    let lines: Vec<(i64, &str, u16)> = lines.iter().map(|(p, c)| (t, p.as_str(), *c)).collect();
+    append(&s, &lines);
+    let tally =
+        Tally::run_once(&s.config("", &format!("[report]\nmax_transactions = 3\n{JSON_LOGS}")));
+    let logs = tally.logs();
+    // The service's own kind is delivered exactly; nothing poisoned a call.
+    assert_eq!(hits(&s), expect(&[(known[0], 2), (known[1], 2)]));
+    assert!(s.backend.dropped().is_empty(), "{:?}", s.backend.dropped());
+    // One credential of the other kind was checked, to learn the mode: no more (each check is an
+    // integration error in 3scale).
+    let asked = s.backend.authorizations();
+    let asked_others: Vec<&String> = asked
+        .iter()
+        .filter(|a| others.contains(&a.as_str()))
+        .collect();
+    assert_eq!(asked_others, [&others[0].to_string()], "{asked:?}");
+    // The hint, once, naming the service and the mode to set.
+    let hint = [
+        ("service_id", "42"),
+        ("credential_mode", kind),
+        ("hint", "*"),
+    ];
+    assert_eq!(events_with(&logs, "WARN", &hint).len(), 1, "{logs}");
+    // The other kind's requests are counted under their own reason, not as unknown credentials.
+    let summary = last_summary(&logs);
+    assert_eq!(
+        number(&summary, "dropped_wrong_credential_kind"),
+        4,
+        "{summary}"
+    );
+    assert_eq!(
+        number(&summary, "dropped_invalid_credential"),
+        1,
+        "{summary}"
+    );
+    assert_eq!(number(&summary, "requests_reported"), 4, "{summary}");
+    // Only the unknown credential of the service's kind is said to be unknown: once, masked yet
+    // recognisable (an 8-character credential shows its first half).
+    let masked = format!("{}…", &unknown[..unknown.len() / 2]);
+    let said = events_with(&logs, "WARN", &[("credential", "*")]);
+    assert_eq!(said.len(), 1, "{logs}");
+    assert!(
+        has_fields(&said[0], &[("service_id", "42"), ("credential", &masked)]),
+        "{logs}"
+    );
+    for secret in known.iter().chain(&others).chain([&unknown]) {
+        assert!(
+            !logs.contains(secret),
+            "{secret} is masked in logs:\n{logs}"
+        );
+    }
+}
+
+#[test]
+fn a_user_key_service_reports_its_user_keys_and_counts_the_app_ids_apart() {
+    a_service_of_one_kind(
+        "user_key",
+        ["good-key-1234", "other-key-5678"],
+        "bad0c0de",
+        ["a1b2c3d4", "e5f6a7b8"],
+    );
+}
+
+#[test]
+fn an_app_id_service_reports_its_app_ids_and_counts_the_user_keys_apart() {
+    a_service_of_one_kind(
+        "app_id",
+        ["a1b2c3d4", "e5f6a7b8"],
+        "deadbeef",
+        ["good-key-1234", "other-key-5678"],
+    );
 }

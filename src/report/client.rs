@@ -56,6 +56,38 @@ impl ReportError {
     }
 }
 
+/// The kind of credential a service authenticates with: its authentication mode (apisonator's
+/// `backend_version`: `1` takes user_key, `2` and `oauth` take app_id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    UserKey,
+    AppId,
+}
+
+impl Kind {
+    pub(crate) fn of(application: &Application) -> Kind {
+        match application {
+            Application::UserKey(_) => Kind::UserKey,
+            Application::AppId(_) => Kind::AppId,
+        }
+    }
+
+    pub(crate) fn other(self) -> Kind {
+        match self {
+            Kind::UserKey => Kind::AppId,
+            Kind::AppId => Kind::UserKey,
+        }
+    }
+
+    /// Its name as the query parameter and the `credentials.mode` setting spell it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::UserKey => "user_key",
+            Kind::AppId => "app_id",
+        }
+    }
+}
+
 /// What an authorize call says of a credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Existence {
@@ -63,6 +95,43 @@ pub(crate) enum Existence {
     Exists,
     /// 3scale does not know it: a report holding it would be dropped whole.
     Missing,
+    /// The service does not authenticate with this kind of credential: it takes the other kind.
+    /// Nothing is known of the application (3scale never looked it up).
+    OtherKind(Kind),
+}
+
+/// What 3scale's authorize answer means for a credential of kind `asked`. apisonator looks the
+/// credential up by the service's mode only: asked about an app_id, a user_key service looks for a
+/// user_key that is not there and says "user key is missing" (a user_key on an app_id service:
+/// "application id is missing"): the codes of an unknown credential, with these messages
+/// (apisonator's `UserKeyInvalid` and `ApplicationNotFound` of a blank key, raised by
+/// `Transactor#validate`).
+fn existence(status: u16, body: &str, asked: Kind) -> Result<Existence, ReportError> {
+    let (code, message) = xml_error(body);
+    match (status, code.as_str()) {
+        // 3scale's answer about an application that exists is a <status> document; anything
+        // else vouches for nothing.
+        (200 | 409, _) if body.contains("<status>") => Ok(Existence::Exists),
+        // The application exists but the call lacked its key or it is suspended: a report is fine.
+        (403, "application_key_invalid" | "application_not_active") => Ok(Existence::Exists),
+        (403 | 404, "user_key_invalid")
+            if asked == Kind::AppId && message.trim() == "user key is missing" =>
+        {
+            Ok(Existence::OtherKind(Kind::UserKey))
+        }
+        (403 | 404, "application_not_found")
+            if asked == Kind::UserKey && message.trim() == "application id is missing" =>
+        {
+            Ok(Existence::OtherKind(Kind::AppId))
+        }
+        (403 | 404, "user_key_invalid" | "application_not_found") => Ok(Existence::Missing),
+        (400..=499, _) => Err(ReportError::Rejected {
+            status,
+            code,
+            message,
+        }),
+        _ => Err(unexpected(status)),
+    }
 }
 
 /// How long a connected call waits for its answer. It doubles at each timeout (up to 16 times the
@@ -231,22 +300,7 @@ impl Client {
             (credential, value),
         ]);
         let (status, text) = self.exchange(request, false).await?;
-        let (code, message) = xml_error(&text);
-        match (status, code.as_str()) {
-            // 3scale's answer about an application that exists is a <status> document; anything
-            // else vouches for nothing.
-            (200 | 409, _) if text.contains("<status>") => Ok(Existence::Exists),
-            // The application exists but the call lacked its key or it is suspended: a report is fine.
-            (403, "application_key_invalid" | "application_not_active") => Ok(Existence::Exists),
-            (403 | 404, "user_key_invalid" | "application_not_found") => Ok(Existence::Missing),
-            (400..=499, _) => Err(ReportError::Rejected {
-                status,
-                code,
-                message,
-            }
-            .redact(secret.expose())),
-            _ => Err(unexpected(status)),
-        }
+        existence(status, &text, Kind::of(application)).map_err(|e| e.redact(secret.expose()))
     }
 }
 
@@ -358,6 +412,120 @@ mod tests {
             xml_error("<error code=\"x\">a\u{1b}[31mb</error>").1,
             "a\\x1b[31mb"
         );
+    }
+
+    /// An error document as apisonator writes it (`Error#to_xml`, `lib/3scale/backend/errors.rb`).
+    fn error(code: &str, message: &str) -> String {
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><error code=\"{code}\">{message}</error>"
+        )
+    }
+
+    #[test]
+    fn authorize_answers_tell_an_unknown_credential_from_a_kind_the_service_does_not_take() {
+        use Kind::{AppId, UserKey};
+        let status = |authorized: bool, reason: &str| {
+            format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><status><authorized>{authorized}</authorized>{reason}<plan>Basic</plan></status>")
+        };
+        let cases = [
+            // Known: authorized, over its limits, or lacking its app_key.
+            (200, status(true, ""), UserKey, Existence::Exists),
+            (200, status(true, ""), AppId, Existence::Exists),
+            (
+                409,
+                status(false, "<reason>usage limits are exceeded</reason>"),
+                AppId,
+                Existence::Exists,
+            ),
+            (
+                409,
+                status(false, "<reason>application key is missing</reason>"),
+                AppId,
+                Existence::Exists,
+            ),
+            (
+                403,
+                error("application_not_active", "application is not active"),
+                AppId,
+                Existence::Exists,
+            ),
+            // Unknown to the service, which takes this kind.
+            (
+                403,
+                error("user_key_invalid", "user key &quot;k-0123&quot; is invalid"),
+                UserKey,
+                Existence::Missing,
+            ),
+            (
+                403,
+                error("user_key_invalid", "user key \"k-0123\" is invalid"),
+                UserKey,
+                Existence::Missing,
+            ),
+            (
+                404,
+                error(
+                    "application_not_found",
+                    "application with id=&quot;a1b2c3d4&quot; was not found",
+                ),
+                AppId,
+                Existence::Missing,
+            ),
+            // A user_key service asked about an app_id; an app_id (or OpenID Connect) service asked
+            // about a user_key.
+            (
+                403,
+                error("user_key_invalid", "user key is missing"),
+                AppId,
+                Existence::OtherKind(UserKey),
+            ),
+            (
+                404,
+                error("application_not_found", "application id is missing"),
+                UserKey,
+                Existence::OtherKind(AppId),
+            ),
+            // The same messages about the kind asked say nothing of the service's mode.
+            (
+                403,
+                error("user_key_invalid", "user key is missing"),
+                UserKey,
+                Existence::Missing,
+            ),
+            (
+                404,
+                error("application_not_found", "application id is missing"),
+                AppId,
+                Existence::Missing,
+            ),
+        ];
+        for (code, body, asked, expected) in cases {
+            let got = existence(code, &body, asked);
+            assert!(
+                matches!(got, Ok(e) if e == expected),
+                "{code} {body} asked {asked:?}: {got:?}"
+            );
+        }
+        // Anything else vouches for nothing.
+        assert!(matches!(
+            existence(
+                403,
+                &error(
+                    "authentication_error",
+                    "either app_id or user_key is allowed, not both"
+                ),
+                UserKey
+            ),
+            Err(ReportError::Rejected { status: 403, .. })
+        ));
+        assert!(matches!(
+            existence(200, "<html>portal</html>", UserKey),
+            Err(ReportError::Transient(_))
+        ));
+        assert!(matches!(
+            existence(503, "", AppId),
+            Err(ReportError::Transient(_))
+        ));
     }
 
     #[test]

@@ -12,12 +12,12 @@ mod form;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-pub(crate) use client::{Client, Existence, Failure, ReportError};
+pub(crate) use client::{Client, Existence, Failure, Kind, ReportError};
 pub(crate) use credentials::Credentials;
 pub(crate) use form::{encode, ReportForm};
 
@@ -422,7 +422,7 @@ async fn wait_for_an_answer(
     let mut backoff = Backoff::for_calls();
     loop {
         Metrics::add(&shared.metrics.authorize_calls, 1);
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         match client
             .authorize(&shared.auth(), &shared.service_id, application)
             .await
@@ -516,7 +516,7 @@ async fn keep_sendable(
     };
     let mut backoff = Backoff::for_calls();
     loop {
-        let unknown = credentials.unknown(transactions);
+        let unknown = credentials.unknown(transactions, Instant::now());
         if unknown.is_empty() {
             break;
         }
@@ -527,7 +527,10 @@ async fn keep_sendable(
                         tracing::warn!(service_id = %shared.service_id, credential = %mask(application.field().1),
                             "3scale does not know this credential: its requests are counted, not reported");
                     }
-                    credentials.record(application, existence == Existence::Exists);
+                    if let Some(takes) = credentials.record(application, existence, Instant::now())
+                    {
+                        mode_hint(shared, takes);
+                    }
                 }
                 shared.metrics.set_problem(&shared.rejection_key(), None);
             }
@@ -543,12 +546,29 @@ async fn keep_sendable(
         // The wait may have taken some transactions out of 3scale's time window.
         drop_outside_window(shared, transactions);
     }
-    for (application, requests) in credentials.take_missing(transactions) {
+    let taken = credentials.take_unsendable(transactions, Instant::now());
+    for (application, requests) in taken.missing {
         shared
             .metrics
             .invalid_credential(application.field().1, requests);
     }
+    if taken.refused > 0 {
+        Metrics::add(&shared.metrics.dropped_wrong_credential_kind, taken.refused);
+        tracing::debug!(service_id = %shared.service_id, requests = taken.refused,
+            "requests with a kind of credential the service does not take are counted, not reported");
+    }
     Ok(())
+}
+
+/// 3scale said the service authenticates with `takes` only: says once what to configure. The
+/// requests with the other kind cannot be checked (3scale's authorize looks up only the kind the
+/// service takes) and APIcast refuses them for that service, so they are not reported.
+fn mode_hint(shared: &Shared, takes: Kind) {
+    let other = takes.other();
+    tracing::warn!(service_id = %shared.service_id, credential_mode = takes.name(), refused = other.name(),
+        hint = %format!("set credentials.mode = \"{}\" in the source's [sources.credentials]", takes.name()),
+        "the service authenticates with {} only: its requests with the other kind of credential ({}) are counted as dropped (wrong_credential_kind), not reported",
+        takes.name(), other.name());
 }
 
 /// Authorize calls for `applications`, a few at a time; the first failure fails them all.

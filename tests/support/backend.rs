@@ -77,6 +77,9 @@ struct State {
     tokens: HashMap<String, String>,
     /// The applications that exist (user_keys and app_ids alike); None: every credential exists.
     applications: Option<std::collections::HashSet<String>>,
+    /// The kind of credential the service authenticates with (`user_key` or `app_id`, apisonator's
+    /// backend_version 1 or 2); None: both (no real service does, but most tests need not care).
+    credential_mode: Option<String>,
     /// The metrics that exist.
     metrics: std::collections::HashSet<String>,
     reports: Vec<Report>,
@@ -191,6 +194,13 @@ impl Backend {
     /// Only these applications (user_keys or app_ids) exist from now on.
     pub fn set_applications(&self, credentials: &[&str]) {
         self.with(|s| s.applications = Some(credentials.iter().map(|c| c.to_string()).collect()));
+    }
+
+    /// The service authenticates with `mode` (`user_key` or `app_id`): authorize answers about the
+    /// other kind as apisonator does (`Transactor#validate`), whatever the credential. Reports are
+    /// not affected: apisonator's report job looks an app_id up whatever the mode.
+    pub fn set_credential_mode(&self, mode: &str) {
+        self.with(|s| s.credential_mode = Some(mode.to_string()));
     }
 
     /// Calls accepted with 202 and then dropped whole.
@@ -494,6 +504,17 @@ fn authorize(req: &Request<Incoming>, state: &Arc<Mutex<State>>) -> Answer {
     };
     let mut s = state.lock().unwrap();
     s.authorizations.push(credential.clone());
+    // A user_key service looks up the user_key, which an app_id call lacks; an app_id service the
+    // app_id, which a user_key call lacks.
+    match (s.credential_mode.as_deref(), get("user_key").is_some()) {
+        (Some("user_key"), false) => {
+            return xml_error(403, "user_key_invalid", "user key is missing");
+        }
+        (Some("app_id"), true) => {
+            return xml_error(404, "application_not_found", "application id is missing");
+        }
+        _ => {}
+    }
     let exists = s
         .applications
         .as_ref()
