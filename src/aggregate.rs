@@ -19,7 +19,7 @@ use crate::identity::FileKey;
 use crate::parse::{Credential, CredentialKind, Encoding, Parser, Request, Skip};
 use crate::state::{Advance, Fate};
 use crate::tail::{Chunk, Tailed};
-use crate::telemetry::{masked_line, Metrics};
+use crate::telemetry::{mask, masked_line, Metrics};
 use crate::usage::{MetricNames, Usage, ONE_HIT, USAGE_METRICS};
 
 /// How 3scale identifies the application in a report. The app_key is not part of a report.
@@ -625,12 +625,18 @@ pub(crate) fn parse_chunk(
                 }
             }
             Err(skip) => {
+                // Shown with what may be a secret masked: query credentials, and a log_format's
+                // header, argument and cookie values.
+                let shown = || match parser.as_deref() {
+                    Some(parser) => masked_line(&parser.hide_secrets(line, mask)),
+                    None => masked_line(line),
+                };
                 skipped[skip as usize] += 1;
                 if warned.insert(skip) {
-                    tracing::warn!(service_id = %lines.service_id, reason = skip.reason(), line = %masked_line(line),
+                    tracing::warn!(service_id = %lines.service_id, reason = skip.reason(), line = %shown(),
                         "line skipped (further skips for this reason are logged at debug level and counted)");
                 } else if tracing::enabled!(tracing::Level::DEBUG) {
-                    tracing::debug!(service_id = %lines.service_id, reason = skip.reason(), line = %masked_line(line), "line skipped");
+                    tracing::debug!(service_id = %lines.service_id, reason = skip.reason(), line = %shown(), "line skipped");
                 }
             }
         }

@@ -531,12 +531,13 @@ struct FileStatus {
 /// being shown whole.
 pub(crate) fn mask(credential: &str) -> String {
     let chars: Vec<char> = credential.chars().collect();
-    if chars.len() > 8 {
+    // Never more than half of it: its ends when long, a prefix when short.
+    if chars.len() >= 16 {
         let head: String = chars[..4].iter().collect();
         let tail: String = chars[chars.len() - 4..].iter().collect();
         return printable(&format!("{head}…{tail}")).into_owned();
     }
-    let shown = chars.len() / 2;
+    let shown = (chars.len() / 2).min(4);
     if shown == 0 {
         return "***".to_string();
     }
@@ -905,10 +906,13 @@ mod tests {
         assert_eq!(mask("x"), "***");
         assert_eq!(mask(""), "***");
         assert_eq!(mask("\x1b[3m"), r"\x1b[…");
+        // Never more than half: 9 to 15 characters show at most 4, the start.
+        assert_eq!(mask("supersecretkey"), "supe…");
+        assert_eq!(mask("123456789"), "1234…");
         let line = br#"1.2.3.4 - - [x] "GET /p?user_key=0123456789abcdef&x=1&app_key=supersecretkey HTTP/1.1" 200"#;
         assert_eq!(
             masked_line(line),
-            r#"1.2.3.4 - - [x] "GET /p?user_key=0123…cdef&x=1&app_key=supe…tkey HTTP/1.1" 200"#
+            r#"1.2.3.4 - - [x] "GET /p?user_key=0123…cdef&x=1&app_key=supe… HTTP/1.1" 200"#
         );
         assert_eq!(masked_line(b"garbage \xff"), "garbage \u{fffd}");
         assert_eq!(
@@ -916,7 +920,7 @@ mod tests {
             r"bell\x07 esc\x1b[2J nul\x00 del\x7f"
         );
         assert_eq!(printable("a\u{9b}b\tc"), r"a\x9bb\x09c");
-        assert_eq!(mask("\x1b[31mkey-0123"), r"\x1b[31…0123");
+        assert_eq!(mask("\x1b[31mkey-0123"), r"\x1b[31…");
         assert!(masked_line(&[b'a'; 1000]).len() == 200);
     }
 

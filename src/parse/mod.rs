@@ -278,6 +278,31 @@ impl Parser {
     }
 }
 
+impl Parser {
+    /// `line` with what may be a secret in it (the values of logged request headers, query
+    /// arguments and cookies, and whatever does not match the format) replaced by `mask` of it;
+    /// query-string credentials are masked by the caller.
+    pub(crate) fn hide_secrets(&self, line: &[u8], mask: impl Fn(&str) -> String) -> Vec<u8> {
+        let LogFormat::Nginx(format) = &self.format else {
+            return line.to_vec();
+        };
+        let (spans, cut) = format.format.secrets(line);
+        let end = cut.unwrap_or(line.len());
+        let mut out = Vec::with_capacity(line.len());
+        let mut at = 0;
+        for span in spans {
+            out.extend_from_slice(&line[at..span.start]);
+            out.extend_from_slice(mask(&String::from_utf8_lossy(&line[span.clone()])).as_bytes());
+            at = span.end;
+        }
+        out.extend_from_slice(&line[at..end]);
+        if cut.is_some_and(|c| c < line.len()) {
+            out.extend_from_slice("…".as_bytes());
+        }
+        out
+    }
+}
+
 /// `$time_local`, through the cache of the last one.
 #[inline]
 fn cached_time_local(last: &mut (TimeField, i64), time: &TimeField) -> Result<i64, Skip> {

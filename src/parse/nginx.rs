@@ -58,6 +58,9 @@ pub(crate) struct Format {
     prefix: Box<[u8]>,
     /// Each variable with the literal text after it (empty: to the end of the line).
     steps: Box<[(Variable, Box<[u8]>)]>,
+    /// Per step, whether its value may be a secret (a request header, a query argument, a
+    /// cookie): masked wherever tally shows a line.
+    sensitive: Box<[bool]>,
     pub(crate) escape: LogEscape,
     /// The names of the `$http_…` variables read, by slot (lower case, `_` for `-`).
     pub(crate) headers: Vec<String>,
@@ -103,6 +106,7 @@ impl Format {
     ) -> Result<Format, String> {
         let mut prefix = Vec::new();
         let mut steps: Vec<(Variable, Vec<u8>)> = Vec::new();
+        let mut sensitive = Vec::new();
         let mut read_headers = Vec::new();
         let mut read_args = Vec::new();
         let bytes = format.as_bytes();
@@ -166,6 +170,18 @@ impl Format {
                 },
             };
             steps.push((variable, Vec::new()));
+            let harmless = [
+                "http_host",
+                "http_referer",
+                "http_user_agent",
+                "http_x_forwarded_for",
+            ];
+            sensitive.push(
+                ["http_", "arg_", "cookie_", "sent_http_"]
+                    .iter()
+                    .any(|p| name.starts_with(p))
+                    && !harmless.contains(&name.as_str()),
+            );
         }
         let has = |f: &dyn Fn(Variable) -> bool| steps.iter().any(|(v, _)| f(*v));
         if !has(&|v| {
@@ -187,6 +203,7 @@ impl Format {
                 .into_iter()
                 .map(|(v, literal)| (v, literal.into_boxed_slice()))
                 .collect(),
+            sensitive: sensitive.into(),
             escape,
             headers: read_headers,
             args: read_args,
@@ -197,6 +214,31 @@ impl Format {
     /// NGINX users write).
     pub(crate) fn logs(&self, wanted: impl Fn(Variable) -> bool) -> bool {
         self.steps.iter().any(|(v, _)| wanted(*v))
+    }
+
+    /// Where `line` holds values that may be secrets, and where it stops matching the format (what
+    /// follows is not known, so not shown either).
+    pub(crate) fn secrets(&self, line: &[u8]) -> (Vec<std::ops::Range<usize>>, Option<usize>) {
+        let mut spans = Vec::new();
+        let Some(mut rest) = line.strip_prefix(&*self.prefix) else {
+            return (spans, Some(0));
+        };
+        for ((_, literal), &sensitive) in self.steps.iter().zip(&*self.sensitive) {
+            let start = line.len() - rest.len();
+            let end = if literal.is_empty() {
+                rest.len()
+            } else {
+                match find_literal(rest, literal, self.escape) {
+                    Some(end) => end,
+                    None => return (spans, Some(start)),
+                }
+            };
+            if sensitive && &rest[..end] != b"-" {
+                spans.push(start..start + end);
+            }
+            rest = &rest[(end + literal.len()).min(rest.len())..];
+        }
+        (spans, None)
     }
 
     /// The values of `line`, or where it stopped matching.
@@ -393,6 +435,20 @@ mod tests {
             .unwrap_err();
         // Where `$status` ends: the space after it is missing.
         assert_eq!((e.at, e.expected.as_str()), (59, " "));
+    }
+
+    #[test]
+    fn secrets_are_found_where_the_format_logs_them() {
+        let f = compile(MAIN);
+        let line = br#"10.1.2.3 - - [24/Nov/2026:10:15:00 +0000] "GET / HTTP/1.1" 200 612 "-" "curl" "1.2.3.4" 0.012 abc123"#;
+        let (spans, cut) = f.secrets(line);
+        assert_eq!(cut, None);
+        assert_eq!(
+            spans.iter().map(|r| &line[r.clone()]).collect::<Vec<_>>(),
+            vec![&b"abc123"[..]]
+        );
+        // Past where the line stops matching, nothing is known.
+        assert_eq!(f.secrets(b"10.1.2.3 - - 24/Nov"), (vec![], Some(11)));
     }
 
     #[test]
