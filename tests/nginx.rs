@@ -63,6 +63,18 @@ impl Nginx {
 
     /// NGINX with `server` as its one server block (`{port}` stands for its port).
     fn start_with(binary: &Path, dir: &Path, server: &str) -> Nginx {
+        Nginx::start_logging(binary, dir, server, "combined", "")
+    }
+
+    /// The API's NGINX, writing its access log in `format` (a name; `log_format` defines it, with
+    /// `{d}` for the folder).
+    fn start_logging(
+        binary: &Path,
+        dir: &Path,
+        server: &str,
+        format: &str,
+        log_format: &str,
+    ) -> Nginx {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -70,6 +82,7 @@ impl Nginx {
             .port();
         let server = server.replace("{port}", &port.to_string());
         let d = dir.display();
+        let log_format = log_format.replace("{d}", &d.to_string());
         let access_log = dir.join("access.log");
         let conf = format!(
             r#"daemon off;
@@ -78,7 +91,8 @@ pid {d}/nginx.pid;
 error_log {d}/error.log info;
 events {{ worker_connections 64; }}
 http {{
-    access_log {d}/access.log combined;
+    {log_format}
+    access_log {d}/access.log {format};
     client_body_temp_path {d}/client_body;
     proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi;
@@ -179,8 +193,17 @@ http {{
 
     /// Sends one GET and returns the status NGINX answered.
     fn get(&self, target: &str) -> u16 {
+        self.get_with(target, &[])
+    }
+
+    /// Sends one GET with extra request `headers` and returns the status NGINX answered.
+    fn get_with(&self, target: &str, headers: &[(&str, &str)]) -> u16 {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(s, "GET {target} HTTP/1.1\r\nHost: api.test\r\nUser-Agent: tally-e2e \"quoted\"\r\nConnection: close\r\n\r\n").unwrap();
+        let extra: String = headers
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}\r\n"))
+            .collect();
+        write!(s, "GET {target} HTTP/1.1\r\nHost: api.test\r\nUser-Agent: tally-e2e \"quoted\"\r\n{extra}Connection: close\r\n\r\n").unwrap();
         let mut answer = String::new();
         s.read_to_string(&mut answer).unwrap();
         answer[9..12].parse().unwrap()
@@ -512,4 +535,163 @@ fn a_tls_backend_with_a_private_ca() {
         .map(|t| t.credential())
         .collect();
     assert_eq!(got, vec!["over-tls"]);
+}
+
+/// A request of the tests with their own `log_format`: its target and headers, the status NGINX
+/// answers, and the credential tally must report (kind and value), if any.
+type Call<'a> = (
+    &'a str,
+    Vec<(&'a str, &'a str)>,
+    u16,
+    Option<(&'a str, &'a str)>,
+);
+
+/// NGINX logging with `log_format` (named `custom`), tally following it with `source` keys (its
+/// format and credentials); every call is sent, then the backend must hold exactly the transactions
+/// of the calls with a credential: kind, value, code, and the second of the request.
+fn custom_format(test: &str, log_format: &str, source: &str, calls: &[Call<'_>]) {
+    let Some(binary) = nginx_or_skip(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("42", "tok")]);
+    let nginx = Nginx::start_logging(
+        &binary,
+        dir.path(),
+        "listen 127.0.0.1:{port};
+        location /ok { return 200 \"ok\\n\"; }
+        location /created { return 201 \"created\\n\"; }
+        location /error { return 500; }
+        location / { return 404; }",
+        "custom",
+        log_format,
+    );
+    let config = write_config(
+        dir.path(),
+        &backend.url(),
+        "tok",
+        &[(&nginx.access_log, "42")],
+        &format!("{source}\n[report]\nflush_interval = \"200ms\"\n"),
+    );
+    let mut tally = Tally::start(&config, &[]);
+    tally.wait_for_log("following file", WAIT);
+    let mut expected = Vec::new();
+    for (target, headers, status, credential) in calls {
+        let before = now();
+        assert_eq!(nginx.get_with(target, headers), *status, "{target}");
+        let after = now();
+        if let Some((kind, value)) = credential {
+            expected.push((*kind, value.to_string(), status.to_string(), before, after));
+        }
+    }
+    backend.wait_until(WAIT, "every credentialed request", |b| {
+        b.transactions().len() >= expected.len()
+    });
+    tally.signal("TERM");
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let got = backend.transactions();
+    assert_eq!(got.len(), expected.len(), "{got:?}");
+    for t in &got {
+        let (kind, value) = match (&t.user_key, &t.app_id) {
+            (Some(k), None) => ("user_key", k.clone()),
+            (None, Some(id)) => ("app_id", id.clone()),
+            _ => panic!("{t:?}"),
+        };
+        let at = expected.iter().position(|(k, v, code, before, after)| {
+            *k == kind
+                && *v == value
+                && t.code.as_deref() == Some(code.as_str())
+                && (*before..=*after).contains(&t.timestamp())
+        });
+        let Some(at) = at else {
+            panic!("no request matches {t:?}; left: {expected:?}");
+        };
+        expected.remove(at);
+    }
+    assert!(backend.refusals().is_empty());
+    let logs = tally.logs();
+    let without = calls.iter().filter(|c| c.3.is_none()).count();
+    assert!(
+        logs.contains(&format!("skipped_no_credential={without}")),
+        "{logs}"
+    );
+    assert!(logs.contains("skipped_malformed=0"), "{logs}");
+}
+
+/// A `main`-style log_format with the key in a request header (`$http_x_api_key`), NGINX's default
+/// escaping (`\x22` for a quote).
+#[test]
+fn a_custom_log_format_with_credentials_in_headers() {
+    let key = |v| vec![("X-Api-Key", v)];
+    custom_format(
+        "a_custom_log_format_with_credentials_in_headers",
+        r#"log_format custom '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer" "$http_user_agent" $request_time $http_x_api_key $http_x_app_id';"#,
+        r#"log_format = '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer" "$http_user_agent" $request_time $http_x_api_key $http_x_app_id'
+[sources.credentials]
+location = "headers"
+user_key = "X-Api-Key"
+app_id = "X-App-Id""#,
+        &[
+            ("/ok", key("alpha"), 200, Some(("user_key", "alpha"))),
+            (
+                "/created?user_key=ignored",
+                key("alpha"),
+                201,
+                Some(("user_key", "alpha")),
+            ),
+            (
+                "/error",
+                key("b\"eta+%41"),
+                500,
+                Some(("user_key", "b\"eta+%41")),
+            ),
+            (
+                "/missing",
+                vec![("X-App-Id", "mobile")],
+                404,
+                Some(("app_id", "mobile")),
+            ),
+            ("/ok?user_key=not-a-header", vec![], 200, None),
+            ("/ok", vec![("X-Other", "x")], 200, None),
+        ],
+    );
+}
+
+/// A JSON-shaped log_format with `escape=json`, ISO 8601 times, the request's parts one by one and
+/// Basic credentials in the Authorization header.
+#[test]
+fn a_json_escaped_log_format_with_basic_credentials() {
+    let basic = |v| vec![("Authorization", v)];
+    custom_format(
+        "a_json_escaped_log_format_with_basic_credentials",
+        r#"log_format custom escape=json '{"time":"$time_iso8601","method":"$request_method","uri":"$request_uri","status":$status,"auth":"$http_authorization","ua":"$http_user_agent"}';"#,
+        r#"log_format = '{"time":"$time_iso8601","method":"$request_method","uri":"$request_uri","status":$status,"auth":"$http_authorization","ua":"$http_user_agent"}'
+log_escape = "json"
+[sources.credentials]
+location = "authorization"
+mode = "user_key""#,
+        &[
+            // base64("alpha:x"), base64("be\"ta:pw")
+            (
+                "/ok",
+                basic("Basic YWxwaGE6eA=="),
+                200,
+                Some(("user_key", "alpha")),
+            ),
+            (
+                "/created",
+                basic("Basic YmUidGE6cHc="),
+                201,
+                Some(("user_key", "be\"ta")),
+            ),
+            (
+                "/error?q=1",
+                basic("Basic YWxwaGE6eA=="),
+                500,
+                Some(("user_key", "alpha")),
+            ),
+            ("/ok", basic("Bearer eyJhbGciOi"), 200, None),
+            ("/ok", vec![], 200, None),
+        ],
+    );
 }
