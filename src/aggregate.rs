@@ -162,7 +162,7 @@ const CALL_BYTES: usize = 16 << 10;
 /// The longest credential reported, percent-encoded: far above any real user_key or app_id (NGINX
 /// refuses request lines over 8 KiB by default). A longer one is skipped as invalid: it bounds the
 /// room a batch keeps for its next transaction, and one of several MiB could never be sent.
-const MAX_CREDENTIAL_BYTES: usize = 64 << 10;
+pub(crate) const MAX_CREDENTIAL_BYTES: usize = 64 << 10;
 
 /// The encoded size of one transaction field, at most, as `report::form::encode` writes it:
 /// `&transactions%5B<index>%5D<key>=<value>`. The index has at most four digits (a call holds fewer

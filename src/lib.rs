@@ -10,6 +10,7 @@
 
 mod aggregate;
 mod config;
+mod explain;
 mod identity;
 mod parse;
 mod preflight;
@@ -22,6 +23,7 @@ mod usage;
 
 // What the `tally` binary runs.
 pub use config::{Config, ConfigError, LogOutput};
+pub use explain::{explain, ExplainError, ExplainInput, ExplainOptions};
 pub use preflight::{inspect, Findings};
 pub use run::{run, Outcome, RunOptions};
 pub use telemetry::init_logging;

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use tally::{Config, Findings, LogOutput, Outcome, RunOptions};
+use tally::{
+    Config, ExplainError, ExplainInput, ExplainOptions, Findings, LogOutput, Outcome, RunOptions,
+};
 
 /// Exit codes: 0 done, 1 an error (3scale rejects the calls, a state that cannot be read...),
 /// 2 a bad configuration, 3 `--once` stopped before everything was accepted (nothing is lost: the
@@ -44,6 +46,21 @@ enum Command {
     Check {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Show what tally reads from each line of a source's log, and what it would report, or why
+    /// it skips the line and where parsing failed. Reports nothing.
+    Parse {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// The `[[sources]]` entry whose format and credentials apply, from 0.
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        source: usize,
+        /// One JSON object per line, the summary last.
+        #[arg(long)]
+        json: bool,
+        /// The lines to read: a file, or `-` for standard input. Default: the source's files.
+        #[arg(value_name = "LOGFILE")]
+        logfile: Option<PathBuf>,
     },
 }
 
@@ -87,6 +104,46 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Command::Parse {
+            config: file,
+            source,
+            json,
+            logfile,
+        } => {
+            let config = match Config::load(&file) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            let input = match logfile {
+                None => ExplainInput::SourceFiles,
+                Some(path) if path.as_os_str() == "-" => ExplainInput::Stdin,
+                Some(path) => ExplainInput::File(path),
+            };
+            let options = ExplainOptions {
+                source,
+                input,
+                json,
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            match tally::explain(&config, &options, &mut out, &mut std::io::stderr()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e @ ExplainError::NoSuchSource { .. }) => {
+                    eprintln!("error: {}: {e}", file.display());
+                    ExitCode::from(EXIT_BAD_CONFIG)
+                }
+                // A reader that stopped early (`| head`) is no failure.
+                Err(ExplainError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run {
             config: file,
             dry_run,

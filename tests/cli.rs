@@ -7,9 +7,14 @@ use std::time::{Duration, Instant};
 /// Runs the command to its end, like `output()`, but kills it and fails the test if it has not
 /// ended within a minute: a hung tally must not hang the test run.
 fn run(command: &mut Command) -> Output {
+    run_with_stdin(command, Stdio::null())
+}
+
+/// [`run`], with `stdin` as the command's standard input.
+fn run_with_stdin(command: &mut Command, stdin: Stdio) -> Output {
     use std::io::Read;
     let mut child = command
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -338,4 +343,170 @@ fn check_finds_paths_and_state_folders_that_cannot_work() {
     let (code, _, err) = tally(&["run", "--once", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("logs is a folder"), "{err}");
+}
+
+/// `tally parse` on a custom `log_format` with the credential in a header: each line's reading or
+/// its skip with where and why, never a credential in full; text, `--json`, a file, the source's
+/// files and stdin.
+#[test]
+fn parse_shows_each_line_as_tally_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = d.join("tally.toml");
+    std::fs::write(
+        &config,
+        r#"[backend]
+service_token = "t"
+[[sources]]
+path = "access.log"
+service_id = "1"
+log_format = '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_user_agent" $host $request_time $http_x_api_key'
+[sources.credentials]
+location = "headers"
+user_key = "X-Api-Key"
+[tail]
+max_line_length = 300
+"#,
+    )
+    .unwrap();
+    let long = format!(
+        r#"10.0.0.7 - - [24/Nov/2026:10:15:06 +0000] "GET /{} HTTP/1.1" 200 0 "-" - 0.001 long-secret-key-7"#,
+        "a".repeat(400)
+    );
+    let lines: Vec<&[u8]> = vec![
+        br#"10.0.0.1 - - [24/Nov/2026:10:15:00 +0000] "GET /v1/words?page=2 HTTP/1.1" 200 612 "curl/8.0" api.example.com 0.012 3f9a7c21d4e8b06a5c1d"#,
+        br#"10.0.0.2 - - [24/Nov/2026:10:15:01 +0100] "POST /v1/words HTTP/1.1" 000 0 "curl/8.0" - 0.020 k-secret-12"#,
+        // Cut after the user agent: `" ` never ends its value.
+        br#"10.0.0.3 - - [24/Nov/2026:10:15:02 +0000] "GET /v1/words HTTP/1.1" 404 0 "curl/8.0""#,
+        br#"10.0.0.4 - - [24/Nov/2026:10:15:03 +0000] "GET /v1/words HTTP/1.1" 200 0 "curl/8.0" api.example.com 0.001 -"#,
+        // Bytes that are not UTF-8 in the path and the user agent.
+        b"10.0.0.5 - - [24/Nov/2026:10:15:04 +0000] \"GET /caf\xc3 HTTP/1.1\" 201 0 \"\xff\xfe\" api.example.com 0.001 utf8-secret-key-5",
+        // A key NGINX escaped that is not UTF-8 once unescaped.
+        br#"10.0.0.6 - - [24/Nov/2026:10:15:05 +0000] "GET / HTTP/1.1" 200 0 "-" - 0.001 bad\xC3\x28secret"#,
+        b"",
+        long.as_bytes(),
+        br#"10.0.0.8 - - [24/Nov/2026:10:15:99 +0000] "GET / HTTP/1.1" 200 0 "-" - 0.001 abcdefgh-secret"#,
+    ];
+    let log = d.join("access.log");
+    std::fs::write(&log, [lines.join(&b"\n"[..]), b"\n".to_vec()].concat()).unwrap();
+    let secrets = [
+        "3f9a7c21d4e8b06a5c1d",
+        "k-secret-12",
+        "utf8-secret-key-5",
+        "C3\\x28secret",
+        "long-secret-key-7",
+        "abcdefgh-secret",
+    ];
+    let no_secret = |text: &str| {
+        for secret in secrets {
+            assert!(!text.contains(secret), "`{secret}` shown in:\n{text}");
+        }
+    };
+    let config = config.to_str().unwrap();
+    let expected = [
+        "1: 2026-11-24T10:15:00Z GET /v1/words 200 host=api.example.com user_key=3f9a…5c1d → report: usage hits=1 code=200",
+        "2: 2026-11-24T09:15:01Z POST /v1/words 000 host=- user_key=k-se… → report: usage hits=1 without code",
+        "3: skipped (malformed): at byte 74: expected `\" ` to end the value that starts here; line: 10.0.0.3 - - [24/Nov/2026:10:15:02 +0000] \"GET /v1/words HTTP/1.1\" 404 0 \"…",
+        "4: skipped (no_credential): expected the `X-Api-Key` request header: $http_x_api_key logged `-` or empty; line: 10.0.0.4 - - [24/Nov/2026:10:15:03 +0000] \"GET /v1/words HTTP/1.1\" 200 0 \"curl/8.0\" api.example.com 0.001 -",
+        "5: 2026-11-24T10:15:04Z GET /caf\u{fffd} 201 host=api.example.com user_key=utf8…ey-5 → report: usage hits=1 code=201",
+        "6: skipped (invalid_credential): expected a user_key that is UTF-8 once decoded; line: 10.0.0.6 - - [24/Nov/2026:10:15:05 +0000] \"GET / HTTP/1.1\" 200 0 \"-\" - 0.001 bad\\…cret",
+        "8: skipped (too_long): at byte 300: expected the end of the line within tail.max_line_length (300 bytes)",
+        "9: skipped (malformed): at byte 14: expected $time_local (like `25/Nov/2026:18:41:03 +0100`), not `24/Nov/2026:10:15:99 +0000`; line: 10.0.0.8 - - [24/Nov/2026:10:15:99 +0000] \"GET / HTTP/1.1\" 200 0 \"-\" - 0.001 abcd…",
+    ];
+    let summary = "summary: lines_read=8 reported=3 skipped_malformed=2 skipped_no_credential=1 skipped_invalid_credential=1 skipped_too_long=1\n";
+
+    // A file given; then the source's own files, each under its name.
+    let (code, out, err) = tally(&["parse", "--config", config, log.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), expected, "{out}");
+    assert_eq!(err, summary);
+    no_secret(&out);
+    let (code, out, err) = tally(&["parse", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().next(),
+        Some(format!("==> {} <==", log.display()).as_str())
+    );
+    assert_eq!(out.lines().skip(1).collect::<Vec<_>>(), expected, "{out}");
+
+    // JSON from stdin: one object per line, the summary last.
+    let out = run_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["parse", "--config", config, "--json", "-"])
+            .env_remove("RUST_LOG"),
+        Stdio::from(std::fs::File::open(&log).unwrap()),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    no_secret(&stdout);
+    let objects: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert_eq!(objects.len(), 9, "{stdout}");
+    assert_eq!(
+        objects[0],
+        serde_json::json!({
+            "file": "-", "line": 1, "time": 1_795_515_300, "time_rfc3339": "2026-11-24T10:15:00Z",
+            "method": "GET", "path": "/v1/words", "status": 200, "host": "api.example.com",
+            "credential": { "kind": "user_key", "masked": "3f9a…5c1d" },
+            "report": { "usage": { "hits": 1 }, "code": 200 },
+        })
+    );
+    assert_eq!(objects[1]["report"]["code"], serde_json::Value::Null);
+    assert_eq!(objects[1]["status"], 0);
+    assert_eq!(
+        (
+            &objects[2]["skipped"],
+            &objects[2]["at"],
+            &objects[2]["expected"]
+        ),
+        (
+            &"malformed".into(),
+            &74.into(),
+            &"`\" ` to end the value that starts here".into()
+        )
+    );
+    assert_eq!(
+        (&objects[3]["skipped"], &objects[3]["at"]),
+        (&"no_credential".into(), &serde_json::Value::Null)
+    );
+    assert_eq!(objects[4]["path"], "/caf\u{fffd}");
+    assert_eq!(objects[5]["skipped"], "invalid_credential");
+    assert_eq!(
+        (
+            &objects[6]["line"],
+            &objects[6]["skipped"],
+            &objects[6]["at"]
+        ),
+        (&8.into(), &"too_long".into(), &300.into())
+    );
+    assert_eq!(
+        (&objects[7]["line"], &objects[7]["at"]),
+        (&9.into(), &14.into())
+    );
+    assert_eq!(
+        objects[8],
+        serde_json::json!({ "summary": { "lines_read": 8, "reported": 3, "skipped": {
+            "malformed": 2, "no_credential": 1, "invalid_credential": 1, "too_long": 1 } } })
+    );
+
+    // A source that does not exist is a configuration error; a file that cannot be read, an error.
+    let (code, _, err) = tally(&["parse", "--config", config, "--source", "1", "-"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--source 1: the configuration has 1 source(s): 0 to 0"),
+        "{err}"
+    );
+    let missing = d.join("missing.log");
+    let (code, _, err) = tally(&["parse", "--config", config, missing.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot read") && err.contains("missing.log"),
+        "{err}"
+    );
 }

@@ -169,6 +169,16 @@ pub(crate) enum CredentialKind {
     AppId,
 }
 
+impl CredentialKind {
+    /// Its name in a report and in messages.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            CredentialKind::UserKey => "user_key",
+            CredentialKind::AppId => "app_id",
+        }
+    }
+}
+
 /// The caller's credential, as written in the log (still escaped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Credential<'a> {

@@ -5,12 +5,14 @@
 //! wrote it, and is decoded ([`Credential::decode`]) once per distinct credential by the aggregation.
 
 mod credential;
+mod failure;
 mod nginx;
 
 use std::sync::Arc;
 
 pub(crate) use credential::{Credential, CredentialKind, CredentialLocation, Encoding};
 pub use credential::{CredentialMode, CredentialRule};
+pub(crate) use failure::Failure;
 pub(crate) use nginx::LogEscape;
 
 /// How the lines of a source are written.
