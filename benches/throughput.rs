@@ -32,7 +32,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("access.log");
-    let credentialed = generate(&log, lines);
+    let credentialed = generate(&log, lines, false);
     let bytes = std::fs::metadata(&log).unwrap().len();
     let mb = bytes as f64 / 1e6;
     println!(
@@ -69,6 +69,7 @@ fn main() {
         None,
         wc,
     );
+    parse_only(&dir, &log, lines.min(500_000));
     if std::env::var_os("TALLY_BENCH_PARSE_ONLY").is_some() {
         return;
     }
@@ -146,7 +147,10 @@ fn row(
 /// A combined log: ~1,000 credentials of skewed popularity (user_keys and app_ids), query strings,
 /// long user agents, a realistic status mix, some lines without credentials, increasing times over
 /// the last hour. Returns how many lines carry a credential.
-fn generate(path: &Path, lines: u64) -> u64 {
+/// A realistic access log of `lines` lines: NGINX's combined format with the credential in the
+/// query string, or (`main`) [`pipeline::MAIN_WITH_KEYS`] with it in request headers. Returns how
+/// many lines carry a credential.
+fn generate(path: &Path, lines: u64, main: bool) -> u64 {
     let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
@@ -187,14 +191,27 @@ fn generate(path: &Path, lines: u64) -> u64 {
         let r = (next() % 1000) as f64 / 1000.0;
         let who = (r * r * 1000.0) as u64;
         let roll = next() % 100;
-        let query = match roll {
-            0..=59 => format!(
-                "?user_key={:032x}&page={}",
-                who.wrapping_mul(0x9e37_79b9),
-                next() % 50
+        let user_key = format!("{:032x}", who.wrapping_mul(0x9e37_79b9));
+        let app_id = format!("app{who:05}");
+        let (query, headers) = match (roll, main) {
+            (0..=59, false) => (
+                format!("?user_key={user_key}&page={}", next() % 50),
+                String::new(),
             ),
-            60..=89 => format!("?app_id=app{who:05}&app_key={:016x}&lang=en", who * 7919),
-            _ => "?page=2".to_string(),
+            (60..=89, false) => (
+                format!("?app_id={app_id}&app_key={:016x}&lang=en", who * 7919),
+                String::new(),
+            ),
+            (_, false) => ("?page=2".to_string(), String::new()),
+            (0..=59, true) => (format!("?page={}", next() % 50), format!(" {user_key} -")),
+            (60..=89, true) => ("?lang=en".to_string(), format!(" - {app_id}")),
+            (_, true) => ("?page=2".to_string(), " - -".to_string()),
+        };
+        // main: "$http_x_forwarded_for" $request_time, then the two key headers.
+        let tail = if main {
+            format!(" \"-\" 0.{:03}{headers}", next() % 1000)
+        } else {
+            String::new()
         };
         if roll < 90 {
             credentialed += 1;
@@ -210,7 +227,7 @@ fn generate(path: &Path, lines: u64) -> u64 {
         };
         writeln!(
             out,
-            "10.{}.{}.{} - - [{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000] \"GET {}{query} HTTP/1.1\" {status} {} \"https://example.com/app\" \"{}\"",
+            "10.{}.{}.{} - - [{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000] \"GET {}{query} HTTP/1.1\" {status} {} \"https://example.com/app\" \"{}\"{tail}",
             next() % 256,
             next() % 256,
             next() % 256,
@@ -265,6 +282,32 @@ fn parse_and_aggregate(log: &Path) -> (u64, u64) {
         count(batch);
     }
     (reported, batches)
+}
+
+/// The parser alone, per line, on lines in memory: the built-in combined parser, then a compiled
+/// `log_format` (NGINX's main plus `$request_time` and two key headers) on the same traffic.
+fn parse_only(dir: &Path, combined_log: &Path, lines: u64) {
+    let main_log = dir.join("main.log");
+    generate(&main_log, lines, true);
+    let best = |path: &Path, parser: &mut tally::pipeline::Parser| {
+        let text = std::fs::read(path).unwrap();
+        let all: Vec<&[u8]> = text.split(|&b| b == b'\n').take(lines as usize).collect();
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let start = Instant::now();
+            let parsed = all.iter().filter(|l| parser.parse(l).is_ok()).count();
+            best = best.min(start.elapsed().as_secs_f64());
+            assert!(parsed as u64 > lines / 2, "the bench's lines do not parse");
+        }
+        best * 1e9 / all.len() as f64
+    };
+    let combined = best(combined_log, &mut pipeline::combined_parser());
+    let main = best(&main_log, &mut pipeline::main_with_keys());
+    println!("parse only, combined {combined:>6.1} ns per line");
+    println!(
+        "parse only, log_format main + keys {main:>6.1} ns per line: {:.2}x combined's",
+        main / combined
+    );
 }
 
 fn time_command(cmd: &mut Command) -> f64 {

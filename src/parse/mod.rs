@@ -10,8 +10,8 @@ mod nginx;
 
 use std::sync::Arc;
 
-pub(crate) use credential::{Credential, CredentialKind, CredentialLocation, Encoding};
-pub use credential::{CredentialMode, CredentialRule};
+pub(crate) use credential::{Credential, CredentialKind, Encoding};
+pub use credential::{CredentialLocation, CredentialMode, CredentialRule};
 pub(crate) use failure::Failure;
 pub(crate) use nginx::LogEscape;
 
@@ -27,6 +27,12 @@ pub enum LogFormat {
 }
 
 impl LogFormat {
+    /// An NGINX `log_format` (NGINX's default escaping), compiled for credentials found as `rule`
+    /// says; the error says what the format lacks.
+    pub fn nginx(text: &str, rule: &CredentialRule) -> Result<LogFormat, String> {
+        NginxFormat::compile(text, LogEscape::Default, rule).map(|f| LogFormat::Nginx(Arc::new(f)))
+    }
+
     /// Its name in the configuration (`format`).
     pub(crate) fn name(&self) -> &'static str {
         match self {
@@ -333,7 +339,11 @@ fn nginx_line<'a>(
     last_time: &mut (TimeField, i64),
     line: &'a [u8],
 ) -> Result<Request<'a>, Skip> {
-    let v = format.format.scan(line).map_err(|_| Skip::Malformed)?;
+    let mut v = nginx::Values::default();
+    format
+        .format
+        .read(line, &mut v)
+        .map_err(|_| Skip::Malformed)?;
     let timestamp = match v.time.ok_or(Skip::Malformed)? {
         (nginx::Variable::TimeLocal, t) => {
             cached_time_local(last_time, t.try_into().map_err(|_| Skip::Malformed)?)?

@@ -61,6 +61,9 @@ pub(crate) struct Format {
     /// Per step, whether its value may be a secret (a request header, a query argument, a
     /// cookie): masked wherever tally shows a line.
     sensitive: Box<[bool]>,
+    /// Steps `a..b` are values tally does not use (the referer, the user agent…): a line is read
+    /// forward up to them and backward from its end down to them, never through them.
+    gap: (usize, usize),
     pub(crate) escape: LogEscape,
     /// The names of the `$http_…` variables read, by slot (lower case, `_` for `-`).
     pub(crate) headers: Vec<String>,
@@ -197,7 +200,9 @@ impl Format {
         if !has(&|v| v == Variable::Status) {
             return Err("it logs no $status: add it".into());
         }
+        let gap = widest_gap(&steps);
         Ok(Format {
+            gap,
             prefix: prefix.into(),
             steps: steps
                 .into_iter()
@@ -241,56 +246,129 @@ impl Format {
         (spans, None)
     }
 
-    /// The values of `line`, or where it stopped matching.
-    #[inline]
+    /// The values of `line`, or where it stopped matching, reading it from its start to its end
+    /// (the slow path of `tally parse`: the first place that goes wrong is the one to show).
     pub(crate) fn scan<'a>(&self, line: &'a [u8]) -> Result<Values<'a>, Mismatch> {
-        let mismatch = |at: usize, literal: &[u8]| Mismatch {
-            at,
-            expected: String::from_utf8_lossy(literal).into_owned(),
-        };
-        let mut rest = line
-            .strip_prefix(&*self.prefix)
-            .ok_or_else(|| mismatch(0, &self.prefix))?;
         let mut values = Values::default();
-        for (variable, literal) in self.steps.iter() {
+        self.forward(line, self.steps.len(), &mut values)
+            .map(|_| values)
+            .map_err(|(at, literal)| Mismatch {
+                at,
+                expected: String::from_utf8_lossy(literal).into_owned(),
+            })
+    }
+
+    /// Reads the first `steps` values of `line` into `values`; returns what follows them.
+    #[inline]
+    fn forward<'a, 's>(
+        &'s self,
+        line: &'a [u8],
+        steps: usize,
+        values: &mut Values<'a>,
+    ) -> Result<&'a [u8], (usize, &'s [u8])> {
+        let mut rest = line.strip_prefix(&*self.prefix).ok_or((0, &*self.prefix))?;
+        for (variable, literal) in &self.steps[..steps] {
             let value = if literal.is_empty() {
                 std::mem::take(&mut rest)
             } else {
                 let end = find_literal(rest, literal, self.escape)
-                    .ok_or_else(|| mismatch(line.len() - rest.len(), literal))?;
+                    .ok_or((line.len() - rest.len(), &**literal))?;
                 let value = &rest[..end];
                 rest = &rest[end + literal.len()..];
                 value
             };
-            if *variable == Variable::Other {
-                continue;
+            values.record(*variable, value);
+        }
+        Ok(rest)
+    }
+
+    /// Reads the values of `line` into `values`, or says where it stopped matching and which
+    /// literal text was expected there. The hot path: nothing allocated, nothing copied.
+    #[inline]
+    pub(crate) fn read<'a, 's>(
+        &'s self,
+        line: &'a [u8],
+        values: &mut Values<'a>,
+    ) -> Result<(), (usize, &'s [u8])> {
+        let (a, b) = self.gap;
+        let rest = self.forward(line, a, values)?;
+        if b == a {
+            return Ok(());
+        }
+        // Backward from the end of the line, down to the gap.
+        let floor = line.len() - rest.len();
+        let last = &self.steps[self.steps.len() - 1].1;
+        let mut end = if last.is_empty() {
+            line.len()
+        } else if line.ends_with(last) && line.len() - last.len() >= floor {
+            line.len() - last.len()
+        } else {
+            return Err((line.len(), &**last));
+        };
+        for i in (b..self.steps.len()).rev() {
+            let before = &self.steps[i - 1].1;
+            let at =
+                rfind_literal(&line[floor..end], before, self.escape).ok_or((floor, &**before))?;
+            let start = floor + at + before.len();
+            values.record(self.steps[i].0, &line[start..end]);
+            end = floor + at;
+        }
+        Ok(())
+    }
+}
+
+impl<'a> Values<'a> {
+    /// The value of one variable of the line.
+    #[inline]
+    fn record(&mut self, variable: Variable, value: &'a [u8]) {
+        // NGINX logs `-` for a variable without a value.
+        let value = (value != b"-").then_some(value);
+        match variable {
+            Variable::TimeLocal | Variable::TimeIso8601 | Variable::Msec => {
+                self.time = self.time.or(value.map(|v| (variable, v)))
             }
-            // NGINX logs `-` for a variable without a value.
-            let value = (value != b"-").then_some(value);
-            match *variable {
-                Variable::TimeLocal | Variable::TimeIso8601 | Variable::Msec => {
-                    values.time = values.time.or(value.map(|v| (*variable, v)))
-                }
-                Variable::Request => values.request = value,
-                Variable::Method => values.method = value,
-                Variable::RequestUri => values.request_uri = value,
-                Variable::Uri => values.uri = value,
-                Variable::Args => values.args = value,
-                Variable::Status => values.status = value,
-                Variable::Host(rank) => {
-                    if let Some(v) = value.filter(|v| !v.is_empty()) {
-                        if values.host.is_none_or(|(r, _)| rank < r) {
-                            values.host = Some((rank, v));
-                        }
+            Variable::Request => self.request = value,
+            Variable::Method => self.method = value,
+            Variable::RequestUri => self.request_uri = value,
+            Variable::Uri => self.uri = value,
+            Variable::Args => self.args = value,
+            Variable::Status => self.status = value,
+            Variable::Host(rank) => {
+                if let Some(v) = value.filter(|v| !v.is_empty()) {
+                    if self.host.is_none_or(|(r, _)| rank < r) {
+                        self.host = Some((rank, v));
                     }
                 }
-                Variable::Header(slot) => values.headers[slot as usize] = value,
-                Variable::Arg(slot) => values.arg_values[slot as usize] = value,
-                Variable::Other => {}
             }
+            Variable::Header(slot) => self.headers[slot as usize] = value,
+            Variable::Arg(slot) => self.arg_values[slot as usize] = value,
+            Variable::Other => {}
         }
-        Ok(values)
     }
+}
+
+/// The widest run of steps whose values tally does not use, as `(a, b)` (steps `a..b`), with the
+/// steps after it read backward; `(n, n)`, no gap, if every value is used. A run reaching the end
+/// of the line ends the reading there.
+fn widest_gap(steps: &[(Variable, Vec<u8>)]) -> (usize, usize) {
+    let n = steps.len();
+    let mut best = (n, n);
+    let mut i = 0;
+    while i < n {
+        if steps[i].0 != Variable::Other {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < n && steps[i].0 == Variable::Other {
+            i += 1;
+        }
+        // The first step has no literal before it to find backward.
+        if start > 0 && i - start >= best.1 - best.0 {
+            best = (start, i);
+        }
+    }
+    best
 }
 
 /// A variable's name at the start of `s` (after its `$`): `name` or `{name}`, and the bytes it
@@ -332,6 +410,32 @@ fn previous_name(format: &str, n: usize) -> Option<String> {
     None
 }
 
+/// Whether two short byte strings are equal, compared in line: literals are a few bytes, for
+/// which a call to `memcmp` costs more than the comparison.
+#[inline]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+/// Where `literal` last occurs in `s`, with the same care for escaped quotes as [`find_literal`].
+#[inline]
+fn rfind_literal(s: &[u8], literal: &[u8], escape: LogEscape) -> Option<usize> {
+    let last = *literal.last()?;
+    let mut end = s.len();
+    loop {
+        // The values read backward are short (a time, a key): a plain loop beats memrchr's setup.
+        let at = s[..end].iter().rposition(|&b| b == last)?;
+        end = at;
+        let start = (at + 1).checked_sub(literal.len())?;
+        let escaped = literal[0] == b'"'
+            && escape == LogEscape::Json
+            && s[..start].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1;
+        if !escaped && same(&s[start..=at], literal) {
+            return Some(start);
+        }
+    }
+}
+
 /// Where `literal` next occurs in `s`. A quote escaped by a backslash (escape=json writes `\"`)
 /// is part of the value, not the end of it.
 #[inline]
@@ -339,11 +443,12 @@ fn find_literal(s: &[u8], literal: &[u8], escape: LogEscape) -> Option<usize> {
     let first = literal[0];
     let mut from = 0;
     loop {
-        let at = from + memchr::memchr(first, &s[from..])?;
+        // Most values are short: a word-at-a-time search beats memchr's setup there.
+        let at = from + super::find_short(&s[from..], first)?;
         let escaped = first == b'"'
             && escape == LogEscape::Json
             && s[..at].iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1;
-        if !escaped && s[at..].starts_with(literal) {
+        if !escaped && s.len() - at >= literal.len() && same(&s[at..at + literal.len()], literal) {
             return Some(at);
         }
         from = at + 1;
@@ -485,6 +590,10 @@ mod tests {
             let f = compile(MAIN);
             let line = format!(r#"1.2.3.4 - - [24/Nov/2026:10:15:00 +0000] "{method} {path} HTTP/1.1" {status} 5 "-" "ua" "-" 0.001 {key}"#);
             let v = f.scan(line.as_bytes()).unwrap();
+            // The hot path, which skips the values tally does not use, reads the same.
+            let mut read = Values::default();
+            proptest::prop_assert!(f.read(line.as_bytes(), &mut read).is_ok());
+            proptest::prop_assert_eq!(read, v);
             let request = format!("{method} {path} HTTP/1.1");
             let status = status.to_string();
             proptest::prop_assert_eq!(v.request, Some(request.as_bytes()));

@@ -1,25 +1,51 @@
-//! tally's own read → parse + aggregate path for one combined-format source read once from its start,
-//! without reporting: shared by `tests/allocation.rs` and `benches/throughput.rs` (included by path).
+//! tally's own read → parse + aggregate path for one source read once from its start, without
+//! reporting: shared by `tests/allocation.rs` and `benches/throughput.rs` (included by path).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tally::pipeline::{
-    CredentialMode, CredentialRule, Follower, LogFormat, Metrics, Parser, ServiceLines, TailEvents,
-    TailOptions, Tailed,
+    CredentialLocation, CredentialMode, CredentialRule, Follower, LogFormat, Metrics, Parser,
+    ServiceLines, TailEvents, TailOptions, Tailed,
 };
 
 const MAX_LINE_LENGTH: usize = 64 * 1024;
 
 /// What the parse step needs for source 0, as `tally run` sets it up with the defaults.
 pub fn combined_source() -> ServiceLines {
+    source(combined_parser())
+}
+
+/// The parser of combined lines with the default credentials settings.
+pub fn combined_parser() -> Parser {
+    Parser::new(
+        LogFormat::Combined,
+        CredentialRule::query(CredentialMode::Auto),
+    )
+}
+
+/// NGINX's `main` log_format and `$request_time $http_x_api_key $http_x_app_id`: the credential in
+/// request headers.
+pub const MAIN_WITH_KEYS: &str = r#"$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer" "$http_user_agent" "$http_x_forwarded_for" $request_time $http_x_api_key $http_x_app_id"#;
+
+/// The parser of [`MAIN_WITH_KEYS`] lines.
+pub fn main_with_keys() -> Parser {
+    let rule = CredentialRule {
+        location: CredentialLocation::Headers,
+        user_key: "X-Api-Key".into(),
+        app_id: "X-App-Id".into(),
+        ..CredentialRule::query(CredentialMode::Auto)
+    };
+    let format = LogFormat::nginx(MAIN_WITH_KEYS, &rule).expect("the main format compiles");
+    Parser::new(format, rule)
+}
+
+/// What the parse step needs for source 0 read with `parser`.
+pub fn source(parser: Parser) -> ServiceLines {
     ServiceLines {
         service_id: "1".into(),
-        parsers: vec![Some(Parser::new(
-            LogFormat::Combined,
-            CredentialRule::query(CredentialMode::Auto),
-        ))],
+        parsers: vec![Some(parser)],
         max_line_length: MAX_LINE_LENGTH,
         flush_interval: Duration::from_secs(5),
         counted: Default::default(),
