@@ -2,7 +2,8 @@
 //!
 //! 1. a realistic NGINX combined log of N lines (TALLY_BENCH_LINES, default 2,000,000);
 //! 2. `wc -l` on it (the machine's reading speed);
-//! 3. tally's parse + aggregate path alone, in this process;
+//! 3. tally's parse + aggregate path alone, in this process; then the same lines as JSON lines, and
+//!    the time per line of each parser alone, JSON's relative to combined's;
 //! 4. tally end to end (`tally run --once`, response codes on, credentials checked) into a local
 //!    backend that accepts everything and counts what arrives;
 //! 5. tally following a stream of 10,000 lines/s, then idle.
@@ -32,7 +33,8 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("access.log");
-    let credentialed = generate(&log, lines);
+    let json_log = dir.join("access.json.log");
+    let credentialed = generate(&log, &json_log, lines);
     let bytes = std::fs::metadata(&log).unwrap().len();
     let mb = bytes as f64 / 1e6;
     println!(
@@ -47,19 +49,7 @@ fn main() {
     row("wc -l", lines, mb, wc, None, None, wc);
 
     // Parse + aggregate, best of three.
-    let (mut best, mut best_cpu) = (f64::MAX, 0.0);
-    for _ in 0..3 {
-        let cpu0 = self_cpu();
-        let start = Instant::now();
-        let (reported, batches) = parse_and_aggregate(&log);
-        let wall = start.elapsed().as_secs_f64();
-        assert_eq!(reported, credentialed, "parse + aggregate lost requests");
-        assert!(batches > 0);
-        if wall < best {
-            best = wall;
-            best_cpu = self_cpu() - cpu0;
-        }
-    }
+    let (best, best_cpu) = best_parse_and_aggregate(&log, false, credentialed);
     row(
         "parse + aggregate",
         lines,
@@ -68,6 +58,23 @@ fn main() {
         Some(best_cpu),
         None,
         wc,
+    );
+    let json_mb = std::fs::metadata(&json_log).unwrap().len() as f64 / 1e6;
+    let (json_best, json_cpu) = best_parse_and_aggregate(&json_log, true, credentialed);
+    row(
+        "JSON lines",
+        lines,
+        json_mb,
+        json_best,
+        Some(json_cpu),
+        None,
+        wc,
+    );
+    let (combined_ns, json_ns) = (parse_alone(&log, false), parse_alone(&json_log, true));
+    println!(
+        "  parser alone: combined {combined_ns:.0} ns/line, JSON lines {json_ns:.0} ns/line ({:.2}x); with aggregation {:.2}x",
+        json_ns / combined_ns,
+        json_best / best
     );
     if std::env::var_os("TALLY_BENCH_PARSE_ONLY").is_some() {
         return;
@@ -146,8 +153,12 @@ fn row(
 /// A combined log: ~1,000 credentials of skewed popularity (user_keys and app_ids), query strings,
 /// long user agents, a realistic status mix, some lines without credentials, increasing times over
 /// the last hour. Returns how many lines carry a credential.
-fn generate(path: &Path, lines: u64) -> u64 {
+/// The same lines are written to `json_path` as JSON lines with the default keys, as an NGINX
+/// `log_format … escape=json` would log them.
+fn generate(path: &Path, json_path: &Path, lines: u64) -> u64 {
     let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
+    let mut json =
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(json_path).unwrap());
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
         rng ^= rng << 13;
@@ -208,23 +219,25 @@ fn generate(path: &Path, lines: u64) -> u64 {
             98 => 503,
             _ => 304,
         };
+        let address = format!("10.{}.{}.{}", next() % 256, next() % 256, next() % 256);
+        let (h, m, sec) = (s / 3600, s / 60 % 60, s % 60);
+        let path = paths[(next() % paths.len() as u64) as usize];
+        let bytes = next() % 20_000;
+        let agent = agents[(next() % agents.len() as u64) as usize];
         writeln!(
             out,
-            "10.{}.{}.{} - - [{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000] \"GET {}{query} HTTP/1.1\" {status} {} \"https://example.com/app\" \"{}\"",
-            next() % 256,
-            next() % 256,
-            next() % 256,
+            "{address} - - [{d:02}/{}/{y}:{h:02}:{m:02}:{sec:02} +0000] \"GET {path}{query} HTTP/1.1\" {status} {bytes} \"https://example.com/app\" \"{agent}\"",
             months[mo as usize - 1],
-            s / 3600,
-            s / 60 % 60,
-            s % 60,
-            paths[(next() % paths.len() as u64) as usize],
-            next() % 20_000,
-            agents[(next() % agents.len() as u64) as usize],
+        )
+        .unwrap();
+        writeln!(
+            json,
+            r#"{{"time":"{y}-{mo:02}-{d:02}T{h:02}:{m:02}:{sec:02}+00:00","remote_addr":"{address}","host":"api.example.com","method":"GET","uri":"{path}{query}","status":{status},"body_bytes_sent":{bytes},"http_referer":"https://example.com/app","http_user_agent":"{agent}","request_time":0.012}}"#
         )
         .unwrap();
     }
     out.flush().unwrap();
+    json.flush().unwrap();
     credentialed
 }
 
@@ -241,10 +254,60 @@ fn civil(z: i64) -> (i64, i64, i64) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// The best of three [`parse_and_aggregate`] runs: (wall, CPU) seconds.
+fn best_parse_and_aggregate(log: &Path, json: bool, credentialed: u64) -> (f64, f64) {
+    let (mut best, mut best_cpu) = (f64::MAX, 0.0);
+    for _ in 0..3 {
+        let cpu0 = self_cpu();
+        let start = Instant::now();
+        let (reported, batches) = parse_and_aggregate(log, json);
+        let wall = start.elapsed().as_secs_f64();
+        assert_eq!(reported, credentialed, "parse + aggregate lost requests");
+        assert!(batches > 0);
+        if wall < best {
+            best = wall;
+            best_cpu = self_cpu() - cpu0;
+        }
+    }
+    (best, best_cpu)
+}
+
+/// The parser alone over the file's lines in memory (as combined or `json` lines): nanoseconds
+/// per line, best of three.
+fn parse_alone(log: &Path, json: bool) -> f64 {
+    let text = std::fs::read(log).unwrap();
+    let lines: Vec<&[u8]> = text
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    let source = if json {
+        pipeline::json_source()
+    } else {
+        pipeline::combined_source()
+    };
+    let mut parser = source.parsers[0].clone().unwrap();
+    (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            let mut statuses = 0u64;
+            for line in &lines {
+                statuses += parser.parse(line).map_or(0, |r| u64::from(r.status));
+            }
+            std::hint::black_box(statuses);
+            start.elapsed().as_secs_f64() * 1e9 / lines.len() as f64
+        })
+        .fold(f64::MAX, f64::min)
+}
+
 /// tally's tailer (`--once`: the file as it is) feeding tally's parse + aggregate step, as in
-/// `tally run` but without reporting. Returns (requests in sealed batches, batches).
-fn parse_and_aggregate(log: &Path) -> (u64, u64) {
-    let mut lines = pipeline::combined_source();
+/// `tally run` but without reporting (`json`: JSON lines). Returns (requests in sealed batches,
+/// batches).
+fn parse_and_aggregate(log: &Path, json: bool) -> (u64, u64) {
+    let mut lines = if json {
+        pipeline::json_source()
+    } else {
+        pipeline::combined_source()
+    };
     let mut aggregator = Aggregator::new(true, 1000);
     let metrics = Arc::new(Metrics::default());
     let mut warned = HashSet::new();

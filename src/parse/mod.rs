@@ -5,12 +5,14 @@
 //! wrote it, and is decoded ([`Credential::decode`]) once per distinct credential by the aggregation.
 
 mod credential;
+mod json;
 mod nginx;
 
 use std::sync::Arc;
 
 pub(crate) use credential::{Credential, CredentialKind, CredentialLocation, Encoding};
 pub use credential::{CredentialMode, CredentialRule};
+pub use json::{JsonFields, JsonFormat};
 pub(crate) use nginx::LogEscape;
 
 /// How the lines of a source are written.
@@ -22,6 +24,8 @@ pub enum LogFormat {
     Common,
     /// A `log_format` from nginx.conf, compiled.
     Nginx(Arc<NginxFormat>),
+    /// JSON lines, with the keys of `[sources.fields]`, compiled.
+    Json(Arc<JsonFormat>),
 }
 
 impl LogFormat {
@@ -31,6 +35,7 @@ impl LogFormat {
             LogFormat::Combined => "combined",
             LogFormat::Common => "common",
             LogFormat::Nginx(_) => "nginx",
+            LogFormat::Json(_) => "json",
         }
     }
 }
@@ -274,19 +279,21 @@ impl Parser {
                 })
             }
             LogFormat::Nginx(format) => nginx_line(format, credentials, last_time, line),
+            LogFormat::Json(format) => json::line(format, credentials, last_time, line),
         }
     }
 }
 
 impl Parser {
     /// `line` with what may be a secret in it (the values of logged request headers, query
-    /// arguments and cookies, and whatever does not match the format) replaced by `mask` of it;
-    /// query-string credentials are masked by the caller.
+    /// arguments and cookies, a JSON line's credential fields, and whatever does not match the
+    /// format) replaced by `mask` of it; query-string credentials are masked by the caller.
     pub(crate) fn hide_secrets(&self, line: &[u8], mask: impl Fn(&str) -> String) -> Vec<u8> {
-        let LogFormat::Nginx(format) = &self.format else {
-            return line.to_vec();
+        let (spans, cut) = match &self.format {
+            LogFormat::Nginx(format) => format.format.secrets(line),
+            LogFormat::Json(format) => format.secrets(line),
+            LogFormat::Combined | LogFormat::Common => return line.to_vec(),
         };
-        let (spans, cut) = format.format.secrets(line);
         let end = cut.unwrap_or(line.len());
         let mut out = Vec::with_capacity(line.len());
         let mut at = 0;

@@ -1,23 +1,35 @@
-//! tally's own read → parse + aggregate path for one combined-format source read once from its start,
-//! without reporting: shared by `tests/allocation.rs` and `benches/throughput.rs` (included by path).
+//! tally's own read → parse + aggregate path for one source (combined, or JSON lines) read once from
+//! its start, without reporting: shared by `tests/allocation.rs` and `benches/throughput.rs`
+//! (included by path).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tally::pipeline::{
-    CredentialMode, CredentialRule, Follower, LogFormat, Metrics, Parser, ServiceLines, TailEvents,
-    TailOptions, Tailed,
+    CredentialMode, CredentialRule, Follower, JsonFields, JsonFormat, LogFormat, Metrics, Parser,
+    ServiceLines, TailEvents, TailOptions, Tailed,
 };
 
 const MAX_LINE_LENGTH: usize = 64 * 1024;
 
 /// What the parse step needs for source 0, as `tally run` sets it up with the defaults.
 pub fn combined_source() -> ServiceLines {
+    source(LogFormat::Combined)
+}
+
+/// The same for JSON lines with the default `[sources.fields]` (credentials in the `uri`'s query).
+pub fn json_source() -> ServiceLines {
+    let rule = CredentialRule::query(CredentialMode::Auto);
+    let format = JsonFormat::compile(JsonFields::default(), &rule).expect("the default fields");
+    source(LogFormat::Json(Arc::new(format)))
+}
+
+fn source(format: LogFormat) -> ServiceLines {
     ServiceLines {
         service_id: "1".into(),
         parsers: vec![Some(Parser::new(
-            LogFormat::Combined,
+            format,
             CredentialRule::query(CredentialMode::Auto),
         ))],
         max_line_length: MAX_LINE_LENGTH,
