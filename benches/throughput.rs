@@ -2,7 +2,8 @@
 //!
 //! 1. a realistic NGINX combined log of N lines (TALLY_BENCH_LINES, default 2,000,000);
 //! 2. `wc -l` on it (the machine's reading speed);
-//! 3. tally's parse + aggregate path alone, in this process;
+//! 3. tally's parse + aggregate path alone, in this process; then the same lines as JSON lines, and
+//!    the time per line of each parser alone, JSON's relative to combined's;
 //! 4. tally end to end (`tally run --once`, response codes on, credentials checked) into a local
 //!    backend that accepts everything and counts what arrives;
 //! 5. tally following a stream of 10,000 lines/s, then idle.
@@ -32,7 +33,9 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("access.log");
-    let credentialed = generate(&log, lines, false);
+    let json_log = dir.join("access.json.log");
+    let main_log = dir.join("access.main.log");
+    let credentialed = generate(&log, &json_log, &main_log, lines);
     let bytes = std::fs::metadata(&log).unwrap().len();
     let mb = bytes as f64 / 1e6;
     println!(
@@ -47,19 +50,7 @@ fn main() {
     row("wc -l", lines, mb, wc, None, None, wc);
 
     // Parse + aggregate, best of three.
-    let (mut best, mut best_cpu) = (f64::MAX, 0.0);
-    for _ in 0..3 {
-        let cpu0 = self_cpu();
-        let start = Instant::now();
-        let (reported, batches) = parse_and_aggregate(&log);
-        let wall = start.elapsed().as_secs_f64();
-        assert_eq!(reported, credentialed, "parse + aggregate lost requests");
-        assert!(batches > 0);
-        if wall < best {
-            best = wall;
-            best_cpu = self_cpu() - cpu0;
-        }
-    }
+    let (best, best_cpu) = best_parse_and_aggregate(&log, false, credentialed);
     row(
         "parse + aggregate",
         lines,
@@ -69,7 +60,26 @@ fn main() {
         None,
         wc,
     );
-    parse_only(&dir, &log, lines.min(500_000));
+    let json_mb = std::fs::metadata(&json_log).unwrap().len() as f64 / 1e6;
+    let (json_best, json_cpu) = best_parse_and_aggregate(&json_log, true, credentialed);
+    row(
+        "JSON lines",
+        lines,
+        json_mb,
+        json_best,
+        Some(json_cpu),
+        None,
+        wc,
+    );
+    let combined_ns = parse_alone(&log, pipeline::combined_parser());
+    let main_ns = parse_alone(&main_log, pipeline::main_with_keys());
+    let json_ns = parse_alone(&json_log, pipeline::json_parser());
+    println!(
+        "  parser alone: combined {combined_ns:.0} ns/line, log_format main + keys {main_ns:.0} ns/line ({:.2}x), JSON lines {json_ns:.0} ns/line ({:.2}x); JSON with aggregation {:.2}x",
+        main_ns / combined_ns,
+        json_ns / combined_ns,
+        json_best / best
+    );
     if std::env::var_os("TALLY_BENCH_PARSE_ONLY").is_some() {
         return;
     }
@@ -147,11 +157,14 @@ fn row(
 /// A combined log: ~1,000 credentials of skewed popularity (user_keys and app_ids), query strings,
 /// long user agents, a realistic status mix, some lines without credentials, increasing times over
 /// the last hour. Returns how many lines carry a credential.
-/// A realistic access log of `lines` lines: NGINX's combined format with the credential in the
-/// query string, or (`main`) [`pipeline::MAIN_WITH_KEYS`] with it in request headers. Returns how
-/// many lines carry a credential.
-fn generate(path: &Path, lines: u64, main: bool) -> u64 {
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
+/// The same lines are written to `json_path` as JSON lines with the default keys, as an NGINX
+/// `log_format … escape=json` would log them.
+/// And to `main_path` in NGINX's `main` format plus `$request_time` and the key headers
+/// ([`pipeline::MAIN_WITH_KEYS`]), the credential in headers instead of the query string.
+fn generate(path: &Path, json_path: &Path, main_path: &Path, lines: u64) -> u64 {
+    let file =
+        |p: &Path| std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(p).unwrap());
+    let (mut out, mut json, mut main) = (file(path), file(json_path), file(main_path));
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {
         rng ^= rng << 13;
@@ -191,27 +204,27 @@ fn generate(path: &Path, lines: u64, main: bool) -> u64 {
         let r = (next() % 1000) as f64 / 1000.0;
         let who = (r * r * 1000.0) as u64;
         let roll = next() % 100;
-        let user_key = format!("{:032x}", who.wrapping_mul(0x9e37_79b9));
-        let app_id = format!("app{who:05}");
-        let (query, headers) = match (roll, main) {
-            (0..=59, false) => (
-                format!("?user_key={user_key}&page={}", next() % 50),
-                String::new(),
+        let (user_key, app_id) = (
+            format!("{:032x}", who.wrapping_mul(0x9e37_79b9)),
+            format!("app{who:05}"),
+        );
+        let page = next() % 50;
+        let (query, main_query, headers) = match roll {
+            0..=59 => (
+                format!("?user_key={user_key}&page={page}"),
+                format!("?page={page}"),
+                format!("{user_key} -"),
             ),
-            (60..=89, false) => (
+            60..=89 => (
                 format!("?app_id={app_id}&app_key={:016x}&lang=en", who * 7919),
-                String::new(),
+                "?lang=en".to_string(),
+                format!("- {app_id}"),
             ),
-            (_, false) => ("?page=2".to_string(), String::new()),
-            (0..=59, true) => (format!("?page={}", next() % 50), format!(" {user_key} -")),
-            (60..=89, true) => ("?lang=en".to_string(), format!(" - {app_id}")),
-            (_, true) => ("?page=2".to_string(), " - -".to_string()),
-        };
-        // main: "$http_x_forwarded_for" $request_time, then the two key headers.
-        let tail = if main {
-            format!(" \"-\" 0.{:03}{headers}", next() % 1000)
-        } else {
-            String::new()
+            _ => (
+                "?page=2".to_string(),
+                "?page=2".to_string(),
+                "- -".to_string(),
+            ),
         };
         if roll < 90 {
             credentialed += 1;
@@ -225,23 +238,32 @@ fn generate(path: &Path, lines: u64, main: bool) -> u64 {
             98 => 503,
             _ => 304,
         };
+        let address = format!("10.{}.{}.{}", next() % 256, next() % 256, next() % 256);
+        let (h, m, sec) = (s / 3600, s / 60 % 60, s % 60);
+        let path = paths[(next() % paths.len() as u64) as usize];
+        let bytes = next() % 20_000;
+        let agent = agents[(next() % agents.len() as u64) as usize];
         writeln!(
             out,
-            "10.{}.{}.{} - - [{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000] \"GET {}{query} HTTP/1.1\" {status} {} \"https://example.com/app\" \"{}\"{tail}",
-            next() % 256,
-            next() % 256,
-            next() % 256,
+            "{address} - - [{d:02}/{}/{y}:{h:02}:{m:02}:{sec:02} +0000] \"GET {path}{query} HTTP/1.1\" {status} {bytes} \"https://example.com/app\" \"{agent}\"",
             months[mo as usize - 1],
-            s / 3600,
-            s / 60 % 60,
-            s % 60,
-            paths[(next() % paths.len() as u64) as usize],
-            next() % 20_000,
-            agents[(next() % agents.len() as u64) as usize],
+        )
+        .unwrap();
+        writeln!(
+            main,
+            "{address} - - [{d:02}/{}/{y}:{h:02}:{m:02}:{sec:02} +0000] \"GET {path}{main_query} HTTP/1.1\" {status} {bytes} \"https://example.com/app\" \"{agent}\" \"-\" 0.012 {headers}",
+            months[mo as usize - 1],
+        )
+        .unwrap();
+        writeln!(
+            json,
+            r#"{{"time":"{y}-{mo:02}-{d:02}T{h:02}:{m:02}:{sec:02}+00:00","remote_addr":"{address}","host":"api.example.com","method":"GET","uri":"{path}{query}","status":{status},"body_bytes_sent":{bytes},"http_referer":"https://example.com/app","http_user_agent":"{agent}","request_time":0.012}}"#
         )
         .unwrap();
     }
     out.flush().unwrap();
+    json.flush().unwrap();
+    main.flush().unwrap();
     credentialed
 }
 
@@ -258,10 +280,54 @@ fn civil(z: i64) -> (i64, i64, i64) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// The best of three [`parse_and_aggregate`] runs: (wall, CPU) seconds.
+fn best_parse_and_aggregate(log: &Path, json: bool, credentialed: u64) -> (f64, f64) {
+    let (mut best, mut best_cpu) = (f64::MAX, 0.0);
+    for _ in 0..3 {
+        let cpu0 = self_cpu();
+        let start = Instant::now();
+        let (reported, batches) = parse_and_aggregate(log, json);
+        let wall = start.elapsed().as_secs_f64();
+        assert_eq!(reported, credentialed, "parse + aggregate lost requests");
+        assert!(batches > 0);
+        if wall < best {
+            best = wall;
+            best_cpu = self_cpu() - cpu0;
+        }
+    }
+    (best, best_cpu)
+}
+
+/// The parser alone over the file's lines in memory (as combined or `json` lines): nanoseconds
+/// per line, best of three.
+fn parse_alone(log: &Path, mut parser: tally::pipeline::Parser) -> f64 {
+    let text = std::fs::read(log).unwrap();
+    let lines: Vec<&[u8]> = text
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            let mut statuses = 0u64;
+            for line in &lines {
+                statuses += parser.parse(line).map_or(0, |r| u64::from(r.status));
+            }
+            std::hint::black_box(statuses);
+            start.elapsed().as_secs_f64() * 1e9 / lines.len() as f64
+        })
+        .fold(f64::MAX, f64::min)
+}
+
 /// tally's tailer (`--once`: the file as it is) feeding tally's parse + aggregate step, as in
-/// `tally run` but without reporting. Returns (requests in sealed batches, batches).
-fn parse_and_aggregate(log: &Path) -> (u64, u64) {
-    let mut lines = pipeline::combined_source();
+/// `tally run` but without reporting (`json`: JSON lines). Returns (requests in sealed batches,
+/// batches).
+fn parse_and_aggregate(log: &Path, json: bool) -> (u64, u64) {
+    let mut lines = if json {
+        pipeline::json_source()
+    } else {
+        pipeline::combined_source()
+    };
     let mut aggregator = Aggregator::new(true, 1000);
     let metrics = Arc::new(Metrics::default());
     let mut warned = HashSet::new();
@@ -282,32 +348,6 @@ fn parse_and_aggregate(log: &Path) -> (u64, u64) {
         count(batch);
     }
     (reported, batches)
-}
-
-/// The parser alone, per line, on lines in memory: the built-in combined parser, then a compiled
-/// `log_format` (NGINX's main plus `$request_time` and two key headers) on the same traffic.
-fn parse_only(dir: &Path, combined_log: &Path, lines: u64) {
-    let main_log = dir.join("main.log");
-    generate(&main_log, lines, true);
-    let best = |path: &Path, parser: &mut tally::pipeline::Parser| {
-        let text = std::fs::read(path).unwrap();
-        let all: Vec<&[u8]> = text.split(|&b| b == b'\n').take(lines as usize).collect();
-        let mut best = f64::MAX;
-        for _ in 0..3 {
-            let start = Instant::now();
-            let parsed = all.iter().filter(|l| parser.parse(l).is_ok()).count();
-            best = best.min(start.elapsed().as_secs_f64());
-            assert!(parsed as u64 > lines / 2, "the bench's lines do not parse");
-        }
-        best * 1e9 / all.len() as f64
-    };
-    let combined = best(combined_log, &mut pipeline::combined_parser());
-    let main = best(&main_log, &mut pipeline::main_with_keys());
-    println!("parse only, combined {combined:>6.1} ns per line");
-    println!(
-        "parse only, log_format main + keys {main:>6.1} ns per line: {:.2}x combined's",
-        main / combined
-    );
 }
 
 fn time_command(cmd: &mut Command) -> f64 {

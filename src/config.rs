@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize, Serializer};
 use toml::Spanned;
 
 use crate::parse::{
-    CredentialLocation, CredentialMode, CredentialRule, LogEscape, LogFormat, NginxFormat,
+    CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat, LogEscape,
+    LogFormat, NginxFormat,
 };
 
 /// The most transactions one report call may carry: the backend takes at most 4096 `key=value` pairs,
@@ -45,6 +46,20 @@ pub(crate) mod defaults {
         pub(crate) const USER_KEY: &str = "user_key";
         pub(crate) const APP_ID: &str = "app_id";
         pub(crate) const APP_KEY: &str = "app_key";
+
+        /// `[sources.fields]` (format = "json"): the JSON key of each value; empty, not read.
+        pub(crate) mod fields {
+            pub(crate) const TIME: &str = "time";
+            pub(crate) const STATUS: &str = "status";
+            pub(crate) const METHOD: &str = "method";
+            pub(crate) const URI: &str = "uri";
+            pub(crate) const PATH: &str = "";
+            pub(crate) const QUERY: &str = "";
+            pub(crate) const HOST: &str = "host";
+            pub(crate) const USER_KEY: &str = "";
+            pub(crate) const APP_ID: &str = "";
+            pub(crate) const AUTHORIZATION: &str = "";
+        }
     }
 
     pub(crate) mod report {
@@ -247,7 +262,8 @@ pub struct Source {
     pub path: String,
     /// The 3scale service its requests are reported to.
     pub service_id: String,
-    /// How its lines are written (`format`, or `log_format` and `log_escape`).
+    /// How its lines are written (`format`, or `log_format` and `log_escape`; JSON lines'
+    /// `[sources.fields]`).
     #[serde(flatten, serialize_with = "log_format")]
     pub format: LogFormat,
     /// Where the first run starts in the files there.
@@ -368,14 +384,19 @@ fn ca_file<S: Serializer>(
     }
 }
 
-/// A source's format as the file gives it: `format`, and for a `log_format` its text and escaping.
+/// A source's format as the file gives it: `format`, for a `log_format` its text and escaping, for
+/// JSON lines its `[sources.fields]`.
 fn log_format<S: Serializer>(format: &LogFormat, s: S) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeMap;
     let mut map = s.serialize_map(None)?;
     map.serialize_entry("format", format.name())?;
-    if let LogFormat::Nginx(nginx) = format {
-        map.serialize_entry("log_format", &nginx.text)?;
-        map.serialize_entry("log_escape", &nginx.escape())?;
+    match format {
+        LogFormat::Nginx(nginx) => {
+            map.serialize_entry("log_format", &nginx.text)?;
+            map.serialize_entry("log_escape", &nginx.escape())?;
+        }
+        LogFormat::Json(json) => map.serialize_entry("fields", &json.fields)?,
+        LogFormat::Combined | LogFormat::Common => {}
     }
     map.end()
 }
@@ -452,12 +473,29 @@ struct RawSource {
     /// Before `[sources.credentials]`: the mode alone.
     credential: Option<Spanned<CredentialMode>>,
     credentials: Option<Spanned<RawCredentials>>,
+    /// For format = "json".
+    fields: Option<Spanned<RawFields>>,
     service_token: Option<Spanned<String>>,
     service_token_env: Option<Spanned<String>>,
     service_token_file: Option<Spanned<String>>,
     provider_key: Option<Spanned<String>>,
     provider_key_env: Option<Spanned<String>>,
     provider_key_file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFields {
+    time: Option<String>,
+    status: Option<String>,
+    method: Option<String>,
+    uri: Option<String>,
+    path: Option<String>,
+    query: Option<String>,
+    host: Option<String>,
+    user_key: Option<String>,
+    app_id: Option<String>,
+    authorization: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -884,7 +922,42 @@ impl Ctx<'_> {
             }
             Ok(format)
         };
+        if let (Some(fields), false) = (&s.fields, name == Some("json")) {
+            return Err(self.invalid(
+                &key("fields"),
+                fields.span().start,
+                "fields are the keys of JSON lines: give format = \"json\" with them",
+            ));
+        }
         match (name, &s.log_format) {
+            (Some("json"), None) => {
+                let raw = s.fields.as_ref().map(Spanned::get_ref);
+                let d = JsonFields::default();
+                let given = |f: fn(&RawFields) -> &Option<String>, default: String| {
+                    raw.and_then(|r| f(r).as_ref())
+                        .map_or(default, |v| v.trim().to_string())
+                };
+                let fields = JsonFields {
+                    time: given(|r| &r.time, d.time),
+                    status: given(|r| &r.status, d.status),
+                    method: given(|r| &r.method, d.method),
+                    uri: given(|r| &r.uri, d.uri),
+                    path: given(|r| &r.path, d.path),
+                    query: given(|r| &r.query, d.query),
+                    host: given(|r| &r.host, d.host),
+                    user_key: given(|r| &r.user_key, d.user_key),
+                    app_id: given(|r| &r.app_id, d.app_id),
+                    authorization: given(|r| &r.authorization, d.authorization),
+                };
+                let at = match (&s.fields, &s.format) {
+                    (Some(f), _) => f.span().start,
+                    (None, Some(f)) => f.span().start,
+                    (None, None) => 0,
+                };
+                JsonFormat::compile(fields, credentials)
+                    .map(|f| LogFormat::Json(std::sync::Arc::new(f)))
+                    .map_err(|e| self.invalid(&key("fields"), at, e))
+            }
             (None | Some("nginx"), Some(text)) => {
                 let escape = s.log_escape.unwrap_or(defaults::sources::LOG_ESCAPE);
                 NginxFormat::compile(text.get_ref(), escape, credentials)
@@ -910,7 +983,7 @@ impl Ctx<'_> {
             (Some(other), None) => Err(self.invalid(
                 &key("format"),
                 s.format.as_ref().map_or(0, |f| f.span().start),
-                format!("unknown format `{other}`: give combined, common, or a log_format = '...' from nginx.conf"),
+                format!("unknown format `{other}`: give combined, common, json, or a log_format = '...' from nginx.conf"),
             )),
         }
     }
@@ -1349,6 +1422,34 @@ service_id = "42"
             .unwrap_err()
             .to_string();
         assert!(e.contains("apache") && e.contains("combined"), "{e}");
+        // JSON lines: the fields' defaults, shown; fields without format = "json"; a credential
+        // header without its key.
+        let json = MINIMAL.replace("[[sources]]", "[[sources]]\nformat = \"json\"");
+        let effective = parse(&json).unwrap().effective().unwrap();
+        assert!(
+            effective.contains("[sources.fields]\ntime = \"time\"\nstatus = \"status\""),
+            "{effective}"
+        );
+        let e = parse(&format!("{MINIMAL}\n[sources.fields]\ntime = \"ts\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sources[0].fields: fields are the keys of JSON lines"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{json}\n[sources.credentials]\nlocation = \"headers\"\nuser_key = \"X-Api-Key\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("sources[0].fields: credentials are read from request headers: give fields.user_key"),
+            "{e}"
+        );
+        let e = parse(&format!("{json}\n[sources.fields]\nstatus = \"\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fields.status is empty"), "{e}");
         let e = parse("[backend]\nservice_token = \"x\"\n")
             .unwrap_err()
             .to_string();
@@ -1437,6 +1538,26 @@ service_token = "tok-of-43"
 location = "headers"
 mode = "app_id"
 app_id = "X-App-Id"
+
+[[sources]]
+path = "caddy.log"
+service_id = "44"
+format = "json"
+
+[sources.fields]
+time = "ts"
+status = "resp.status"
+method = "request.method"
+uri = "request.uri"
+path = "request.path"
+query = "request.args"
+host = "request.host"
+user_key = "request.headers.x-api-key"
+app_id = "request.headers.x-app-id"
+authorization = "request.headers.authorization"
+
+[sources.credentials]
+location = "headers"
 
 [report]
 flush_interval = "2s"

@@ -33,7 +33,9 @@ pub use telemetry::init_logging;
 pub mod pipeline {
     pub use crate::aggregate::{take_in, Aggregator, Batch, ServiceLines};
     pub use crate::parse::Parser;
-    pub use crate::parse::{CredentialLocation, CredentialMode, CredentialRule, LogFormat};
+    pub use crate::parse::{
+        CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat, LogFormat,
+    };
     pub use crate::tail::{Follower, TailEvents, TailOptions, Tailed};
     pub use crate::telemetry::Metrics;
 }

@@ -73,6 +73,12 @@ impl Parser {
         let (at, expected) = match &self.format {
             LogFormat::Combined | LogFormat::Common => combined_failure(line),
             LogFormat::Nginx(format) => nginx_failure(format, line),
+            // The JSON reader does not say where it stopped yet: say what it needs.
+            LogFormat::Json(_) => (
+                None,
+                "a JSON object with the `time` and `status` fields of [sources.fields], each of its type"
+                    .into(),
+            ),
         };
         Failure::new(Skip::Malformed, at, expected)
     }
@@ -88,7 +94,7 @@ impl Parser {
         // A log_format reads only the `$http_`/`$arg_` variables it logs.
         let slots = match &self.format {
             LogFormat::Nginx(f) => Some(f.slots),
-            LogFormat::Combined | LogFormat::Common => None,
+            LogFormat::Combined | LogFormat::Common | LogFormat::Json(_) => None,
         };
         let logged = |kind: &&CredentialKind| match (slots, kind) {
             (None, _) => true,

@@ -6,6 +6,7 @@
 
 mod credential;
 mod failure;
+mod json;
 mod nginx;
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 pub(crate) use credential::{Credential, CredentialKind, Encoding};
 pub use credential::{CredentialLocation, CredentialMode, CredentialRule};
 pub(crate) use failure::Failure;
+pub use json::{JsonFields, JsonFormat};
 pub(crate) use nginx::LogEscape;
 
 /// How the lines of a source are written.
@@ -24,6 +26,8 @@ pub enum LogFormat {
     Common,
     /// A `log_format` from nginx.conf, compiled.
     Nginx(Arc<NginxFormat>),
+    /// JSON lines, with the keys of `[sources.fields]`, compiled.
+    Json(Arc<JsonFormat>),
 }
 
 impl LogFormat {
@@ -39,6 +43,7 @@ impl LogFormat {
             LogFormat::Combined => "combined",
             LogFormat::Common => "common",
             LogFormat::Nginx(_) => "nginx",
+            LogFormat::Json(_) => "json",
         }
     }
 }
@@ -282,19 +287,21 @@ impl Parser {
                 })
             }
             LogFormat::Nginx(format) => nginx_line(format, credentials, last_time, line),
+            LogFormat::Json(format) => json::line(format, credentials, last_time, line),
         }
     }
 }
 
 impl Parser {
     /// `line` with what may be a secret in it (the values of logged request headers, query
-    /// arguments and cookies, and whatever does not match the format) replaced by `mask` of it;
-    /// query-string credentials are masked by the caller.
+    /// arguments and cookies, a JSON line's credential fields, and whatever does not match the
+    /// format) replaced by `mask` of it; query-string credentials are masked by the caller.
     pub(crate) fn hide_secrets(&self, line: &[u8], mask: impl Fn(&str) -> String) -> Vec<u8> {
-        let LogFormat::Nginx(format) = &self.format else {
-            return line.to_vec();
+        let (spans, cut) = match &self.format {
+            LogFormat::Nginx(format) => format.format.secrets(line),
+            LogFormat::Json(format) => format.secrets(line),
+            LogFormat::Combined | LogFormat::Common => return line.to_vec(),
         };
-        let (spans, cut) = format.format.secrets(line);
         let end = cut.unwrap_or(line.len());
         let mut out = Vec::with_capacity(line.len());
         let mut at = 0;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tally::pipeline::{
-    CredentialLocation, CredentialMode, CredentialRule, Follower, LogFormat, Metrics, Parser,
-    ServiceLines, TailEvents, TailOptions, Tailed,
+    CredentialLocation, CredentialMode, CredentialRule, Follower, JsonFields, JsonFormat,
+    LogFormat, Metrics, Parser, ServiceLines, TailEvents, TailOptions, Tailed,
 };
 
 const MAX_LINE_LENGTH: usize = 64 * 1024;
@@ -39,6 +39,18 @@ pub fn main_with_keys() -> Parser {
     };
     let format = LogFormat::nginx(MAIN_WITH_KEYS, &rule).expect("the main format compiles");
     Parser::new(format, rule)
+}
+
+/// The same for JSON lines with the default `[sources.fields]` (credentials in the `uri`'s query).
+pub fn json_source() -> ServiceLines {
+    source(json_parser())
+}
+
+/// The parser of JSON lines with the default `[sources.fields]`.
+pub fn json_parser() -> Parser {
+    let rule = CredentialRule::query(CredentialMode::Auto);
+    let format = JsonFormat::compile(JsonFields::default(), &rule).expect("the default fields");
+    Parser::new(LogFormat::Json(Arc::new(format)), rule)
 }
 
 /// What the parse step needs for source 0 read with `parser`.
