@@ -68,6 +68,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("`{text}` is not a duration ({e})"))
 }
 
+/// The configuration, or the exit code of a bad one (its error printed).
+fn load(file: &Path) -> Result<Config, ExitCode> {
+    Config::load(file).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
+}
+
 /// Prints what preflight found that stops tally; true if anything did.
 fn report_errors(file: &Path, found: &Findings) -> bool {
     for e in &found.errors {
@@ -110,12 +118,9 @@ fn main() -> ExitCode {
             json,
             logfile,
         } => {
-            let config = match Config::load(&file) {
+            let config = match load(&file) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_BAD_CONFIG);
-                }
+                Err(code) => return code,
             };
             let input = match logfile {
                 None => ExplainInput::SourceFiles,
@@ -151,12 +156,9 @@ fn main() -> ExitCode {
             max_wait,
             log_json,
         } => {
-            let config = match Config::load(&file) {
+            let config = match load(&file) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_BAD_CONFIG);
-                }
+                Err(code) => return code,
             };
             // --dry-run writes no state, so its folder need not be writable.
             let found = tally::inspect(&config, !dry_run);

@@ -253,7 +253,6 @@ fn nginx_failure(format: &NginxFormat, line: &[u8]) -> (Option<usize>, String) {
 mod tests {
     use super::super::{CredentialRule, LogEscape};
     use super::*;
-    use std::sync::Arc;
 
     fn why(parser: &mut Parser, line: &str) -> (Skip, Option<usize>, String) {
         let f = parser.explain(line.as_bytes()).unwrap_err();
@@ -343,18 +342,10 @@ mod tests {
         );
     }
 
-    fn nginx(format: &str, rule: CredentialRule) -> Parser {
-        let format = NginxFormat::compile(format, LogEscape::Default, &rule).unwrap();
-        Parser::new(LogFormat::Nginx(Arc::new(format)), rule)
-    }
+    use crate::parse::testing::headers;
 
-    fn headers(mode: CredentialMode) -> CredentialRule {
-        CredentialRule {
-            location: CredentialLocation::Headers,
-            user_key: "X-Api-Key".into(),
-            app_id: "X-App-Id".into(),
-            ..CredentialRule::query(mode)
-        }
+    fn nginx(format: &str, rule: CredentialRule) -> Parser {
+        crate::parse::testing::nginx(format, LogEscape::Default, rule)
     }
 
     #[test]

@@ -696,14 +696,7 @@ mod tests {
         CredentialRule::query(CredentialMode::Auto)
     }
 
-    fn headers(mode: CredentialMode) -> CredentialRule {
-        CredentialRule {
-            location: CredentialLocation::Headers,
-            user_key: "X-Api-Key".into(),
-            app_id: "X-App-Id".into(),
-            ..CredentialRule::query(mode)
-        }
-    }
+    use crate::parse::testing::headers;
 
     /// (method, path, query, host, status, time, credential kind and decoded value)
     type Seen = (

@@ -631,6 +631,28 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
+/// Builders the parse tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A source's parser for a `log_format`, credentials found as `rule` says.
+    pub(crate) fn nginx(format: &str, escape: LogEscape, rule: CredentialRule) -> Parser {
+        let format = NginxFormat::compile(format, escape, &rule).unwrap();
+        Parser::new(LogFormat::Nginx(Arc::new(format)), rule)
+    }
+
+    /// Credentials in the `X-Api-Key` and `X-App-Id` request headers.
+    pub(crate) fn headers(mode: CredentialMode) -> CredentialRule {
+        CredentialRule {
+            location: CredentialLocation::Headers,
+            user_key: "X-Api-Key".into(),
+            app_id: "X-App-Id".into(),
+            ..CredentialRule::query(mode)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -805,20 +827,7 @@ mod tests {
         assert_eq!(r.credential, user_key("k"));
     }
 
-    /// A source's parser for a `log_format`, credentials found as `rule` says.
-    fn nginx(format: &str, escape: LogEscape, rule: CredentialRule) -> Parser {
-        let format = NginxFormat::compile(format, escape, &rule).unwrap();
-        Parser::new(LogFormat::Nginx(Arc::new(format)), rule)
-    }
-
-    fn headers(mode: CredentialMode) -> CredentialRule {
-        CredentialRule {
-            location: CredentialLocation::Headers,
-            user_key: "X-Api-Key".into(),
-            app_id: "X-App-Id".into(),
-            ..CredentialRule::query(mode)
-        }
-    }
+    use super::testing::{headers, nginx};
 
     const MAIN: &str = r#"$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer" "$http_user_agent" $request_time $http_x_api_key $http_x_app_id"#;
 
