@@ -266,7 +266,11 @@ impl Format {
         steps: usize,
         values: &mut Values<'a>,
     ) -> Result<&'a [u8], (usize, &'s [u8])> {
-        let mut rest = line.strip_prefix(&*self.prefix).ok_or((0, &*self.prefix))?;
+        let prefix = &*self.prefix;
+        let mut rest = match line.split_at_checked(prefix.len()) {
+            Some((head, rest)) if same(head, prefix) => rest,
+            _ => return Err((0, prefix)),
+        };
         for (variable, literal) in &self.steps[..steps] {
             let value = if literal.is_empty() {
                 std::mem::take(&mut rest)
@@ -300,7 +304,7 @@ impl Format {
         let last = &self.steps[self.steps.len() - 1].1;
         let mut end = if last.is_empty() {
             line.len()
-        } else if line.ends_with(last) && line.len() - last.len() >= floor {
+        } else if line.len() >= floor + last.len() && same(&line[line.len() - last.len()..], last) {
             line.len() - last.len()
         } else {
             return Err((line.len(), &**last));
