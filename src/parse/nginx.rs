@@ -215,8 +215,7 @@ impl Format {
         })
     }
 
-    /// Whether the format logs the request's path (and so its method and query, for the formats
-    /// NGINX users write).
+    /// Whether the format logs a variable that `wanted` accepts.
     pub(crate) fn logs(&self, wanted: impl Fn(Variable) -> bool) -> bool {
         self.steps.iter().any(|(v, _)| wanted(*v))
     }
@@ -225,63 +224,54 @@ impl Format {
     /// follows is not known, so not shown either).
     pub(crate) fn secrets(&self, line: &[u8]) -> (Vec<std::ops::Range<usize>>, Option<usize>) {
         let mut spans = Vec::new();
-        let Some(mut rest) = line.strip_prefix(&*self.prefix) else {
-            return (spans, Some(0));
-        };
-        for ((_, literal), &sensitive) in self.steps.iter().zip(&*self.sensitive) {
-            let start = line.len() - rest.len();
-            let end = if literal.is_empty() {
-                rest.len()
-            } else {
-                match find_literal(rest, literal, self.escape) {
-                    Some(end) => end,
-                    None => return (spans, Some(start)),
-                }
-            };
-            if sensitive && &rest[..end] != b"-" {
-                spans.push(start..start + end);
+        let walked = self.forward(line, self.steps.len(), |step, start, value| {
+            if self.sensitive[step] && value != b"-" {
+                spans.push(start..start + value.len());
             }
-            rest = &rest[(end + literal.len()).min(rest.len())..];
-        }
-        (spans, None)
+        });
+        (spans, walked.err().map(|(at, _)| at))
     }
 
     /// The values of `line`, or where it stopped matching, reading it from its start to its end
     /// (the slow path of `tally parse`: the first place that goes wrong is the one to show).
     pub(crate) fn scan<'a>(&self, line: &'a [u8]) -> Result<Values<'a>, Mismatch> {
         let mut values = Values::default();
-        self.forward(line, self.steps.len(), &mut values)
-            .map(|_| values)
-            .map_err(|(at, literal)| Mismatch {
-                at,
-                expected: String::from_utf8_lossy(literal).into_owned(),
-            })
+        self.forward(line, self.steps.len(), |step, _, value| {
+            values.record(self.steps[step].0, value)
+        })
+        .map(|_| values)
+        .map_err(|(at, literal)| Mismatch {
+            at,
+            expected: String::from_utf8_lossy(literal).into_owned(),
+        })
     }
 
-    /// Reads the first `steps` values of `line` into `values`; returns what follows them.
+    /// Walks the first `steps` values of `line`, giving each (its step, where it starts, its
+    /// bytes) to `each`; returns what follows them, or where the line stopped matching and the
+    /// literal text expected there.
     #[inline]
     fn forward<'a, 's>(
         &'s self,
         line: &'a [u8],
         steps: usize,
-        values: &mut Values<'a>,
+        mut each: impl FnMut(usize, usize, &'a [u8]),
     ) -> Result<&'a [u8], (usize, &'s [u8])> {
         let prefix = &*self.prefix;
         let mut rest = match line.split_at_checked(prefix.len()) {
             Some((head, rest)) if same(head, prefix) => rest,
             _ => return Err((0, prefix)),
         };
-        for (variable, literal) in &self.steps[..steps] {
+        for (step, (_, literal)) in self.steps[..steps].iter().enumerate() {
+            let start = line.len() - rest.len();
             let value = if literal.is_empty() {
                 std::mem::take(&mut rest)
             } else {
-                let end = find_literal(rest, literal, self.escape)
-                    .ok_or((line.len() - rest.len(), &**literal))?;
+                let end = find_literal(rest, literal, self.escape).ok_or((start, &**literal))?;
                 let value = &rest[..end];
                 rest = &rest[end + literal.len()..];
                 value
             };
-            values.record(*variable, value);
+            each(step, start, value);
         }
         Ok(rest)
     }
@@ -295,7 +285,9 @@ impl Format {
         values: &mut Values<'a>,
     ) -> Result<(), (usize, &'s [u8])> {
         let (a, b) = self.gap;
-        let rest = self.forward(line, a, values)?;
+        let rest = self.forward(line, a, |step, _, value| {
+            values.record(self.steps[step].0, value)
+        })?;
         if b == a {
             return Ok(());
         }
