@@ -261,13 +261,23 @@ pub(crate) fn still_holds(
     fingerprint: Fingerprint,
     path: &Path,
 ) -> Option<bool> {
-    let found = matching
-        .iter()
-        .find(|(_, (k, _))| *k == key)
-        .map(|(p, _)| p.clone())
-        .or_else(|| find_in_folder(path, key))?;
+    let (found, _) = locate(matching, key, path)?;
     let file = File::open(found).ok()?;
     Some(Fingerprint::read(&file, fingerprint.len).ok()? == fingerprint)
+}
+
+/// Where the file of identity `key`, last seen at `path`, is now: among `matching` (true), or
+/// rotated away beside `path` (false); None if it is gone.
+fn locate(
+    matching: &HashMap<PathBuf, (FileKey, u64)>,
+    key: FileKey,
+    path: &Path,
+) -> Option<(PathBuf, bool)> {
+    matching
+        .iter()
+        .find(|(_, (k, _))| *k == key)
+        .map(|(p, _)| (p.clone(), true))
+        .or_else(|| find_in_folder(path, key).map(|p| (p, false)))
 }
 
 /// Whether a `[[sources]]` path is a glob pattern rather than one file's path.
@@ -480,12 +490,7 @@ impl Tail {
     /// while tally was down, under their new name in the same folder.
     fn resume(&mut self, current: &mut HashMap<PathBuf, (FileKey, u64)>) {
         for c in std::mem::take(&mut self.options.checkpoints) {
-            let found = current
-                .iter()
-                .find(|(_, (key, _))| *key == c.key)
-                .map(|(p, _)| (p.clone(), true))
-                .or_else(|| find_in_folder(&c.path, c.key).map(|p| (p, false)));
-            let Some((path, matched)) = found else {
+            let Some((path, matched)) = locate(current, c.key, &c.path) else {
                 self.events.gone(&c.path, c.offset);
                 self.forget(c, true);
                 continue;
