@@ -74,10 +74,12 @@ fn main() {
     let combined_ns = parse_alone(&log, pipeline::combined_parser());
     let main_ns = parse_alone(&main_log, pipeline::main_with_keys());
     let json_ns = parse_alone(&json_log, pipeline::json_parser());
+    let regex_ns = parse_alone(&log, pipeline::combined_regex());
     println!(
-        "  parser alone: combined {combined_ns:.0} ns/line, log_format main + keys {main_ns:.0} ns/line ({:.2}x), JSON lines {json_ns:.0} ns/line ({:.2}x); JSON with aggregation {:.2}x",
+        "  parser alone: combined {combined_ns:.0} ns/line, log_format main + keys {main_ns:.0} ns/line ({:.2}x), JSON lines {json_ns:.0} ns/line ({:.2}x), regex (combined lines) {regex_ns:.0} ns/line ({:.2}x); JSON with aggregation {:.2}x",
         main_ns / combined_ns,
         json_ns / combined_ns,
+        regex_ns / combined_ns,
         json_best / best
     );
     if std::env::var_os("TALLY_BENCH_PARSE_ONLY").is_some() {

@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use crate::parse::{
     CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat, LogEscape,
-    LogFormat, NginxFormat,
+    LogFormat, NginxFormat, RegexFormat,
 };
 
 /// The most transactions one report call may carry: the backend takes at most 4096 `key=value` pairs,
@@ -396,6 +396,13 @@ fn log_format<S: Serializer>(format: &LogFormat, s: S) -> Result<S::Ok, S::Error
             map.serialize_entry("log_escape", &nginx.escape())?;
         }
         LogFormat::Json(json) => map.serialize_entry("fields", &json.fields)?,
+        LogFormat::Regex(regex) => {
+            map.serialize_entry("regex", &regex.text)?;
+            if let Some(time_format) = &regex.time_format_text {
+                map.serialize_entry("time_format", time_format)?;
+            }
+            map.serialize_entry("log_escape", &regex.escape)?;
+        }
         LogFormat::Combined | LogFormat::Common => {}
     }
     map.end()
@@ -469,6 +476,9 @@ struct RawSource {
     format: Option<Spanned<String>>,
     log_format: Option<Spanned<String>>,
     log_escape: Option<LogEscape>,
+    /// For format = "regex".
+    regex: Option<Spanned<String>>,
+    time_format: Option<Spanned<String>>,
     read_from: Option<ReadFrom>,
     /// Before `[sources.credentials]`: the mode alone.
     credential: Option<Spanned<CredentialMode>>,
@@ -929,7 +939,41 @@ impl Ctx<'_> {
                 "fields are the keys of JSON lines: give format = \"json\" with them",
             ));
         }
+        for (given, what) in [(&s.regex, "regex"), (&s.time_format, "time_format")] {
+            if let (Some(given), false) = (given, name == Some("regex")) {
+                return Err(self.invalid(
+                    &key(what),
+                    given.span().start,
+                    format!("{what} is for format = \"regex\": give that format with it"),
+                ));
+            }
+        }
         match (name, &s.log_format) {
+            (Some("regex"), None) => {
+                let Some(text) = &s.regex else {
+                    return Err(self.invalid(
+                        &key("regex"),
+                        s.format.as_ref().map_or(0, |f| f.span().start),
+                        "format regex needs the expression: regex = '...' with named groups (time, status, ...)",
+                    ));
+                };
+                let time_format = s.time_format.as_ref();
+                let escape = s.log_escape.unwrap_or(defaults::sources::LOG_ESCAPE);
+                RegexFormat::compile(
+                    text.get_ref(),
+                    time_format.map(|t| t.get_ref().as_str()),
+                    escape,
+                    credentials,
+                )
+                .map(|f| LogFormat::Regex(std::sync::Arc::new(f)))
+                .map_err(|(which, e)| {
+                    let at = match (which, time_format) {
+                        ("time_format", Some(t)) => t.span().start,
+                        _ => text.span().start,
+                    };
+                    self.invalid(&key(which), at, e)
+                })
+            }
             (Some("json"), None) => {
                 let raw = s.fields.as_ref().map(Spanned::get_ref);
                 let d = JsonFields::default();
@@ -983,7 +1027,7 @@ impl Ctx<'_> {
             (Some(other), None) => Err(self.invalid(
                 &key("format"),
                 s.format.as_ref().map_or(0, |f| f.span().start),
-                format!("unknown format `{other}`: give combined, common, json, or a log_format = '...' from nginx.conf"),
+                format!("unknown format `{other}`: give combined, common, json, regex, or a log_format = '...' from nginx.conf"),
             )),
         }
     }
@@ -1558,6 +1602,21 @@ authorization = "request.headers.authorization"
 
 [sources.credentials]
 location = "headers"
+
+[[sources]]
+path = "app.log"
+service_id = "45"
+format = "regex"
+regex = '^(?P<time>\S+ \S+) (?P<status>\d{3}) (?P<method>[A-Z]+) (?P<uri>\S+)$'
+time_format = "%F %T"
+log_escape = "none"
+
+[sources.credentials]
+location = "query"
+mode = "auto"
+user_key = "user_key"
+app_id = "app_id"
+app_key = "app_key"
 
 [report]
 flush_interval = "2s"

@@ -35,6 +35,7 @@ pub mod pipeline {
     pub use crate::parse::Parser;
     pub use crate::parse::{
         CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat, LogFormat,
+        RegexFormat,
     };
     pub use crate::tail::{Follower, TailEvents, TailOptions, Tailed};
     pub use crate::telemetry::Metrics;

@@ -46,6 +46,8 @@ enum Style {
     Main,
     /// JSON lines with the default `[sources.fields]`, the credential in the `uri`'s query.
     Json,
+    /// Combined lines through [`pipeline::COMBINED_REGEX`].
+    Regex,
 }
 
 /// `lines` lines over 20 credentials (user_keys, app_ids, an encoded one), some without one.
@@ -81,7 +83,7 @@ fn write_log(path: &Path, lines: usize, style: Style) {
                 r#"{{"time":"2026-11-25T10:{minute:02}:{second:02}+00:00","remote_addr":"10.0.0.{}","method":"GET","uri":"/v1/x{query}","status":{status},"bytes":512,"user_agent":"curl/8.5.0"}}"#,
                 i % 250
             ),
-            Style::Combined => writeln!(
+            Style::Combined | Style::Regex => writeln!(
                 out,
                 "10.0.0.{} - - [{time}] \"GET /v1/x{query} HTTP/1.1\" {status} 512 \"-\" \"curl/8.5.0\"",
                 i % 250,
@@ -106,6 +108,7 @@ fn allocations_to_aggregate(path: &Path, style: Style) -> (u64, u64) {
         Style::Combined => pipeline::combined_source(),
         Style::Main => pipeline::source(pipeline::main_with_keys()),
         Style::Json => pipeline::json_source(),
+        Style::Regex => pipeline::source(pipeline::combined_regex()),
     };
     let mut aggregator = Aggregator::new(true, 1000);
     let mut warned = HashSet::with_capacity(8);
@@ -128,7 +131,7 @@ fn allocations_to_aggregate(path: &Path, style: Style) -> (u64, u64) {
 /// One test for every format: the allocation counter is the process's, so the formats take turns.
 #[test]
 fn parsing_and_aggregating_allocate_nothing_per_line() {
-    for style in [Style::Combined, Style::Main, Style::Json] {
+    for style in [Style::Combined, Style::Main, Style::Json, Style::Regex] {
         let dir = tempfile::tempdir().unwrap();
         let (small, large) = (dir.path().join("small.log"), dir.path().join("large.log"));
         write_log(&small, 20_000, style);

@@ -695,3 +695,65 @@ mode = "user_key""#,
         ],
     );
 }
+
+/// A pipe-separated log_format read with `format = "regex"`: its time as `time_format` says, the
+/// app_id from a request header.
+#[test]
+fn a_regex_format_with_a_time_format_and_an_app_id_header() {
+    let app = |v| vec![("X-App-Id", v)];
+    custom_format(
+        "a_regex_format_with_a_time_format_and_an_app_id_header",
+        r#"log_format custom '$remote_addr | $time_local | $request_method $request_uri | $status | app=$http_x_app_id | $request_time';"#,
+        r#"format = "regex"
+regex = '^\S+ \| (?P<time>[^|]+) \| (?P<method>[A-Z]+) (?P<uri>\S+) \| (?P<status>\d{3}) \| app=(?P<app_id>.*?) \| \S+$'
+time_format = "%d/%b/%Y:%H:%M:%S %z"
+[sources.credentials]
+location = "headers"
+mode = "app_id"
+app_id = "X-App-Id""#,
+        &[
+            ("/ok", app("mobile"), 200, Some(("app_id", "mobile"))),
+            ("/created?x=1", app("web"), 201, Some(("app_id", "web"))),
+            ("/error", app("we b"), 500, Some(("app_id", "we b"))),
+            ("/missing", app("mobile"), 404, Some(("app_id", "mobile"))),
+            ("/ok?app_id=not-a-header", vec![], 200, None),
+        ],
+    );
+}
+
+/// NGINX writing JSON lines (`escape=json`), read with `format = "json"` and `[sources.fields]`:
+/// epoch milliseconds, the credential in the `uri`'s query string.
+#[test]
+fn json_lines_with_fields_and_query_credentials() {
+    custom_format(
+        "json_lines_with_fields_and_query_credentials",
+        r#"log_format custom escape=json '{"ts":$msec,"req":{"method":"$request_method","uri":"$request_uri"},"code":"$status","ua":"$http_user_agent"}';"#,
+        r#"format = "json"
+[sources.fields]
+time = "ts"
+status = "code"
+method = "req.method"
+uri = "req.uri""#,
+        &[
+            (
+                "/ok?user_key=alpha",
+                vec![],
+                200,
+                Some(("user_key", "alpha")),
+            ),
+            (
+                "/created?app_id=app%201&app_key=k",
+                vec![],
+                201,
+                Some(("app_id", "app 1")),
+            ),
+            (
+                "/error?user_key=b%22eta",
+                vec![],
+                500,
+                Some(("user_key", "b\"eta")),
+            ),
+            ("/ok?page=2", vec![], 200, None),
+        ],
+    );
+}

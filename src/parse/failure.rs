@@ -79,6 +79,7 @@ impl Parser {
                 "a JSON object with the `time` and `status` fields of [sources.fields], each of its type"
                     .into(),
             ),
+            LogFormat::Regex(format) => format.failure(line),
         };
         Failure::new(Skip::Malformed, at, expected)
     }
@@ -94,7 +95,9 @@ impl Parser {
         // A log_format reads only the `$http_`/`$arg_` variables it logs.
         let slots = match &self.format {
             LogFormat::Nginx(f) => Some(f.slots),
-            LogFormat::Combined | LogFormat::Common | LogFormat::Json(_) => None,
+            LogFormat::Combined | LogFormat::Common | LogFormat::Json(_) | LogFormat::Regex(_) => {
+                None
+            }
         };
         let logged = |kind: &&CredentialKind| match (slots, kind) {
             (None, _) => true,
@@ -140,7 +143,7 @@ impl Parser {
 
 /// A value from the line, shown in a message: short, lossy, control characters escaped, query
 /// credentials masked.
-fn shown(value: &[u8]) -> String {
+pub(super) fn shown(value: &[u8]) -> String {
     let cut = value.len().min(40);
     let mut text = crate::telemetry::masked_line(&value[..cut]);
     if cut < value.len() {

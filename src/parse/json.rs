@@ -7,8 +7,9 @@
 use serde::Serialize;
 
 use super::{
-    split_target, status_digits, time_iso8601, Credential, CredentialKind, CredentialLocation,
-    CredentialMode, CredentialRule, Encoding, LogEscape, Request, Skip, TimeField, LOGGED_HEADERS,
+    cached, split_target, status_digits, time_iso8601, Credential, CredentialKind,
+    CredentialLocation, CredentialMode, CredentialRule, Encoding, LogEscape, Request, Skip,
+    TimeField, LOGGED_HEADERS,
 };
 
 /// The JSON key of each value tally reads (`[sources.fields]`): dots between the keys of nested
@@ -588,24 +589,13 @@ pub(super) fn line<'a>(
 }
 
 /// [`time`], through the parser's cache of the last time read: consecutive lines mostly share
-/// their second. A time string of up to 25 bytes is the key, its length in the last byte.
+/// their second.
 #[inline]
 fn cached_time(last: &mut (TimeField, i64), value: Value<'_>) -> Option<i64> {
-    let Value::Str(t) = value else {
-        return time(value);
-    };
-    let mut key = [0u8; 26];
-    if !(20..26).contains(&t.len()) {
-        return time(value);
+    match value {
+        Value::Str(t) => cached(last, t, rfc3339_or_epoch),
+        _ => time(value),
     }
-    key[..t.len()].copy_from_slice(t);
-    key[25] = t.len() as u8;
-    if key == last.0 {
-        return Some(last.1);
-    }
-    let at = time(value)?;
-    *last = (key, at);
-    Some(at)
 }
 
 /// A string's text; None when missing or null; another type is malformed.
@@ -623,12 +613,22 @@ fn text(value: Value<'_>) -> Result<Option<&[u8]>, Skip> {
 #[inline]
 fn time(value: Value<'_>) -> Option<i64> {
     match value {
-        Value::Str(t) if t.get(4) == Some(&b'-') => rfc3339(t),
-        Value::Str(t) | Value::Num(t) => epoch(t),
+        Value::Str(t) => rfc3339_or_epoch(t),
+        Value::Num(t) => epoch(t),
         _ => None,
     }
 }
 
+/// RFC 3339, or epoch time written as a string.
+pub(super) fn rfc3339_or_epoch(t: &[u8]) -> Option<i64> {
+    if t.get(4) == Some(&b'-') {
+        rfc3339(t)
+    } else {
+        epoch(t)
+    }
+}
+
+/// RFC 3339, with `t` or a space between date and time and `z` allowed.
 fn rfc3339(t: &[u8]) -> Option<i64> {
     if matches!(t.get(10), Some(b'T')) && !t.ends_with(b"z") {
         return time_iso8601(t);
@@ -648,7 +648,7 @@ fn rfc3339(t: &[u8]) -> Option<i64> {
 
 /// Epoch time, its unit told by its size: below 10^11 seconds (until the year 5138), below 10^14
 /// milliseconds, below 10^17 microseconds, else nanoseconds. Fractions are dropped.
-fn epoch(t: &[u8]) -> Option<i64> {
+pub(super) fn epoch(t: &[u8]) -> Option<i64> {
     let digits = t.iter().take_while(|b| b.is_ascii_digit()).count();
     let rest = &t[digits..];
     let plain = match rest.split_first() {

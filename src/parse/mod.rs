@@ -8,6 +8,8 @@ mod credential;
 mod failure;
 mod json;
 mod nginx;
+mod pattern;
+mod strftime;
 
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ pub use credential::{CredentialLocation, CredentialMode, CredentialRule};
 pub(crate) use failure::Failure;
 pub use json::{JsonFields, JsonFormat};
 pub(crate) use nginx::LogEscape;
+pub use pattern::RegexFormat;
 
 /// How the lines of a source are written.
 #[derive(Debug, Clone)]
@@ -28,6 +31,8 @@ pub enum LogFormat {
     Nginx(Arc<NginxFormat>),
     /// JSON lines, with the keys of `[sources.fields]`, compiled.
     Json(Arc<JsonFormat>),
+    /// A regular expression with named groups, compiled.
+    Regex(Arc<RegexFormat>),
 }
 
 impl LogFormat {
@@ -37,6 +42,18 @@ impl LogFormat {
         NginxFormat::compile(text, LogEscape::Default, rule).map(|f| LogFormat::Nginx(Arc::new(f)))
     }
 
+    /// A regular expression with named groups, its time read as `time_format` says (or as a
+    /// time tally knows); the error says what is wrong.
+    pub fn regex(
+        text: &str,
+        time_format: Option<&str>,
+        rule: &CredentialRule,
+    ) -> Result<LogFormat, String> {
+        RegexFormat::compile(text, time_format, LogEscape::Default, rule)
+            .map(|f| LogFormat::Regex(Arc::new(f)))
+            .map_err(|(key, e)| format!("{key}: {e}"))
+    }
+
     /// Its name in the configuration (`format`).
     pub(crate) fn name(&self) -> &'static str {
         match self {
@@ -44,6 +61,7 @@ impl LogFormat {
             LogFormat::Common => "common",
             LogFormat::Nginx(_) => "nginx",
             LogFormat::Json(_) => "json",
+            LogFormat::Regex(_) => "regex",
         }
     }
 }
@@ -247,16 +265,23 @@ pub struct Parser {
     credentials: CredentialRule,
     /// The last `$time_local` parsed and its value: consecutive lines mostly share their second.
     last_time: (TimeField, i64),
+    /// A regex format's capture slots, reused line after line.
+    captures: Option<regex::bytes::CaptureLocations>,
 }
 
 impl Parser {
     /// A parser of lines in `format`, reading the credential as `credentials` says (a compiled
     /// `log_format` was compiled for them).
     pub fn new(format: LogFormat, credentials: CredentialRule) -> Parser {
+        let captures = match &format {
+            LogFormat::Regex(f) => Some(f.capture_locations()),
+            _ => None,
+        };
         Parser {
             format,
             credentials,
             last_time: ([0; 26], 0),
+            captures,
         }
     }
 
@@ -269,6 +294,7 @@ impl Parser {
             format,
             credentials,
             last_time,
+            captures,
         } = self;
         match format {
             LogFormat::Combined | LogFormat::Common => {
@@ -288,6 +314,10 @@ impl Parser {
             }
             LogFormat::Nginx(format) => nginx_line(format, credentials, last_time, line),
             LogFormat::Json(format) => json::line(format, credentials, last_time, line),
+            LogFormat::Regex(format) => {
+                let captures = captures.get_or_insert_with(|| format.capture_locations());
+                pattern::line(format, credentials, last_time, captures, line)
+            }
         }
     }
 }
@@ -300,6 +330,7 @@ impl Parser {
         let (spans, cut) = match &self.format {
             LogFormat::Nginx(format) => format.format.secrets(line),
             LogFormat::Json(format) => format.secrets(line),
+            LogFormat::Regex(format) => format.secrets(line),
             LogFormat::Combined | LogFormat::Common => return line.to_vec(),
         };
         let end = cut.unwrap_or(line.len());
@@ -327,6 +358,28 @@ fn cached_time_local(last: &mut (TimeField, i64), time: &TimeField) -> Result<i6
     let t = time_local(time).ok_or(Skip::Malformed)?;
     *last = (*time, t);
     Ok(t)
+}
+
+/// `t` read by `read`, through the parser's cache of the last time read (for the formats whose
+/// times are not `$time_local`): up to 25 bytes are the key, its length in the last byte.
+#[inline]
+fn cached(
+    last: &mut (TimeField, i64),
+    t: &[u8],
+    read: impl FnOnce(&[u8]) -> Option<i64>,
+) -> Option<i64> {
+    if !(1..26).contains(&t.len()) {
+        return read(t);
+    }
+    let mut key = [0u8; 26];
+    key[..t.len()].copy_from_slice(t);
+    key[25] = t.len() as u8;
+    if key == last.0 {
+        return Some(last.1);
+    }
+    let at = read(t)?;
+    *last = (key, at);
+    Some(at)
 }
 
 /// Whether two `$time_local` fields are the same, compared as words: the comparison of every line,

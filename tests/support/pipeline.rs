@@ -53,6 +53,17 @@ pub fn json_parser() -> Parser {
     Parser::new(LogFormat::Json(Arc::new(format)), rule)
 }
 
+/// NGINX's combined format written as a regex (the time read without a `time_format`).
+pub const COMBINED_REGEX: &str =
+    r#"^\S+ \S+ \S+ \[(?P<time>[^\]]+)\] "(?P<request>[^"]*)" (?P<status>\d{3}) "#;
+
+/// The parser of combined lines through [`COMBINED_REGEX`], credentials from the query string.
+pub fn combined_regex() -> Parser {
+    let rule = CredentialRule::query(CredentialMode::Auto);
+    let format = LogFormat::regex(COMBINED_REGEX, None, &rule).expect("the regex compiles");
+    Parser::new(format, rule)
+}
+
 /// What the parse step needs for source 0 read with `parser`.
 pub fn source(parser: Parser) -> ServiceLines {
     ServiceLines {
