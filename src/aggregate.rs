@@ -603,18 +603,23 @@ pub(crate) fn parse_chunk(
         if line.is_empty() {
             continue;
         }
-        read += 1;
         let added = match parser.as_deref_mut() {
             _ if line.len() > lines.max_line_length => Err(Skip::TooLong),
-            Some(parser) => parser.parse(line).and_then(|request| {
-                line_time = request.timestamp;
-                if first_line_time == 0 {
-                    first_line_time = line_time;
+            Some(parser) => match parser.parse_record(line) {
+                // A container record of the other stream, or a part of a line that goes on.
+                Ok(None) => continue,
+                Ok(Some(request)) => {
+                    line_time = request.timestamp;
+                    if first_line_time == 0 {
+                        first_line_time = line_time;
+                    }
+                    aggregator.add(&request, &ONE_HIT)
                 }
-                aggregator.add(&request, &ONE_HIT)
-            }),
+                Err(skip) => Err(skip),
+            },
             None => Err(Skip::Malformed),
         };
+        read += 1;
         match added {
             Ok(batch_full) => {
                 if batch_full {
@@ -640,6 +645,13 @@ pub(crate) fn parse_chunk(
                 }
             }
         }
+    }
+    // A chunk ends where no line is under way, but for a finished file's last records.
+    if parser.is_some_and(Parser::end_records) {
+        read += 1;
+        skipped[Skip::Malformed as usize] += 1;
+        tracing::warn!(service_id = %lines.service_id, path = %crate::telemetry::shown_path(&chunk.at.path),
+            "the file ended inside a line split over container records (its last record never came): skipped as malformed");
     }
     // Counted once per chunk: an atomic add per line would cost more than the parsing.
     Metrics::add(&metrics.lines_read, read);

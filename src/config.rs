@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize, Serializer};
 use toml::Spanned;
 
 use crate::parse::{
-    CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat, LogEscape,
-    LogFormat, NginxFormat, RegexFormat,
+    Container, CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat,
+    LogEscape, LogFormat, NginxFormat, RegexFormat, Stream, Wrapper,
 };
 
 /// The most transactions one report call may carry: the backend takes at most 4096 `key=value` pairs,
@@ -42,6 +42,8 @@ pub(crate) mod defaults {
         pub(crate) const READ_FROM: ReadFrom = ReadFrom::End;
         pub(crate) const CREDENTIALS_LOCATION: CredentialLocation = CredentialLocation::Query;
         pub(crate) const CREDENTIALS_MODE: CredentialMode = CredentialMode::Auto;
+        /// The container output kept with a `wrapper`.
+        pub(crate) const STREAM: crate::parse::Stream = crate::parse::Stream::Stdout;
         /// APIcast's default names of the credential parameters (and headers).
         pub(crate) const USER_KEY: &str = "user_key";
         pub(crate) const APP_ID: &str = "app_id";
@@ -270,9 +272,23 @@ pub struct Source {
     pub read_from: ReadFrom,
     /// Where its requests carry their credential (`[sources.credentials]`).
     pub credentials: CredentialRule,
+    /// The container runtime's records its lines are wrapped in (`wrapper`, `stream`).
+    #[serde(flatten)]
+    pub container: Option<Container>,
     /// This source's own service token (or provider key), instead of `[backend]`'s.
     #[serde(flatten)]
     pub auth: Option<BackendAuth>,
+}
+
+impl Source {
+    /// The parser of its lines (longer lines are skipped as too long).
+    pub(crate) fn parser(&self, max_line_length: usize) -> crate::parse::Parser {
+        let parser = crate::parse::Parser::new(self.format.clone(), self.credentials.clone());
+        match self.container {
+            Some(container) => parser.unwrapping(container, max_line_length),
+            None => parser,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -476,6 +492,8 @@ struct RawSource {
     format: Option<Spanned<String>>,
     log_format: Option<Spanned<String>>,
     log_escape: Option<LogEscape>,
+    wrapper: Option<Wrapper>,
+    stream: Option<Spanned<Stream>>,
     /// For format = "regex".
     regex: Option<Spanned<String>>,
     time_format: Option<Spanned<String>>,
@@ -857,6 +875,20 @@ impl Ctx<'_> {
         };
         let credentials = self.credentials(i, s)?;
         let format = self.format(i, s, &credentials)?;
+        let container = match (s.wrapper, &s.stream) {
+            (Some(wrapper), stream) => Some(Container {
+                wrapper,
+                stream: stream
+                    .as_ref()
+                    .map_or(defaults::sources::STREAM, |s| *s.get_ref()),
+            }),
+            (None, Some(stream)) => return Err(self.invalid(
+                &key("stream"),
+                stream.span().start,
+                "stream is the container output kept: give wrapper = \"cri\" or \"docker\" with it",
+            )),
+            (None, None) => None,
+        };
         Ok(Source {
             name,
             path,
@@ -864,6 +896,7 @@ impl Ctx<'_> {
             format,
             read_from: s.read_from.unwrap_or(defaults::sources::READ_FROM),
             credentials,
+            container,
             auth,
         })
     }
@@ -1134,6 +1167,19 @@ impl Config {
                         "sources[{j}] of service {} reads the same path `{}`: each line would count twice",
                         s.service_id, s.path
                     ),
+                ));
+            }
+        }
+        // One path is read once for all its sources: they must agree on how its records are wrapped.
+        for (i, s) in sources.iter().enumerate() {
+            if let Some(other) = sources[..i]
+                .iter()
+                .position(|o| o.path == s.path && o.container != s.container)
+            {
+                return Err(ctx.invalid(
+                    &format!("sources[{i}].wrapper"),
+                    raw.sources[i].span().start,
+                    format!("sources[{other}] reads the same path with another wrapper or stream: give both the same"),
                 ));
             }
         }
@@ -1602,6 +1648,19 @@ authorization = "request.headers.authorization"
 
 [sources.credentials]
 location = "headers"
+
+[[sources]]
+path = "containers/*.log"
+service_id = "46"
+wrapper = "cri"
+stream = "stderr"
+
+[sources.credentials]
+location = "query"
+mode = "auto"
+user_key = "user_key"
+app_id = "app_id"
+app_key = "app_key"
 
 [[sources]]
 path = "app.log"

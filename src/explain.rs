@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use crate::aggregate::MAX_CREDENTIAL_BYTES;
 use crate::config::Config;
-use crate::parse::{Failure, Parser, Request, Skip};
+use crate::parse::{Failure, Parser, Request, Skip, Wrapper};
 use crate::telemetry::{mask, masked_line, printable, shown_path};
 
 /// The lines `tally parse` reads.
@@ -67,7 +67,7 @@ pub fn explain(
             count: config.sources.len(),
         })?;
     let mut lines = Lines {
-        parser: Parser::new(source.format.clone(), source.credentials.clone()),
+        parser: source.parser(config.tail.max_line_length),
         max_line_length: config.tail.max_line_length,
         response_codes: config.report.response_codes,
         json: options.json,
@@ -182,6 +182,19 @@ impl Lines<'_> {
             if line.is_empty() {
                 continue;
             }
+            // A container's record: its line, once its last part is there.
+            let unwrapped = match self.parser.unwrap(line) {
+                Ok(None) => continue,
+                Ok(Some(unwrapped)) => Ok(unwrapped),
+                Err(skip) => Err(Failure {
+                    skip,
+                    at: None,
+                    expected: match self.parser.container().map(|c| c.wrapper) {
+                        Some(Wrapper::Cri) => "a CRI record: `<time> <stdout|stderr> <P|F> <line>`, whole lines within tail.max_line_length".into(),
+                        _ => "a Docker json-file record: `{\"log\":\"<line>\\n\",\"stream\":\"stdout\",…}`, whole lines within tail.max_line_length".into(),
+                    },
+                }),
+            };
             self.summary.lines_read += 1;
             let result = if cut || line.len() > self.max_line_length {
                 Err(Failure {
@@ -193,7 +206,10 @@ impl Lines<'_> {
                     ),
                 })
             } else {
-                self.parser.explain(line).and_then(reportable)
+                match &unwrapped {
+                    Ok(unwrapped) => self.parser.explain(unwrapped).and_then(reportable),
+                    Err(failure) => Err(failure.clone()),
+                }
             };
             let shown = match result {
                 Ok((request, credential)) => {
@@ -203,8 +219,9 @@ impl Lines<'_> {
                 Err(failure) => {
                     self.summary.skipped[failure.skip as usize] += 1;
                     // A too-long line is not shown: only part of it was read.
+                    let shown = unwrapped.as_deref().unwrap_or(line);
                     let excerpt = (failure.skip != Skip::TooLong)
-                        .then(|| masked_line(&self.parser.hide_secrets(line, mask)));
+                        .then(|| masked_line(&self.parser.hide_secrets(shown, mask)));
                     self.skipped(name, number, &failure, excerpt)
                 }
             };

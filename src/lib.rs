@@ -34,9 +34,9 @@ pub mod pipeline {
     pub use crate::aggregate::{take_in, Aggregator, Batch, ServiceLines};
     pub use crate::parse::Parser;
     pub use crate::parse::{
-        CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat, LogFormat,
-        RegexFormat,
+        Container, CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat,
+        LogFormat, RegexFormat, Stream, Wrapper,
     };
-    pub use crate::tail::{Follower, TailEvents, TailOptions, Tailed};
+    pub use crate::tail::{Follower, Records, TailEvents, TailOptions, Tailed};
     pub use crate::telemetry::Metrics;
 }

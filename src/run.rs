@@ -12,7 +12,6 @@ use tokio::task::JoinSet;
 use crate::aggregate::{self, Aggregator, Counted, ServiceLines};
 use crate::config::Config;
 use crate::config::ReadFrom;
-use crate::parse::Parser;
 use crate::preflight;
 use crate::report::{self, ServiceReport, Sink};
 use crate::state::{Resume, SourceId, StateDir};
@@ -143,7 +142,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         for &i in &sources {
             let feed = feed_of(i);
             let s = &config.sources[i];
-            parsers[feed] = Some(Parser::new(s.format.clone(), s.credentials.clone()));
+            parsers[feed] = Some(s.parser(config.tail.max_line_length));
             names.insert(feed, s.name.clone());
             feed_out[feed].push(tailed_tx.clone());
             let place = feeds[feed].iter().position(|&j| j == i).unwrap_or(0);
@@ -216,6 +215,10 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
             rotate_grace: config.tail.rotate_grace,
             max_line_length: config.tail.max_line_length,
             once: options.once,
+            // The sources of one path agree on it (checked with the configuration).
+            records: config.sources[sources[0]]
+                .container
+                .map(|c| Arc::new(c) as Arc<dyn crate::tail::Records>),
         };
         let events: Arc<dyn TailEvents> = metrics.clone();
         let follower = Follower::spawn(feed, path.clone(), tail, out, events)

@@ -156,6 +156,19 @@ pub struct TailOptions {
     pub max_line_length: usize,
     /// Read what is there now, then finish (no following).
     pub once: bool,
+    /// How physical lines make up lines, when a line may be split over several (a container
+    /// runtime's log); None: each physical line is a line.
+    pub records: Option<Arc<dyn Records>>,
+}
+
+/// How a feed's physical lines make up its lines, when one may be split over several records: a
+/// chunk (and so a checkpoint) never ends inside a line whose records are not all there.
+pub trait Records: Send + Sync + std::fmt::Debug {
+    /// How much of `lines` (whole physical lines) holds no unfinished line: a chunk may end there.
+    fn complete(&self, lines: &[u8]) -> usize;
+    /// The length of `lines`' prefix up to the record that finishes the line under way, if it is
+    /// there.
+    fn finishing(&self, lines: &[u8]) -> Option<usize>;
 }
 
 const READ_BLOCK: usize = 256 * 1024;
@@ -346,10 +359,20 @@ struct Reader {
     offset: u64,
     /// The start of a line whose newline has not arrived yet.
     partial: Vec<u8>,
-    /// In the middle of a line too long to keep: drop bytes up to the next newline.
-    discarding: bool,
+    /// In the middle of a line too long to keep.
+    discarding: Discard,
     /// The last read failed (and was reported as a problem).
     read_failing: bool,
+}
+
+/// What a reader drops of a line too long to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Discard {
+    Nothing,
+    /// The bytes up to the next newline.
+    ToNewline,
+    /// The records up to the one that finishes the line ([`Records::finishing`]).
+    ToLastRecord,
 }
 
 /// Whether a path still leads to a reader's file.
@@ -565,7 +588,7 @@ impl Tail {
             fingerprint,
             offset,
             partial: Vec::new(),
-            discarding: false,
+            discarding: Discard::Nothing,
             read_failing: false,
         };
         send(
@@ -632,33 +655,67 @@ impl Tail {
                 r.fingerprint =
                     Fingerprint::read(&r.file, Fingerprint::MAX).unwrap_or(r.fingerprint);
             }
-            if r.discarding {
-                // The rest of a line too long to keep: drop it up to its newline.
-                match memchr::memchr(b'\n', &data) {
-                    Some(nl) => {
-                        r.discarding = false;
-                        data.drain(..=nl);
+            // Only the new bytes can hold a newline: the kept part had none, or (records) holds a
+            // line whose last record had not come.
+            let mut from = kept;
+            match (r.discarding, &options.records) {
+                (Discard::Nothing, _) => {}
+                (Discard::ToLastRecord, Some(records)) => match records.finishing(&data) {
+                    Some(end) => {
+                        r.discarding = Discard::Nothing;
+                        data.drain(..end);
+                        from = 0;
                     }
                     None => {
-                        data.clear();
+                        // Whole records of the line are dropped; a record's start is kept.
+                        let whole = memchr::memrchr(b'\n', &data).map_or(0, |nl| nl + 1);
+                        data.drain(..whole);
                         r.partial = data;
+                        if r.partial.len() > options.max_line_length {
+                            r.partial = Vec::new();
+                            r.discarding = Discard::ToNewline;
+                        }
                         continue;
+                    }
+                },
+                (Discard::ToNewline | Discard::ToLastRecord, _) => {
+                    // The rest of a line too long to keep: drop it up to its newline.
+                    match memchr::memchr(b'\n', &data) {
+                        Some(nl) => {
+                            r.discarding = Discard::Nothing;
+                            data.drain(..=nl);
+                        }
+                        None => {
+                            data.clear();
+                            r.partial = data;
+                            continue;
+                        }
                     }
                 }
             }
-            // Only the new bytes can hold a newline: the kept part had none.
-            let from = kept.min(data.len());
-            let Some(last_nl) = memchr::memrchr(b'\n', &data[from..]).map(|i| from + i) else {
-                r.partial = data;
-                if r.partial.len() > options.max_line_length {
-                    events.line_too_long(&r.shown, options.max_line_length);
-                    r.partial = Vec::new();
-                    r.discarding = true;
-                }
-                continue;
+            let from = from.min(data.len());
+            let last_nl = memchr::memrchr(b'\n', &data[from..]).map(|i| from + i);
+            let cut = match (last_nl, &options.records) {
+                (None, _) => 0,
+                (Some(nl), None) => nl + 1,
+                (Some(nl), Some(records)) => records.complete(&data[..=nl]),
             };
-            r.partial = data[last_nl + 1..].to_vec();
-            data.truncate(last_nl + 1);
+            if data.len() - cut > options.max_line_length {
+                events.line_too_long(&r.shown, options.max_line_length);
+                r.discarding = match (last_nl, &options.records) {
+                    (Some(_), Some(_)) => Discard::ToLastRecord,
+                    _ => Discard::ToNewline,
+                };
+                if r.discarding == Discard::ToNewline {
+                    data.truncate(cut);
+                }
+            }
+            if cut == 0 {
+                r.partial = data;
+                continue;
+            }
+            r.partial = data[cut..].to_vec();
+            data.truncate(cut);
             let chunk = Chunk::new(*feed, r.at(r.offset - r.partial.len() as u64), data);
             events.read(*feed, r.key, &r.shown, r.offset);
             if !send(out, Tailed::Lines(Arc::new(chunk))) {
@@ -684,7 +741,7 @@ impl Tail {
             }
             let mut r = self.readers.swap_remove(i);
             let mut data = std::mem::take(&mut r.partial);
-            if !data.is_empty() && !r.discarding {
+            if !data.is_empty() && r.discarding == Discard::Nothing {
                 // The file will not grow any more: its last line is complete.
                 data.push(b'\n');
             } else {
@@ -712,7 +769,7 @@ fn check_still_same(r: &mut Reader, events: &dyn TailEvents) {
         events.truncated(&r.shown, m.len(), r.offset);
         r.offset = 0;
         r.partial.clear();
-        r.discarding = false;
+        r.discarding = Discard::Nothing;
         r.fingerprint = Fingerprint::read(&r.file, Fingerprint::MAX).unwrap_or_default();
     }
 }
@@ -907,6 +964,7 @@ mod model {
                 rotate_grace: Duration::ZERO,
                 max_line_length: 64 * 1024,
                 once: false,
+                records: None,
             };
             let tail = Tail {
                 feed: 0,

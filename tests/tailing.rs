@@ -700,3 +700,67 @@ fn a_backend_outage_stops_reading_ahead_and_memory_stays_bounded() {
     tally.stop(WAIT);
     s.assert_exactly_once(200_000);
 }
+
+/// A container runtime's log: records around the lines, a long line split over several records
+/// (`P` parts, or Docker's `log` without its `\n`) with the other stream's records between them.
+/// A restart while a line's last part has not come resumes at its first: every line once.
+fn container_records(wrapper: &str, record: fn(&str, bool, &str) -> String) {
+    let s = Setup::new();
+    let log = s.path("container.log");
+    let config = s.config("container.log", true, "", "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "service_id = \"42\"",
+        &format!("service_id = \"42\"\nwrapper = \"{wrapper}\""),
+    );
+    std::fs::write(&config, text).unwrap();
+    let line = |n: u64| {
+        combined_line(now(), "GET", &format!("/v1/x?user_key=u{n}"), 200)
+            .trim_end()
+            .to_string()
+    };
+    let mut file = append_to(&log);
+    let mut write = |text: String| file.write_all(text.as_bytes()).unwrap();
+    let (l1, l3) = (line(1), line(3));
+    write(record("stdout", true, &line(0)));
+    write(record("stdout", false, &l1[..20]));
+    write(record(
+        "stderr",
+        true,
+        "a warning between the parts, user_key=u900",
+    ));
+    write(record("stdout", false, &l1[20..50]));
+    write(record("stdout", true, &l1[50..]));
+    write(record("stderr", true, &line(901)));
+    write(record("stdout", true, &line(2)));
+    write(record("stdout", false, &l3[..30]));
+    let logs = Tally::run_once(&config).logs();
+    s.assert_exactly_once(3);
+    assert!(logs.contains(" lines_read=3 "), "{logs}");
+    assert!(logs.contains(" skipped_malformed=0 "), "{logs}");
+    // The rest of line 3, and line 4: line 3 is read again from its first part.
+    write(record("stderr", true, "more noise"));
+    write(record("stdout", false, &l3[30..40]));
+    write(record("stdout", true, &l3[40..]));
+    write(record("stdout", true, &line(4)));
+    let logs = Tally::run_once(&config).logs();
+    s.assert_exactly_once(5);
+    assert!(logs.contains(" skipped_malformed=0 "), "{logs}");
+}
+
+#[test]
+fn cri_records_with_split_lines_count_each_line_once() {
+    container_records("cri", |stream, last, message| {
+        let tag = if last { "F" } else { "P" };
+        format!("2026-11-26T10:15:00.123456789Z {stream} {tag} {message}\n")
+    });
+}
+
+#[test]
+fn docker_json_file_records_with_split_lines_count_each_line_once() {
+    container_records("docker", |stream, last, message| {
+        let log =
+            serde_json::to_string(&format!("{message}{}", if last { "\n" } else { "" })).unwrap();
+        format!(r#"{{"log":{log},"stream":"{stream}","time":"2026-11-26T10:15:00.123456789Z"}}"#)
+            + "\n"
+    });
+}

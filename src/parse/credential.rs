@@ -281,12 +281,18 @@ fn hex_pair(digits: Option<&[u8]>) -> Option<u8> {
 
 /// Undoes JSON string escapes (`\"`, `\\`, `\/`, `\b\f\n\r\t`, `\uHHHH` with surrogate pairs).
 fn json_unescape(raw: &[u8]) -> Result<Vec<u8>, Skip> {
+    let mut out = Vec::with_capacity(raw.len());
+    json_unescape_into(raw, &mut out)?;
+    Ok(out)
+}
+
+/// [`json_unescape`], appending to `out`.
+pub(super) fn json_unescape_into(raw: &[u8], out: &mut Vec<u8>) -> Result<(), Skip> {
     let hex4 = |at: usize| -> Result<u32, Skip> {
         let digits = raw.get(at..at + 4).ok_or(Skip::InvalidCredential)?;
         let text = std::str::from_utf8(digits).map_err(|_| Skip::InvalidCredential)?;
         u32::from_str_radix(text, 16).map_err(|_| Skip::InvalidCredential)
     };
-    let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {
         if raw[i] != b'\\' {
@@ -328,7 +334,7 @@ fn json_unescape(raw: &[u8]) -> Result<Vec<u8>, Skip> {
         out.push(simple);
         i += 2;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The user of a `Basic` Authorization value (`Basic base64(user:password)`).

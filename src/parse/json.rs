@@ -534,6 +534,37 @@ fn skip(line: &[u8], mut i: usize, mut open: usize) -> Option<usize> {
     Some(i)
 }
 
+/// A Docker json-file record's `log` (between its quotes, still escaped) and `stream` values.
+pub(super) fn log_and_stream(line: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (mut log, mut stream) = (None, None);
+    let mut i = ws(line, 0);
+    if line.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = ws(line, i + 1);
+    while line.get(i) == Some(&b'"') {
+        let end = string_end(line, i + 1)?;
+        let key = &line[i + 1..end];
+        i = ws(line, end + 1);
+        if line.get(i) != Some(&b':') {
+            return None;
+        }
+        let (v, end) = value(line, ws(line, i + 1))?;
+        match (key, v) {
+            (b"log", Value::Str(s)) => log = Some(s),
+            (b"stream", Value::Str(s)) => stream = Some(s),
+            _ => {}
+        }
+        i = ws(line, end);
+        match line.get(i) {
+            Some(b',') => i = ws(line, i + 1),
+            Some(b'}') => return Some((log?, stream?)),
+            _ => return None,
+        }
+    }
+    None
+}
+
 /// A line of JSON lines.
 #[inline]
 pub(super) fn line<'a>(

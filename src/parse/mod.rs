@@ -4,6 +4,7 @@
 //! The record borrows from the line and parsing allocates nothing: the credential stays as the log
 //! wrote it, and is decoded ([`Credential::decode`]) once per distinct credential by the aggregation.
 
+mod container;
 mod credential;
 mod failure;
 mod json;
@@ -13,6 +14,8 @@ mod strftime;
 
 use std::sync::Arc;
 
+pub(crate) use container::Unwrapper;
+pub use container::{Container, Stream, Wrapper};
 pub(crate) use credential::{Credential, CredentialKind, Encoding};
 pub use credential::{CredentialLocation, CredentialMode, CredentialRule};
 pub(crate) use failure::Failure;
@@ -267,6 +270,8 @@ pub struct Parser {
     last_time: (TimeField, i64),
     /// A regex format's capture slots, reused line after line.
     captures: Option<regex::bytes::CaptureLocations>,
+    /// A container runtime's records, unwrapped and joined before the format reads them.
+    unwrapper: Option<Unwrapper>,
 }
 
 impl Parser {
@@ -282,7 +287,57 @@ impl Parser {
             credentials,
             last_time: ([0; 26], 0),
             captures,
+            unwrapper: None,
         }
+    }
+
+    /// This parser, for lines wrapped in `container`'s records; joined lines longer than `limit`
+    /// are skipped as `too_long`.
+    pub fn unwrapping(mut self, container: Container, limit: usize) -> Parser {
+        self.unwrapper = Some(Unwrapper::new(container, limit));
+        self
+    }
+
+    /// A physical line of the source's file (without its newline): with a container wrapper,
+    /// unwrapped and joined with its parts first. None when it is no line of its own (a record of
+    /// the other stream, or a part of a line that goes on).
+    #[inline]
+    pub fn parse_record<'a>(&'a mut self, record: &'a [u8]) -> Result<Option<Request<'a>>, Skip> {
+        let Parser {
+            format,
+            credentials,
+            last_time,
+            captures,
+            unwrapper,
+        } = self;
+        let line = match unwrapper {
+            None => record,
+            Some(unwrapper) => match unwrapper.line(record)? {
+                Some(line) => line,
+                None => return Ok(None),
+            },
+        };
+        read(format, credentials, last_time, captures, line).map(Some)
+    }
+
+    /// The line a physical line of the source's file makes, for `tally parse`: unwrapped and
+    /// joined (a copy) with a container wrapper; None as for [`Parser::parse_record`].
+    pub(crate) fn unwrap(&mut self, record: &[u8]) -> Result<Option<Vec<u8>>, Skip> {
+        match &mut self.unwrapper {
+            None => Ok(Some(record.to_vec())),
+            Some(unwrapper) => Ok(unwrapper.line(record)?.map(<[u8]>::to_vec)),
+        }
+    }
+
+    /// The container records the parser unwraps, if any.
+    pub(crate) fn container(&self) -> Option<Container> {
+        self.unwrapper.as_ref().map(Unwrapper::container)
+    }
+
+    /// Ends a chunk of records: a line still under way (its last record never came, as at the
+    /// end of a rotated file) is dropped; true if there was one.
+    pub(crate) fn end_records(&mut self) -> bool {
+        self.unwrapper.as_mut().is_some_and(Unwrapper::end)
     }
 
     /// `line` is without its newline. Inlined, with the format's and the credential's parsing,
@@ -295,29 +350,42 @@ impl Parser {
             credentials,
             last_time,
             captures,
+            unwrapper: _,
         } = self;
-        match format {
-            LogFormat::Combined | LogFormat::Common => {
-                let fields = combined(line).ok_or(Skip::Malformed)?;
-                let timestamp = cached_time_local(last_time, fields.time)?;
-                let (path, query) = split_target(fields.target);
-                Ok(Request {
-                    timestamp,
-                    method: Some(fields.method),
-                    path: Some(path),
-                    query: Some(query),
-                    host: None,
-                    headers: [None; LOGGED_HEADERS],
-                    status: fields.status,
-                    credential: credentials.in_query(query, LogEscape::Default)?,
-                })
-            }
-            LogFormat::Nginx(format) => nginx_line(format, credentials, last_time, line),
-            LogFormat::Json(format) => json::line(format, credentials, last_time, line),
-            LogFormat::Regex(format) => {
-                let captures = captures.get_or_insert_with(|| format.capture_locations());
-                pattern::line(format, credentials, last_time, captures, line)
-            }
+        read(format, credentials, last_time, captures, line)
+    }
+}
+
+/// One line in `format`, with the parser's state.
+#[inline]
+fn read<'a>(
+    format: &LogFormat,
+    credentials: &CredentialRule,
+    last_time: &mut (TimeField, i64),
+    captures: &mut Option<regex::bytes::CaptureLocations>,
+    line: &'a [u8],
+) -> Result<Request<'a>, Skip> {
+    match format {
+        LogFormat::Combined | LogFormat::Common => {
+            let fields = combined(line).ok_or(Skip::Malformed)?;
+            let timestamp = cached_time_local(last_time, fields.time)?;
+            let (path, query) = split_target(fields.target);
+            Ok(Request {
+                timestamp,
+                method: Some(fields.method),
+                path: Some(path),
+                query: Some(query),
+                host: None,
+                headers: [None; LOGGED_HEADERS],
+                status: fields.status,
+                credential: credentials.in_query(query, LogEscape::Default)?,
+            })
+        }
+        LogFormat::Nginx(format) => nginx_line(format, credentials, last_time, line),
+        LogFormat::Json(format) => json::line(format, credentials, last_time, line),
+        LogFormat::Regex(format) => {
+            let captures = captures.get_or_insert_with(|| format.capture_locations());
+            pattern::line(format, credentials, last_time, captures, line)
         }
     }
 }

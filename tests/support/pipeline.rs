@@ -91,6 +91,7 @@ pub fn read_once(
         rotate_grace: Duration::ZERO,
         max_line_length: MAX_LINE_LENGTH,
         once: true,
+        records: None,
     };
     let events: Arc<dyn TailEvents> = metrics;
     let follower = Follower::spawn(0, log.display().to_string(), options, vec![tx], events)
