@@ -16,7 +16,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 
 use crate::identity::FileKey;
-use crate::parse::{Credential, CredentialKind, Encoding, Parser, Request, Skip};
+use crate::parse::{Credential, CredentialKind, Parser, Request, Skip};
 use crate::state::{Advance, Fate};
 use crate::tail::{Chunk, Tailed};
 use crate::telemetry::{mask, masked_line, Metrics};
@@ -212,8 +212,10 @@ struct Known {
 /// old list of applications).
 struct Interner {
     /// Raw credential as logged → its id, or why it cannot be reported; one table per kind of
-    /// credential and encoding (the same bytes decode differently from a query and a header).
-    tables: [CredentialTable; TABLES],
+    /// credential and encoding (the same bytes decode differently from a query and a header, or
+    /// for two JWT claims), by [`table`]. Grown on demand: the encodings are a few, plus one per
+    /// JWT claim configured ([`Encoding::index`]), and only those met get a table.
+    tables: Vec<CredentialTable>,
     applications: Applications,
     limit: usize,
 }
@@ -221,29 +223,30 @@ struct Interner {
 /// Raw credentials of one kind and encoding → their id, or why they cannot be reported.
 type CredentialTable = FxHashMap<Box<[u8]>, Result<Known, Skip>>;
 
-/// One table per kind of credential and encoding.
-const TABLES: usize = 2 * Encoding::COUNT;
-
 /// The table of `credential`'s kind and encoding.
 fn table(credential: &Credential<'_>) -> usize {
     let kind = match credential.kind {
         CredentialKind::UserKey => 0,
         CredentialKind::AppId => 1,
     };
-    kind * Encoding::COUNT + credential.encoding.index()
+    credential.encoding.index() * 2 + kind
 }
 
 impl Interner {
     fn new(limit: usize) -> Interner {
         Interner {
-            tables: std::array::from_fn(|_| FxHashMap::default()),
+            tables: Vec::new(),
             applications: Applications::default(),
             limit,
         }
     }
 
     fn id(&mut self, credential: Credential<'_>) -> Result<Known, Skip> {
-        match self.tables[table(&credential)].get(credential.raw) {
+        let known = self
+            .tables
+            .get(table(&credential))
+            .and_then(|t| t.get(credential.raw));
+        match known {
             Some(known) => *known,
             None => self.intern(credential),
         }
@@ -274,13 +277,22 @@ impl Interner {
         // Past the limit, an unreportable credential is not remembered: a stream of them alone
         // (which never fills a batch, so never renews the tables) must not grow them.
         if known.is_ok() || !full {
-            self.tables[table(&credential)].insert(credential.raw.into(), known);
+            let at = table(&credential);
+            if at >= self.tables.len() {
+                self.tables.resize_with(at + 1, CredentialTable::default);
+            }
+            self.tables[at].insert(credential.raw.into(), known);
         }
         known
     }
 
+    /// The credentials remembered.
+    fn len(&self) -> usize {
+        self.tables.iter().map(|t| t.len()).sum()
+    }
+
     fn full(&self) -> bool {
-        self.tables.iter().map(|t| t.len()).sum::<usize>() >= self.limit
+        self.len() >= self.limit
     }
 
     /// Starts anew; only between batches, since the open batch's ids index the current list.
@@ -856,7 +868,7 @@ mod tests {
             {
                 batches.push(a.take().unwrap());
             }
-            assert!(a.interner.tables[0].len() <= 10);
+            assert!(a.interner.len() <= 10);
             assert!(a.interner.applications.count() <= 10);
         }
         batches.extend(a.take());
@@ -881,7 +893,7 @@ mod tests {
             };
             assert_eq!(a.add(&bad, &ONE_HIT), Err(Skip::InvalidCredential));
         }
-        assert!(a.interner.tables[Encoding::COUNT].len() <= 10);
+        assert!(a.interner.len() <= 10);
     }
 
     #[test]
@@ -918,7 +930,44 @@ mod tests {
                 Application::UserKey("café".into()),
             ]
         );
-        assert_eq!(a.interner.tables[0].len(), 3);
+        assert_eq!(a.interner.len(), 3);
+    }
+
+    #[test]
+    fn one_token_read_for_two_claims_gives_two_app_ids() {
+        use crate::parse::testing::{jwt, oidc};
+        use crate::parse::CredentialLocation;
+        let token = jwt(r#"{"azp":"by-azp","client_id":"by-client-id"}"#);
+        let authorization = format!("Bearer {token}");
+        let mut a = Aggregator::new(true, 1000);
+        for claim in ["azp", "client_id", "azp", "client_id"] {
+            let rule = oidc(CredentialLocation::Authorization, claim);
+            let credential = rule.bearer(Some(authorization.as_bytes())).unwrap();
+            a.add(
+                &Request {
+                    credential,
+                    ..request("", 10, 200)
+                },
+                &ONE_HIT,
+            )
+            .unwrap();
+        }
+        let names: Vec<_> = flat(&a.take().unwrap().transactions)
+            .into_iter()
+            .map(|t| t.0)
+            .collect();
+        let app = |id: &str| Application::AppId(id.into());
+        assert_eq!(
+            names,
+            vec![
+                app("by-azp"),
+                app("by-client-id"),
+                app("by-azp"),
+                app("by-client-id")
+            ]
+        );
+        // Each payload decoded once per claim.
+        assert_eq!(a.interner.len(), 2);
     }
 
     /// Usage of each (metric, delta).

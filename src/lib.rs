@@ -34,7 +34,8 @@ pub mod pipeline {
     pub use crate::aggregate::{take_in, Aggregator, Batch, ServiceLines};
     pub use crate::parse::Parser;
     pub use crate::parse::{
-        CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat, LogFormat,
+        CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat, JwtClaim,
+        LogFormat,
     };
     pub use crate::tail::{Follower, TailEvents, TailOptions, Tailed};
     pub use crate::telemetry::Metrics;

@@ -108,6 +108,8 @@ enum Credentials {
     Fields(Encoding),
     /// The authorization field's Basic user.
     Basic(CredentialKind),
+    /// The authorization field's Bearer JWT (`oidc` mode).
+    Bearer,
 }
 
 /// A value as the line has it.
@@ -174,11 +176,19 @@ impl JsonFormat {
             return Err("too many keys in fields".into());
         }
         let has = |field: usize| wanted & (1 << field) != 0;
-        let credentials = match rule.location {
-            CredentialLocation::Query if has(USER_KEY) || has(APP_ID) => {
+        let oidc = rule.mode == CredentialMode::Oidc;
+        let credentials = match rule.reads() {
+            // In oidc mode the token is the `access_token` parameter, not these.
+            CredentialLocation::Query if !oidc && (has(USER_KEY) || has(APP_ID)) => {
                 Credentials::Fields(Encoding::Query(LogEscape::Json))
             }
             CredentialLocation::Query if has(URI) || has(QUERY) => Credentials::QueryString,
+            CredentialLocation::Query if oidc => {
+                return Err(
+                    "the access token is read from the query string, and fields names none: give fields.uri or fields.query"
+                        .into(),
+                )
+            }
             CredentialLocation::Query => {
                 return Err(format!(
                     "credentials are read from the query string, and fields names none: give fields.uri, fields.query or fields.user_key (the JSON key of the {} argument)",
@@ -189,7 +199,8 @@ impl JsonFormat {
                 let missing = match rule.mode {
                     CredentialMode::UserKey => (!has(USER_KEY)).then_some(("user_key", &rule.user_key)),
                     CredentialMode::AppId => (!has(APP_ID)).then_some(("app_id", &rule.app_id)),
-                    CredentialMode::Auto => (!has(USER_KEY) && !has(APP_ID))
+                    // oidc reads the Authorization header, never these.
+                    CredentialMode::Auto | CredentialMode::Oidc => (!has(USER_KEY) && !has(APP_ID))
                         .then_some(("user_key", &rule.user_key)),
                 };
                 if let Some((key, header)) = missing {
@@ -200,17 +211,15 @@ impl JsonFormat {
                 }
                 Credentials::Fields(Encoding::Header(LogEscape::Json))
             }
+            CredentialLocation::Authorization if has(AUTHORIZATION) && oidc => Credentials::Bearer,
             CredentialLocation::Authorization if has(AUTHORIZATION) => {
-                Credentials::Basic(match rule.mode {
-                    CredentialMode::AppId => CredentialKind::AppId,
-                    CredentialMode::UserKey | CredentialMode::Auto => CredentialKind::UserKey,
-                })
+                Credentials::Basic(rule.basic_kind())
             }
             CredentialLocation::Authorization => {
-                return Err(
-                    "credentials are read from the Authorization header: give fields.authorization, its JSON key (e.g. \"request.headers.authorization\")"
-                        .into(),
-                )
+                return Err(format!(
+                    "credentials are read from the Authorization header{}: give fields.authorization, its JSON key (e.g. \"request.headers.authorization\")",
+                    if oidc { " (a Bearer JWT)" } else { "" }
+                ))
             }
         };
         Ok(JsonFormat {
@@ -574,6 +583,7 @@ pub(super) fn line<'a>(
             credential(AUTHORIZATION, kind, Encoding::BasicUser(LogEscape::Json))?
                 .ok_or(Skip::NoCredential)?
         }
+        Credentials::Bearer => rule.bearer(text(values[AUTHORIZATION])?)?,
     };
     Ok(Request {
         timestamp,
@@ -1020,6 +1030,82 @@ mod tests {
         )
         .unwrap();
         assert_eq!((r.1, r.7), (Some("/u".into()), "u".into()));
+    }
+
+    #[test]
+    fn oidc_reads_a_bearer_jwt_or_an_access_token() {
+        use crate::parse::testing::{jwt, oidc};
+        let token = jwt(r#"{"azp":"app-1","client_id":"client-1"}"#);
+        let got = |p: &mut Parser, line: &str| seen(p, line).map(|r| (r.6, r.7));
+        let fields = JsonFields {
+            authorization: "request.headers.Authorization".into(),
+            ..JsonFields::default()
+        };
+        let line = |auth: &str| {
+            format!(
+                r#"{{"time":1795515300,"status":200,"uri":"/?user_key=u","request":{{"headers":{{"authorization":{auth}}}}}}}"#
+            )
+        };
+        let bearer = line(&format!(r#"["Bearer {token}"]"#));
+        for (location, claim, app_id) in [
+            (CredentialLocation::Authorization, "azp", "app-1"),
+            (CredentialLocation::Headers, "client_id", "client-1"),
+        ] {
+            let mut p = parser(fields.clone(), oidc(location, claim));
+            assert_eq!(
+                got(&mut p, &bearer),
+                Ok((CredentialKind::AppId, app_id.into()))
+            );
+            for none in [r#""-""#, "null", r#""""#, r#""Basic dXNlcjpwYXNz""#] {
+                assert_eq!(got(&mut p, &line(none)), Err(Skip::NoCredential), "{none}");
+            }
+            assert_eq!(
+                got(&mut p, &line(r#""Bearer a.b""#)),
+                Err(Skip::InvalidCredential)
+            );
+        }
+        // The access_token parameter, from the query string; the user_key fields do not count.
+        let mut p = parser(
+            JsonFields {
+                user_key: "k".into(),
+                ..JsonFields::default()
+            },
+            oidc(CredentialLocation::Query, "azp"),
+        );
+        let line = format!(
+            r#"{{"time":1795515300,"status":200,"k":"u","uri":"/p?access_token={token}"}}"#
+        );
+        assert_eq!(
+            got(&mut p, &line),
+            Ok((CredentialKind::AppId, "app-1".into()))
+        );
+        assert_eq!(
+            got(
+                &mut p,
+                r#"{"time":1795515300,"status":200,"k":"u","uri":"/p"}"#
+            ),
+            Err(Skip::NoCredential)
+        );
+        // A field that cannot carry the token: what to give.
+        let err = JsonFormat::compile(
+            JsonFields::default(),
+            &oidc(CredentialLocation::Headers, "azp"),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("Bearer JWT") && err.contains("give fields.authorization"),
+            "{err}"
+        );
+        let err = JsonFormat::compile(
+            JsonFields {
+                uri: String::new(),
+                user_key: "k".into(),
+                ..JsonFields::default()
+            },
+            &oidc(CredentialLocation::Query, "azp"),
+        )
+        .unwrap_err();
+        assert!(err.contains("fields.uri or fields.query"), "{err}");
     }
 
     #[test]
