@@ -216,6 +216,10 @@ struct Interner {
     /// for two JWT claims), by [`table`]. Grown on demand: the encodings are a few, plus one per
     /// JWT claim configured ([`Encoding::index`]), and only those met get a table.
     tables: Vec<CredentialTable>,
+    /// Each application's id in `applications`: an application met again under another raw
+    /// credential (the next access token of an OIDC client, a key escaped another way) keeps its
+    /// id, so that its requests fold together and 3scale is asked about it once.
+    ids: FxHashMap<Application, u32>,
     applications: Applications,
     limit: usize,
 }
@@ -236,6 +240,7 @@ impl Interner {
     fn new(limit: usize) -> Interner {
         Interner {
             tables: Vec::new(),
+            ids: FxHashMap::default(),
             applications: Applications::default(),
             limit,
         }
@@ -269,8 +274,12 @@ impl Interner {
                 CredentialKind::UserKey => Application::UserKey(name.into()),
                 CredentialKind::AppId => Application::AppId(name.into()),
             };
+            let id = *self
+                .ids
+                .entry(application)
+                .or_insert_with_key(|a| self.applications.push(a.clone()) as u32);
             Ok(Known {
-                id: self.applications.push(application) as u32,
+                id,
                 bytes: field_bytes(CREDENTIAL_KEY, encoded) as u32,
             })
         });
@@ -968,6 +977,44 @@ mod tests {
         );
         // Each payload decoded once per claim.
         assert_eq!(a.interner.len(), 2);
+    }
+
+    #[test]
+    fn an_application_met_under_new_raw_credentials_keeps_its_id() {
+        use crate::parse::testing::{jwt, oidc};
+        use crate::parse::CredentialLocation;
+        let rule = oidc(CredentialLocation::Authorization, "azp");
+        // A client's successive tokens: other payloads, one app_id.
+        let tokens: Vec<String> = (0..3)
+            .map(|exp| format!("Bearer {}", jwt(&format!(r#"{{"azp":"app","exp":{exp}}}"#))))
+            .collect();
+        let mut a = Aggregator::new(false, 1000);
+        for token in &tokens {
+            let credential = rule.bearer(Some(token.as_bytes())).unwrap();
+            let request = Request {
+                credential,
+                ..request("", 10, 200)
+            };
+            a.add(&request, &ONE_HIT).unwrap();
+        }
+        // And a user_key written two ways.
+        for raw in [&b"k%2Dey"[..], b"k-ey"] {
+            let request = Request {
+                credential: Credential::user_key(raw),
+                ..request("", 10, 200)
+            };
+            a.add(&request, &ONE_HIT).unwrap();
+        }
+        assert_eq!(a.interner.len(), 5);
+        let batch = a.take().unwrap();
+        assert_eq!(
+            flat(&batch.transactions),
+            vec![
+                (Application::AppId("app".into()), 10, 3, None),
+                tx("k-ey", 10, 2, None)
+            ]
+        );
+        assert_eq!(batch.transactions.applications.count(), 2);
     }
 
     /// Usage of each (metric, delta).
