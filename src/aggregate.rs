@@ -16,7 +16,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 
 use crate::identity::FileKey;
-use crate::parse::{Credential, CredentialKind, Encoding, Parser, Request, Skip};
+use crate::parse::{Credential, CredentialKind, Parser, Request, Skip};
 use crate::state::{Advance, Fate};
 use crate::tail::{Chunk, Tailed};
 use crate::telemetry::{mask, masked_line, Metrics};
@@ -212,8 +212,14 @@ struct Known {
 /// old list of applications).
 struct Interner {
     /// Raw credential as logged → its id, or why it cannot be reported; one table per kind of
-    /// credential and encoding (the same bytes decode differently from a query and a header).
-    tables: [CredentialTable; TABLES],
+    /// credential and encoding (the same bytes decode differently from a query and a header, or
+    /// for two JWT claims), by [`table`]. Grown on demand: the encodings are a few, plus one per
+    /// JWT claim configured ([`Encoding::index`]), and only those met get a table.
+    tables: Vec<CredentialTable>,
+    /// Each application's id in `applications`: an application met again under another raw
+    /// credential (the next access token of an OIDC client, a key escaped another way) keeps its
+    /// id, so that its requests fold together and 3scale is asked about it once.
+    ids: FxHashMap<Application, u32>,
     applications: Applications,
     limit: usize,
 }
@@ -221,29 +227,31 @@ struct Interner {
 /// Raw credentials of one kind and encoding → their id, or why they cannot be reported.
 type CredentialTable = FxHashMap<Box<[u8]>, Result<Known, Skip>>;
 
-/// One table per kind of credential and encoding.
-const TABLES: usize = 2 * Encoding::COUNT;
-
 /// The table of `credential`'s kind and encoding.
 fn table(credential: &Credential<'_>) -> usize {
     let kind = match credential.kind {
         CredentialKind::UserKey => 0,
         CredentialKind::AppId => 1,
     };
-    kind * Encoding::COUNT + credential.encoding.index()
+    credential.encoding.index() * 2 + kind
 }
 
 impl Interner {
     fn new(limit: usize) -> Interner {
         Interner {
-            tables: std::array::from_fn(|_| FxHashMap::default()),
+            tables: Vec::new(),
+            ids: FxHashMap::default(),
             applications: Applications::default(),
             limit,
         }
     }
 
     fn id(&mut self, credential: Credential<'_>) -> Result<Known, Skip> {
-        match self.tables[table(&credential)].get(credential.raw) {
+        let known = self
+            .tables
+            .get(table(&credential))
+            .and_then(|t| t.get(credential.raw));
+        match known {
             Some(known) => *known,
             None => self.intern(credential),
         }
@@ -266,21 +274,34 @@ impl Interner {
                 CredentialKind::UserKey => Application::UserKey(name.into()),
                 CredentialKind::AppId => Application::AppId(name.into()),
             };
+            let id = *self
+                .ids
+                .entry(application)
+                .or_insert_with_key(|a| self.applications.push(a.clone()) as u32);
             Ok(Known {
-                id: self.applications.push(application) as u32,
+                id,
                 bytes: field_bytes(CREDENTIAL_KEY, encoded) as u32,
             })
         });
         // Past the limit, an unreportable credential is not remembered: a stream of them alone
         // (which never fills a batch, so never renews the tables) must not grow them.
         if known.is_ok() || !full {
-            self.tables[table(&credential)].insert(credential.raw.into(), known);
+            let at = table(&credential);
+            if at >= self.tables.len() {
+                self.tables.resize_with(at + 1, CredentialTable::default);
+            }
+            self.tables[at].insert(credential.raw.into(), known);
         }
         known
     }
 
+    /// The credentials remembered.
+    fn len(&self) -> usize {
+        self.tables.iter().map(|t| t.len()).sum()
+    }
+
     fn full(&self) -> bool {
-        self.tables.iter().map(|t| t.len()).sum::<usize>() >= self.limit
+        self.len() >= self.limit
     }
 
     /// Starts anew; only between batches, since the open batch's ids index the current list.
@@ -868,7 +889,7 @@ mod tests {
             {
                 batches.push(a.take().unwrap());
             }
-            assert!(a.interner.tables[0].len() <= 10);
+            assert!(a.interner.len() <= 10);
             assert!(a.interner.applications.count() <= 10);
         }
         batches.extend(a.take());
@@ -893,7 +914,7 @@ mod tests {
             };
             assert_eq!(a.add(&bad, &ONE_HIT), Err(Skip::InvalidCredential));
         }
-        assert!(a.interner.tables[Encoding::COUNT].len() <= 10);
+        assert!(a.interner.len() <= 10);
     }
 
     #[test]
@@ -930,7 +951,82 @@ mod tests {
                 Application::UserKey("café".into()),
             ]
         );
-        assert_eq!(a.interner.tables[0].len(), 3);
+        assert_eq!(a.interner.len(), 3);
+    }
+
+    #[test]
+    fn one_token_read_for_two_claims_gives_two_app_ids() {
+        use crate::parse::testing::{jwt, oidc};
+        use crate::parse::CredentialLocation;
+        let token = jwt(r#"{"azp":"by-azp","client_id":"by-client-id"}"#);
+        let authorization = format!("Bearer {token}");
+        let mut a = Aggregator::new(true, 1000);
+        for claim in ["azp", "client_id", "azp", "client_id"] {
+            let rule = oidc(CredentialLocation::Authorization, claim);
+            let credential = rule.bearer(Some(authorization.as_bytes())).unwrap();
+            a.add(
+                &Request {
+                    credential,
+                    ..request("", 10, 200)
+                },
+                &ONE_HIT,
+            )
+            .unwrap();
+        }
+        let names: Vec<_> = flat(&a.take().unwrap().transactions)
+            .into_iter()
+            .map(|t| t.0)
+            .collect();
+        let app = |id: &str| Application::AppId(id.into());
+        assert_eq!(
+            names,
+            vec![
+                app("by-azp"),
+                app("by-client-id"),
+                app("by-azp"),
+                app("by-client-id")
+            ]
+        );
+        // Each payload decoded once per claim.
+        assert_eq!(a.interner.len(), 2);
+    }
+
+    #[test]
+    fn an_application_met_under_new_raw_credentials_keeps_its_id() {
+        use crate::parse::testing::{jwt, oidc};
+        use crate::parse::CredentialLocation;
+        let rule = oidc(CredentialLocation::Authorization, "azp");
+        // A client's successive tokens: other payloads, one app_id.
+        let tokens: Vec<String> = (0..3)
+            .map(|exp| format!("Bearer {}", jwt(&format!(r#"{{"azp":"app","exp":{exp}}}"#))))
+            .collect();
+        let mut a = Aggregator::new(false, 1000);
+        for token in &tokens {
+            let credential = rule.bearer(Some(token.as_bytes())).unwrap();
+            let request = Request {
+                credential,
+                ..request("", 10, 200)
+            };
+            a.add(&request, &ONE_HIT).unwrap();
+        }
+        // And a user_key written two ways.
+        for raw in [&b"k%2Dey"[..], b"k-ey"] {
+            let request = Request {
+                credential: Credential::user_key(raw),
+                ..request("", 10, 200)
+            };
+            a.add(&request, &ONE_HIT).unwrap();
+        }
+        assert_eq!(a.interner.len(), 5);
+        let batch = a.take().unwrap();
+        assert_eq!(
+            flat(&batch.transactions),
+            vec![
+                (Application::AppId("app".into()), 10, 3, None),
+                tx("k-ey", 10, 2, None)
+            ]
+        );
+        assert_eq!(batch.transactions.applications.count(), 2);
     }
 
     /// Usage of each (metric, delta).

@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use crate::parse::{
     Container, CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat,
-    LogEscape, LogFormat, NginxFormat, RegexFormat, Stream, Wrapper,
+    JwtClaim, LogEscape, LogFormat, NginxFormat, RegexFormat, Stream, Wrapper,
 };
 
 /// The most transactions one report call may carry: the backend takes at most 4096 `key=value` pairs,
@@ -48,6 +48,8 @@ pub(crate) mod defaults {
         pub(crate) const USER_KEY: &str = "user_key";
         pub(crate) const APP_ID: &str = "app_id";
         pub(crate) const APP_KEY: &str = "app_key";
+        /// The access token's claim that holds the app_id, in `oidc` mode.
+        pub(crate) const JWT_CLAIM: &str = "azp";
 
         /// `[sources.fields]` (format = "json"): the JSON key of each value; empty, not read.
         pub(crate) mod fields {
@@ -531,6 +533,7 @@ struct RawFields {
 struct RawCredentials {
     location: Option<CredentialLocation>,
     mode: Option<CredentialMode>,
+    jwt_claim: Option<String>,
     user_key: Option<String>,
     app_id: Option<String>,
     app_key: Option<String>,
@@ -914,17 +917,33 @@ impl Ctx<'_> {
                 ));
             }
         }
+        let invalid = |key: &str, message: String| {
+            self.invalid(
+                &format!("sources[{i}].credentials.{key}"),
+                s.credentials.as_ref().map_or(0, |c| c.span().start),
+                message,
+            )
+        };
         let name = |value: Option<&String>, default: &str, key: &str| {
             let value = value.map_or(default, |v| v.trim());
             if value.is_empty() || !value.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(self.invalid(
-                    &format!("sources[{i}].credentials.{key}"),
-                    s.credentials.as_ref().map_or(0, |c| c.span().start),
-                    "give the parameter or header name, as in the 3scale product's settings",
+                return Err(invalid(
+                    key,
+                    "give the parameter or header name, as in the 3scale product's settings".into(),
                 ));
             }
             Ok(value.to_string())
         };
+        let claim = raw
+            .and_then(|c| c.jwt_claim.as_deref())
+            .map_or(d::JWT_CLAIM, str::trim);
+        if claim.is_empty() || claim.chars().any(char::is_control) {
+            return Err(invalid(
+                "jwt_claim",
+                "give the access token's claim that holds the app_id (azp, client_id…)".into(),
+            ));
+        }
+        let jwt_claim = JwtClaim::new(claim).map_err(|e| invalid("jwt_claim", e))?;
         Ok(CredentialRule {
             location: raw
                 .and_then(|c| c.location)
@@ -933,6 +952,7 @@ impl Ctx<'_> {
                 .and_then(|c| c.mode)
                 .or(s.credential.as_ref().map(|m| *m.get_ref()))
                 .unwrap_or(d::CREDENTIALS_MODE),
+            jwt_claim,
             user_key: name(
                 raw.and_then(|c| c.user_key.as_ref()),
                 d::USER_KEY,
@@ -954,11 +974,15 @@ impl Ctx<'_> {
         let name = s.format.as_ref().map(|f| f.get_ref().as_str());
         let fixed = |format: LogFormat| {
             if credentials.location != CredentialLocation::Query {
+                let variable = match credentials.mode {
+                    CredentialMode::Oidc => "$http_authorization",
+                    _ => "$http_…",
+                };
                 return Err(self.invalid(
                     &key("credentials.location"),
                     s.credentials.as_ref().map_or(0, |c| c.span().start),
                     format!(
-                        "the {} format logs no request headers: give a log_format that logs them ($http_…)",
+                        "the {} format logs no request headers: give a log_format that logs them ({variable})",
                         format.name()
                     ),
                 ));
@@ -1578,6 +1602,69 @@ service_id = "42"
     }
 
     #[test]
+    fn oidc_reads_a_claim_of_the_token_where_the_format_logs_it() {
+        let oidc = |extra: &str| {
+            parse(&format!(
+                "{MINIMAL}{extra}\n[sources.credentials]\nmode = \"oidc\"\n"
+            ))
+        };
+        // combined: the access_token parameter; the claim's default shown by `tally check`.
+        let c = oidc("").unwrap();
+        assert_eq!(c.sources[0].credentials.mode, CredentialMode::Oidc);
+        assert_eq!(
+            c.sources[0].credentials.jwt_claim.name(),
+            defaults::sources::JWT_CLAIM
+        );
+        let effective = c.effective().unwrap();
+        assert!(
+            effective.contains("mode = \"oidc\"\njwt_claim = \"azp\"\n"),
+            "{effective}"
+        );
+        let c = parse(&format!(
+            "{MINIMAL}\n[sources.credentials]\nmode = \"oidc\"\njwt_claim = \" client_id \"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.sources[0].credentials.jwt_claim.name(), "client_id");
+        assert!(c.effective().unwrap().contains("jwt_claim = \"client_id\""));
+        // A format that cannot carry the token: what to add.
+        let e = parse(&format!(
+            "{MINIMAL}\n[sources.credentials]\nmode = \"oidc\"\nlocation = \"authorization\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(
+                "sources[0].credentials.location: the combined format logs no request headers"
+            ) && e.contains("$http_authorization"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "{}\n[sources.credentials]\nmode = \"oidc\"\nlocation = \"headers\"\n",
+            MINIMAL.replace(
+                "[[sources]]",
+                "[[sources]]\nlog_format = '[$time_local] \"$request\" $status $http_x_api_key'"
+            )
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("sources[0].log_format: credentials are read from the Authorization header (a Bearer JWT), and it does not log it: add $http_authorization"),
+            "{e}"
+        );
+        for bad in ["", " ", "a\\tb"] {
+            let e = parse(&format!(
+                "{MINIMAL}\n[sources.credentials]\nmode = \"oidc\"\njwt_claim = \"{bad}\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("sources[0].credentials.jwt_claim: give the access token's claim"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn relative_paths_follow_the_config_file() {
         let c = parse(&MINIMAL.replace("/var/log/nginx/access.log", "logs/*.log")).unwrap();
         assert_eq!(c.sources[0].path, "/etc/tally/logs/*.log");
@@ -1648,6 +1735,8 @@ authorization = "request.headers.authorization"
 
 [sources.credentials]
 location = "headers"
+mode = "oidc"
+jwt_claim = "client_id"
 
 [[sources]]
 path = "containers/*.log"

@@ -35,7 +35,7 @@ pub mod pipeline {
     pub use crate::parse::Parser;
     pub use crate::parse::{
         Container, CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat,
-        LogFormat, RegexFormat, Stream, Wrapper,
+        JwtClaim, LogFormat, RegexFormat, Stream, Wrapper,
     };
     pub use crate::tail::{Follower, Records, TailEvents, TailOptions, Tailed};
     pub use crate::telemetry::Metrics;

@@ -579,13 +579,14 @@ pub(crate) fn shown_path(path: &Path) -> String {
 }
 
 /// A log line as tally's own logs show it: at most 200 bytes, lossy UTF-8, control characters
-/// escaped, and the values of the credential parameters (`user_key`, `app_id`, `app_key`) masked.
+/// escaped, and the values of the credential parameters (`user_key`, `app_id`, `app_key`,
+/// `access_token`) masked.
 pub(crate) fn masked_line(line: &[u8]) -> String {
     let lossy = String::from_utf8_lossy(&line[..line.len().min(200)]);
     let text = printable(&lossy);
     let mut out = String::with_capacity(text.len());
     let mut rest: &str = &text;
-    while let Some(at) = ["user_key=", "app_id=", "app_key="]
+    while let Some(at) = ["user_key=", "app_id=", "app_key=", "access_token="]
         .iter()
         .filter_map(|name| rest.find(name).map(|i| i + name.len()))
         .min()
@@ -913,6 +914,11 @@ mod tests {
         assert_eq!(
             masked_line(line),
             r#"1.2.3.4 - - [x] "GET /p?user_key=0123…cdef&x=1&app_key=supe… HTTP/1.1" 200"#
+        );
+        // An OAuth access token in the query string (oidc mode) too.
+        assert_eq!(
+            masked_line(b"GET /p?access_token=eyJhbGciOi.eyJhenAiOi.c2lnbmF0dXJl#x"),
+            "GET /p?access_token=eyJh…dXJl#x"
         );
         assert_eq!(masked_line(b"garbage \xff"), "garbage \u{fffd}");
         assert_eq!(

@@ -8,7 +8,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tally::pipeline::{take_in, Aggregator, Metrics, Tailed};
+use tally::pipeline::{
+    take_in, Aggregator, CredentialLocation, CredentialMode, CredentialRule, JwtClaim, LogFormat,
+    Metrics, Parser, Tailed,
+};
 
 #[path = "support/pipeline.rs"]
 mod pipeline;
@@ -48,6 +51,35 @@ enum Style {
     Json,
     /// Combined lines through [`pipeline::COMBINED_REGEX`].
     Regex,
+    /// [`OIDC`]: a Bearer JWT whose `client_id` claim is the app_id.
+    Oidc,
+}
+
+/// NGINX's `combined` with the Authorization header logged.
+const OIDC: &str = r#"$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer" "$http_user_agent" "$http_authorization""#;
+
+/// The parser of [`OIDC`] lines.
+fn oidc_parser() -> Parser {
+    let rule = CredentialRule {
+        location: CredentialLocation::Authorization,
+        jwt_claim: JwtClaim::new("client_id").unwrap(),
+        ..CredentialRule::query(CredentialMode::Oidc)
+    };
+    let format = LogFormat::nginx(OIDC, &rule).expect("the format compiles");
+    Parser::new(format, rule)
+}
+
+/// A JWT of `claims` (its signature is not checked).
+fn jwt(claims: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let part = |text: &str| URL_SAFE_NO_PAD.encode(text);
+    format!(
+        "{}.{}.{}",
+        part(r#"{"alg":"RS256"}"#),
+        part(claims),
+        part("sig")
+    )
 }
 
 /// `lines` lines over 20 credentials (user_keys, app_ids, an encoded one), some without one.
@@ -83,6 +115,21 @@ fn write_log(path: &Path, lines: usize, style: Style) {
                 r#"{{"time":"2026-11-25T10:{minute:02}:{second:02}+00:00","remote_addr":"10.0.0.{}","method":"GET","uri":"/v1/x{query}","status":{status},"bytes":512,"user_agent":"curl/8.5.0"}}"#,
                 i % 250
             ),
+            Style::Oidc => {
+                // 7 clients, each with 3 tokens over the log.
+                let authorization = match (&user_key, &app_id) {
+                    (None, None) => "-".to_string(),
+                    _ => format!(
+                        "Bearer {}",
+                        jwt(&format!(r#"{{"client_id":"client{}","exp":{}}}"#, i % 7, i % 3))
+                    ),
+                };
+                writeln!(
+                    out,
+                    "10.0.0.{} - - [{time}] \"GET /v1/x?page={i} HTTP/1.1\" {status} 512 \"-\" \"curl/8.5.0\" \"{authorization}\"",
+                    i % 250,
+                )
+            }
             Style::Combined | Style::Regex => writeln!(
                 out,
                 "10.0.0.{} - - [{time}] \"GET /v1/x{query} HTTP/1.1\" {status} 512 \"-\" \"curl/8.5.0\"",
@@ -109,6 +156,7 @@ fn allocations_to_aggregate(path: &Path, style: Style) -> (u64, u64) {
         Style::Main => pipeline::source(pipeline::main_with_keys()),
         Style::Json => pipeline::json_source(),
         Style::Regex => pipeline::source(pipeline::combined_regex()),
+        Style::Oidc => pipeline::source(oidc_parser()),
     };
     let mut aggregator = Aggregator::new(true, 1000);
     let mut warned = HashSet::with_capacity(8);
@@ -131,7 +179,13 @@ fn allocations_to_aggregate(path: &Path, style: Style) -> (u64, u64) {
 /// One test for every format: the allocation counter is the process's, so the formats take turns.
 #[test]
 fn parsing_and_aggregating_allocate_nothing_per_line() {
-    for style in [Style::Combined, Style::Main, Style::Json, Style::Regex] {
+    for style in [
+        Style::Combined,
+        Style::Main,
+        Style::Json,
+        Style::Regex,
+        Style::Oidc,
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let (small, large) = (dir.path().join("small.log"), dir.path().join("large.log"));
         write_log(&small, 20_000, style);

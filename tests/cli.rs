@@ -510,3 +510,92 @@ max_line_length = 300
         "{err}"
     );
 }
+
+/// A JWT whose payload is `claims`, base64url without padding; its signature is not checked.
+fn jwt(claims: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let part = |text: &str| URL_SAFE_NO_PAD.encode(text);
+    format!(
+        "{}.{}.{}",
+        part(r#"{"alg":"RS256","typ":"JWT"}"#),
+        part(claims),
+        part("signature-not-checked")
+    )
+}
+
+#[test]
+fn oidc_reads_the_app_id_from_the_bearer_token_and_never_shows_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let config = d.join("tally.toml");
+    std::fs::write(
+        &config,
+        r#"[backend]
+service_token = "t"
+[[sources]]
+path = "access.log"
+service_id = "1"
+log_format = '$remote_addr [$time_local] "$request" $status $body_bytes_sent "$http_authorization"'
+[sources.credentials]
+mode = "oidc"
+location = "authorization"
+jwt_claim = "client_id"
+"#,
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (code, out, err) = tally(&["check", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("mode = \"oidc\"\njwt_claim = \"client_id\"\n"),
+        "{out}"
+    );
+
+    let good = jwt(r#"{"azp":"other","client_id":"app-0123456789","exp":1}"#);
+    let without = jwt(r#"{"azp":"other","exp":1}"#);
+    let line = |n: u8, authorization: &str| {
+        format!(
+            r#"10.0.0.{n} [24/Nov/2026:10:15:0{n} +0000] "GET /v1/words HTTP/1.1" 200 12 "{authorization}""#
+        )
+    };
+    let log = d.join("access.log");
+    let lines = [
+        line(1, &format!("Bearer {good}")),
+        line(2, "-"),
+        line(3, &format!("Bearer {without}")),
+        line(4, "Bearer opaque-secret-token"),
+    ];
+    std::fs::write(&log, lines.join("\n") + "\n").unwrap();
+    let (code, out, err) = tally(&["parse", "--config", config, log.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let shown: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        shown[0],
+        "1: 2026-11-24T10:15:01Z GET /v1/words 200 host=- app_id=app-… → report: usage hits=1 code=200",
+        "{out}"
+    );
+    assert!(
+        shown[1].starts_with("2: skipped (no_credential): expected a Bearer JWT in the Authorization header with claim `client_id`: $http_authorization logged `-`, empty or not Bearer;"),
+        "{out}"
+    );
+    assert!(
+        shown[2].starts_with("3: skipped (invalid_credential): expected a JWT whose payload is a JSON object with a string `client_id` claim: it has no `client_id` claim (it has azp, exp);"),
+        "{out}"
+    );
+    assert!(
+        shown[3].starts_with("4: skipped (invalid_credential): expected a Bearer JWT in the Authorization header: three base64url parts separated by dots;"),
+        "{out}"
+    );
+    assert_eq!(
+        err,
+        "summary: lines_read=4 reported=1 skipped_malformed=0 skipped_no_credential=1 skipped_invalid_credential=2 skipped_too_long=0\n"
+    );
+    // The tokens are secrets: no part of one is shown longer than a mask's ends.
+    for token in [&good, &without] {
+        for part in token.split('.') {
+            assert!(!out.contains(&part[..12]), "`{part}` shown in:\n{out}");
+        }
+    }
+    assert!(!out.contains("opaque-secret"), "{out}");
+}

@@ -3,11 +3,12 @@
 //! Out of the hot path: [`Parser::parse`] stays as it is, and a line it skips is walked again here,
 //! step by step, to find the position and what was expected there.
 
+use super::credential::{claim_value, ACCESS_TOKEN};
 use super::nginx::{self, Variable};
 use super::{
     closing_quote, msec, request_line, status, status_digits, time_iso8601, time_local,
     CredentialKind, CredentialLocation, CredentialMode, Encoding, LogFormat, NginxFormat, Parser,
-    Request, Skip,
+    Request, Skip, Slot,
 };
 
 /// Why a line is not reported: the reason, and where it failed when that is known.
@@ -45,7 +46,8 @@ impl Parser {
             Err(Skip::NoCredential) => {
                 return Err(Failure::new(Skip::NoCredential, None, self.looked_for()))
             }
-            Err(skip) => return Err(Failure::new(skip, None, "a credential")),
+            // Found, but not in a form that can be a credential: a token that is not a JWT.
+            Err(skip) => return Err(Failure::new(skip, None, self.token_looked_for(true))),
         };
         match request.credential.decode() {
             Ok(credential) => Ok((request, credential)),
@@ -57,6 +59,13 @@ impl Parser {
                 let expected = match request.credential.encoding {
                     Encoding::BasicUser(_) => {
                         "Basic credentials whose base64 decodes to a UTF-8 user".to_string()
+                    }
+                    Encoding::JwtClaim(claim) => {
+                        let claim = claim.name();
+                        let why = claim_value(request.credential.raw, claim)
+                            .err()
+                            .map_or(String::new(), |p| format!(": {}", p.describe(claim)));
+                        format!("a JWT whose payload is a JSON object with a string `{claim}` claim{why}")
                     }
                     _ => format!(
                         "a {} that is UTF-8 once decoded",
@@ -84,6 +93,42 @@ impl Parser {
         Failure::new(Skip::Malformed, at, expected)
     }
 
+    /// What `oidc` mode looks for, for a line without a token or, `malformed`, one that is not a
+    /// JWT.
+    fn token_looked_for(&self, malformed: bool) -> String {
+        let claim = self.credentials.jwt_claim.name();
+        let arg_logged = matches!(&self.format,
+            LogFormat::Nginx(f) if matches!(f.slots.app_id, Some(Slot::AccessToken(_))));
+        let (jwt, place, logged) = match self.credentials.reads() {
+            CredentialLocation::Query if arg_logged => (
+                "a JWT",
+                format!("the `{ACCESS_TOKEN}` parameter"),
+                format!("$arg_{ACCESS_TOKEN} logged `-` or empty"),
+            ),
+            CredentialLocation::Query => (
+                "a JWT",
+                format!("the `{ACCESS_TOKEN}` parameter"),
+                format!("no `{ACCESS_TOKEN}=` with a value in the query string"),
+            ),
+            _ => {
+                let logged = match &self.format {
+                    LogFormat::Json(f) => format!("`{}` missing", f.fields.authorization),
+                    _ => "$http_authorization logged `-`".into(),
+                };
+                (
+                    "a Bearer JWT",
+                    "the Authorization header".into(),
+                    format!("{logged}, empty or not Bearer"),
+                )
+            }
+        };
+        if malformed {
+            format!("{jwt} in {place}: three base64url parts separated by dots")
+        } else {
+            format!("{jwt} in {place} with claim `{claim}`: {logged}")
+        }
+    }
+
     /// What the credentials settings look for, for a line without a credential.
     fn looked_for(&self) -> String {
         let rule = &self.credentials;
@@ -91,6 +136,7 @@ impl Parser {
             CredentialMode::Auto => &[CredentialKind::UserKey, CredentialKind::AppId],
             CredentialMode::UserKey => &[CredentialKind::UserKey],
             CredentialMode::AppId => &[CredentialKind::AppId],
+            CredentialMode::Oidc => return self.token_looked_for(false),
         };
         // A log_format reads only the `$http_`/`$arg_` variables it logs.
         let slots = match &self.format {
@@ -482,6 +528,89 @@ mod tests {
                 None,
                 "Basic credentials whose base64 decodes to a UTF-8 user".into()
             )
+        );
+    }
+
+    #[test]
+    fn oidc_lines_say_what_token_was_expected() {
+        use crate::parse::testing::{jwt, oidc};
+        use crate::parse::{JsonFields, JsonFormat};
+        let token = jwt(r#"{"azp":"app-1","exp":1}"#);
+        let line = |auth: &str| format!(r#"[24/Nov/2026:10:15:00 +0000] 200 "{auth}""#);
+        let format = r#"[$time_local] $status "$http_authorization""#;
+        let mut p = nginx(format, oidc(CredentialLocation::Authorization, "azp"));
+        let good = line(&format!("Bearer {token}"));
+        let (r, app_id) = p.explain(good.as_bytes()).unwrap();
+        assert_eq!(
+            (r.credential.kind, app_id.as_str()),
+            (CredentialKind::AppId, "app-1")
+        );
+        assert_eq!(
+            why(&mut p, &line("-")),
+            (
+                Skip::NoCredential,
+                None,
+                "a Bearer JWT in the Authorization header with claim `azp`: $http_authorization logged `-`, empty or not Bearer".into()
+            )
+        );
+        assert_eq!(
+            why(&mut p, &line("Bearer a.b")),
+            (
+                Skip::InvalidCredential,
+                None,
+                "a Bearer JWT in the Authorization header: three base64url parts separated by dots"
+                    .into()
+            )
+        );
+        // The token is a secret: the line is shown without it.
+        let shown =
+            String::from_utf8(p.hide_secrets(good.as_bytes(), crate::telemetry::mask)).unwrap();
+        assert!(
+            !shown.contains(&token[8..]) && shown.contains("Bear…"),
+            "{shown}"
+        );
+        let mut p = nginx(format, oidc(CredentialLocation::Authorization, "client_id"));
+        assert_eq!(
+            why(&mut p, &good),
+            (
+                Skip::InvalidCredential,
+                None,
+                "a JWT whose payload is a JSON object with a string `client_id` claim: it has no `client_id` claim (it has azp, exp)".into()
+            )
+        );
+        // In the query: $arg_access_token, or the query string.
+        let mut p = nginx(
+            "[$time_local] $status $arg_access_token",
+            oidc(CredentialLocation::Query, "azp"),
+        );
+        assert_eq!(
+            why(&mut p, "[24/Nov/2026:10:15:00 +0000] 200 -").2,
+            "a JWT in the `access_token` parameter with claim `azp`: $arg_access_token logged `-` or empty"
+        );
+        let mut p = Parser::new(LogFormat::Combined, oidc(CredentialLocation::Query, "azp"));
+        assert_eq!(
+            why(
+                &mut p,
+                r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /?access_token=opaque HTTP/1.1" 200"#
+            )
+            .2,
+            "a JWT in the `access_token` parameter: three base64url parts separated by dots"
+        );
+        assert_eq!(
+            why(&mut p, r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /?user_key=k HTTP/1.1" 200"#).2,
+            "a JWT in the `access_token` parameter with claim `azp`: no `access_token=` with a value in the query string"
+        );
+        // JSON lines name the field.
+        let rule = oidc(CredentialLocation::Headers, "azp");
+        let fields = JsonFields {
+            authorization: "request.headers.authorization".into(),
+            ..JsonFields::default()
+        };
+        let format = JsonFormat::compile(fields, &rule).unwrap();
+        let mut p = Parser::new(LogFormat::Json(std::sync::Arc::new(format)), rule);
+        assert_eq!(
+            why(&mut p, r#"{"time":1795515300,"status":200}"#).2,
+            "a Bearer JWT in the Authorization header with claim `azp`: `request.headers.authorization` missing, empty or not Bearer"
         );
     }
 

@@ -7,9 +7,8 @@
 use serde::Serialize;
 
 use super::{
-    cached, split_target, status_digits, time_iso8601, Credential, CredentialKind,
-    CredentialLocation, CredentialMode, CredentialRule, Encoding, LogEscape, Request, Skip,
-    TimeField, LOGGED_HEADERS,
+    cached, split_target, status_digits, time_iso8601, Carried, CredentialRule, Lacks, LogEscape,
+    NamedValues, Request, Skip, TimeField, LOGGED_HEADERS,
 };
 
 /// The JSON key of each value tally reads (`[sources.fields]`): dots between the keys of nested
@@ -82,7 +81,7 @@ pub struct JsonFormat {
     nodes: Box<[Node]>,
     /// The values read (a bit per field): the walk stops once it has them all.
     wanted: u16,
-    credentials: Credentials,
+    credentials: Carried,
 }
 
 /// The keys of one object on a configured path.
@@ -98,17 +97,6 @@ struct Edge {
     fields: u16,
     /// The node of this key's object, when a path goes on into it.
     inner: Option<u16>,
-}
-
-/// Where a line's credential is.
-#[derive(Debug, Clone, Copy)]
-enum Credentials {
-    /// The query string's parameters.
-    QueryString,
-    /// The user_key and app_id fields, written as `encoding` says.
-    Fields(Encoding),
-    /// The authorization field's Basic user.
-    Basic(CredentialKind),
 }
 
 /// A value as the line has it.
@@ -175,45 +163,29 @@ impl JsonFormat {
             return Err("too many keys in fields".into());
         }
         let has = |field: usize| wanted & (1 << field) != 0;
-        let credentials = match rule.location {
-            CredentialLocation::Query if has(USER_KEY) || has(APP_ID) => {
-                Credentials::Fields(Encoding::Query(LogEscape::Json))
-            }
-            CredentialLocation::Query if has(URI) || has(QUERY) => Credentials::QueryString,
-            CredentialLocation::Query => {
-                return Err(format!(
-                    "credentials are read from the query string, and fields names none: give fields.uri, fields.query or fields.user_key (the JSON key of the {} argument)",
-                    rule.user_key
-                ))
-            }
-            CredentialLocation::Headers => {
-                let missing = match rule.mode {
-                    CredentialMode::UserKey => (!has(USER_KEY)).then_some(("user_key", &rule.user_key)),
-                    CredentialMode::AppId => (!has(APP_ID)).then_some(("app_id", &rule.app_id)),
-                    CredentialMode::Auto => (!has(USER_KEY) && !has(APP_ID))
-                        .then_some(("user_key", &rule.user_key)),
-                };
-                if let Some((key, header)) = missing {
-                    return Err(format!(
-                        "credentials are read from request headers: give fields.{key}, the JSON key of the {header} header (e.g. \"request.headers.{}\")",
-                        header.to_ascii_lowercase()
-                    ));
-                }
-                Credentials::Fields(Encoding::Header(LogEscape::Json))
-            }
-            CredentialLocation::Authorization if has(AUTHORIZATION) => {
-                Credentials::Basic(match rule.mode {
-                    CredentialMode::AppId => CredentialKind::AppId,
-                    CredentialMode::UserKey | CredentialMode::Auto => CredentialKind::UserKey,
-                })
-            }
-            CredentialLocation::Authorization => {
-                return Err(
-                    "credentials are read from the Authorization header: give fields.authorization, its JSON key (e.g. \"request.headers.authorization\")"
-                        .into(),
-                )
-            }
+        let logs = NamedValues {
+            user_key: has(USER_KEY),
+            app_id: has(APP_ID),
+            query: has(URI) || has(QUERY),
+            authorization: has(AUTHORIZATION),
         };
+        let credentials = rule.carried(logs, LogEscape::Json).map_err(|lacks| match lacks {
+            Lacks::Query { oidc: true } => {
+                "the access token is read from the query string, and fields names none: give fields.uri or fields.query".to_string()
+            }
+            Lacks::Query { oidc: false } => format!(
+                "credentials are read from the query string, and fields names none: give fields.uri, fields.query or fields.user_key (the JSON key of the {} argument)",
+                rule.user_key
+            ),
+            Lacks::Header(key, header) => format!(
+                "credentials are read from request headers: give fields.{key}, the JSON key of the {header} header (e.g. \"request.headers.{}\")",
+                header.to_ascii_lowercase()
+            ),
+            Lacks::Authorization { oidc } => format!(
+                "credentials are read from the Authorization header{}: give fields.authorization, its JSON key (e.g. \"request.headers.authorization\")",
+                if oidc { " (a Bearer JWT)" } else { "" }
+            ),
+        })?;
         Ok(JsonFormat {
             fields,
             nodes: nodes.into_boxed_slice(),
@@ -589,24 +561,14 @@ pub(super) fn line<'a>(
     if let Some(q) = text(values[QUERY])? {
         query = Some(q.strip_prefix(b"?").unwrap_or(q));
     }
-    let credential = |field: usize, kind: CredentialKind, encoding: Encoding| {
-        Ok::<_, Skip>(
-            text(values[field])?
-                .filter(|raw| !raw.is_empty() && *raw != b"-")
-                .map(|raw| Credential::new(kind, raw, encoding)),
-        )
-    };
-    let credential = match format.credentials {
-        Credentials::QueryString => rule.in_query(query.unwrap_or_default(), LogEscape::Json)?,
-        Credentials::Fields(encoding) => rule.pick(
-            credential(USER_KEY, CredentialKind::UserKey, encoding)?,
-            credential(APP_ID, CredentialKind::AppId, encoding)?,
-        )?,
-        Credentials::Basic(kind) => {
-            credential(AUTHORIZATION, kind, Encoding::BasicUser(LogEscape::Json))?
-                .ok_or(Skip::NoCredential)?
-        }
-    };
+    let credential = rule.in_values(
+        format.credentials,
+        query,
+        text(values[USER_KEY])?,
+        text(values[APP_ID])?,
+        text(values[AUTHORIZATION])?,
+        LogEscape::Json,
+    )?;
     Ok(Request {
         timestamp,
         method: text(values[METHOD])?,
@@ -712,7 +674,7 @@ pub(super) fn epoch(t: &[u8]) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{LogFormat, Parser};
+    use super::super::{CredentialKind, CredentialLocation, CredentialMode, LogFormat, Parser};
     use super::*;
     use std::sync::Arc;
 
@@ -1051,6 +1013,82 @@ mod tests {
         )
         .unwrap();
         assert_eq!((r.1, r.7), (Some("/u".into()), "u".into()));
+    }
+
+    #[test]
+    fn oidc_reads_a_bearer_jwt_or_an_access_token() {
+        use crate::parse::testing::{jwt, oidc};
+        let token = jwt(r#"{"azp":"app-1","client_id":"client-1"}"#);
+        let got = |p: &mut Parser, line: &str| seen(p, line).map(|r| (r.6, r.7));
+        let fields = JsonFields {
+            authorization: "request.headers.Authorization".into(),
+            ..JsonFields::default()
+        };
+        let line = |auth: &str| {
+            format!(
+                r#"{{"time":1795515300,"status":200,"uri":"/?user_key=u","request":{{"headers":{{"authorization":{auth}}}}}}}"#
+            )
+        };
+        let bearer = line(&format!(r#"["Bearer {token}"]"#));
+        for (location, claim, app_id) in [
+            (CredentialLocation::Authorization, "azp", "app-1"),
+            (CredentialLocation::Headers, "client_id", "client-1"),
+        ] {
+            let mut p = parser(fields.clone(), oidc(location, claim));
+            assert_eq!(
+                got(&mut p, &bearer),
+                Ok((CredentialKind::AppId, app_id.into()))
+            );
+            for none in [r#""-""#, "null", r#""""#, r#""Basic dXNlcjpwYXNz""#] {
+                assert_eq!(got(&mut p, &line(none)), Err(Skip::NoCredential), "{none}");
+            }
+            assert_eq!(
+                got(&mut p, &line(r#""Bearer a.b""#)),
+                Err(Skip::InvalidCredential)
+            );
+        }
+        // The access_token parameter, from the query string; the user_key fields do not count.
+        let mut p = parser(
+            JsonFields {
+                user_key: "k".into(),
+                ..JsonFields::default()
+            },
+            oidc(CredentialLocation::Query, "azp"),
+        );
+        let line = format!(
+            r#"{{"time":1795515300,"status":200,"k":"u","uri":"/p?access_token={token}"}}"#
+        );
+        assert_eq!(
+            got(&mut p, &line),
+            Ok((CredentialKind::AppId, "app-1".into()))
+        );
+        assert_eq!(
+            got(
+                &mut p,
+                r#"{"time":1795515300,"status":200,"k":"u","uri":"/p"}"#
+            ),
+            Err(Skip::NoCredential)
+        );
+        // A field that cannot carry the token: what to give.
+        let err = JsonFormat::compile(
+            JsonFields::default(),
+            &oidc(CredentialLocation::Headers, "azp"),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("Bearer JWT") && err.contains("give fields.authorization"),
+            "{err}"
+        );
+        let err = JsonFormat::compile(
+            JsonFields {
+                uri: String::new(),
+                user_key: "k".into(),
+                ..JsonFields::default()
+            },
+            &oidc(CredentialLocation::Query, "azp"),
+        )
+        .unwrap_err();
+        assert!(err.contains("fields.uri or fields.query"), "{err}");
     }
 
     #[test]

@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 pub(crate) use container::Unwrapper;
 pub use container::{Container, Stream, Wrapper};
-pub(crate) use credential::{Credential, CredentialKind, Encoding};
-pub use credential::{CredentialLocation, CredentialMode, CredentialRule};
+pub(crate) use credential::{Carried, Credential, CredentialKind, Encoding, Lacks, NamedValues};
+pub use credential::{CredentialLocation, CredentialMode, CredentialRule, JwtClaim};
 pub(crate) use failure::Failure;
 pub use json::{JsonFields, JsonFormat};
 pub(crate) use nginx::LogEscape;
@@ -79,7 +79,8 @@ pub struct NginxFormat {
     slots: Slots,
 }
 
-/// Which of a format's values hold the user_key and the app_id.
+/// Which of a format's values hold the user_key and the app_id (in `oidc` mode, the token, which
+/// gives the app_id).
 #[derive(Debug, Default, Clone, Copy)]
 struct Slots {
     user_key: Option<Slot>,
@@ -94,6 +95,10 @@ enum Slot {
     Arg(u8),
     /// `$http_authorization`, whose Basic user is the credential.
     BasicUser(u8),
+    /// `$http_authorization`, whose Bearer JWT's claim is the app_id.
+    Bearer(u8),
+    /// `$arg_access_token`, a JWT whose claim is the app_id.
+    AccessToken(u8),
 }
 
 impl NginxFormat {
@@ -104,28 +109,52 @@ impl NginxFormat {
         rule: &CredentialRule,
     ) -> Result<NginxFormat, String> {
         let variable = |name: &str| name.to_ascii_lowercase().replace('-', "_");
+        let oidc = rule.mode == CredentialMode::Oidc;
+        let location = rule.reads();
         let names = [variable(&rule.user_key), variable(&rule.app_id)];
-        let (headers, args) = match rule.location {
+        let (headers, args) = match location {
+            CredentialLocation::Query if oidc => {
+                (Vec::new(), vec![credential::ACCESS_TOKEN.to_string()])
+            }
             CredentialLocation::Query => (Vec::new(), names.to_vec()),
             CredentialLocation::Headers => (names.to_vec(), Vec::new()),
             CredentialLocation::Authorization => (vec!["authorization".to_string()], Vec::new()),
         };
         let format = nginx::Format::compile(text, escape, &headers, &args)?;
         let position = |list: &[String], name: &str| list.iter().position(|n| n == name);
-        let slot = |name: &str| match rule.location {
-            CredentialLocation::Query => position(&format.args, name).map(|i| Slot::Arg(i as u8)),
+        let slot = |name: &str| match location {
+            CredentialLocation::Query => position(&format.args, name).map(|i| {
+                if oidc {
+                    Slot::AccessToken(i as u8)
+                } else {
+                    Slot::Arg(i as u8)
+                }
+            }),
             CredentialLocation::Headers => {
                 position(&format.headers, name).map(|i| Slot::Header(i as u8))
             }
             CredentialLocation::Authorization => {
-                position(&format.headers, "authorization").map(|i| Slot::BasicUser(i as u8))
+                position(&format.headers, "authorization").map(|i| {
+                    if oidc {
+                        Slot::Bearer(i as u8)
+                    } else {
+                        Slot::BasicUser(i as u8)
+                    }
+                })
             }
         };
-        let slots = Slots {
-            user_key: slot(&names[0]),
-            app_id: slot(&names[1]),
+        let slots = match oidc {
+            // The token gives the app_id.
+            true => Slots {
+                user_key: None,
+                app_id: slot(credential::ACCESS_TOKEN),
+            },
+            false => Slots {
+                user_key: slot(&names[0]),
+                app_id: slot(&names[1]),
+            },
         };
-        match rule.location {
+        match location {
             CredentialLocation::Query => {
                 let query = format.logs(|v| {
                     matches!(
@@ -136,21 +165,28 @@ impl NginxFormat {
                     )
                 });
                 if !query && slots.user_key.is_none() && slots.app_id.is_none() {
+                    let arg = if oidc {
+                        credential::ACCESS_TOKEN
+                    } else {
+                        &names[0]
+                    };
                     return Err(format!(
-                        "it logs no query string, so no credential: add $request, $request_uri, $args or $arg_{}",
-                        names[0]
+                        "it logs no query string, so no credential: add $request, $request_uri, $args or $arg_{arg}",
                     ));
                 }
             }
             CredentialLocation::Headers => {
-                // The headers the mode reads: in auto, either will do.
+                // The headers the mode reads: in auto, either will do (oidc reads the
+                // Authorization header, never these).
                 let needed: &[(Option<Slot>, &String)] = match rule.mode {
                     CredentialMode::UserKey => &[(slots.user_key, &names[0])],
                     CredentialMode::AppId => &[(slots.app_id, &names[1])],
-                    CredentialMode::Auto if slots.user_key.is_some() || slots.app_id.is_some() => {
+                    CredentialMode::Auto | CredentialMode::Oidc
+                        if slots.user_key.is_some() || slots.app_id.is_some() =>
+                    {
                         &[]
                     }
-                    CredentialMode::Auto => &[(None, &names[0])],
+                    CredentialMode::Auto | CredentialMode::Oidc => &[(None, &names[0])],
                 };
                 if let Some((_, name)) = needed.iter().find(|(found, _)| found.is_none()) {
                     return Err(format!(
@@ -159,11 +195,11 @@ impl NginxFormat {
                 }
             }
             CredentialLocation::Authorization => {
-                if slots.user_key.is_none() {
-                    return Err(
-                        "credentials are read from the Authorization header, and it does not log it: add $http_authorization"
-                            .into(),
-                    );
+                if slots.user_key.is_none() && slots.app_id.is_none() {
+                    let what = if oidc { " (a Bearer JWT)" } else { "" };
+                    return Err(format!(
+                        "credentials are read from the Authorization header{what}, and it does not log it: add $http_authorization"
+                    ));
                 }
             }
         }
@@ -519,10 +555,27 @@ fn nginx_line<'a>(
             Slot::Header(i) => (v.headers[i as usize]?, Encoding::Header(escape)),
             Slot::Arg(i) => (v.arg_values[i as usize]?, Encoding::Query(escape)),
             Slot::BasicUser(i) => (v.headers[i as usize]?, Encoding::BasicUser(escape)),
+            // Read apart: a token that is not a JWT is no credential to pick.
+            Slot::Bearer(_) | Slot::AccessToken(_) => return None,
         };
         (!raw.is_empty()).then(|| Credential::new(kind, raw, encoding))
     };
     let credential = match (rule.location, format.slots) {
+        // oidc: a JWT, whose claim is the app_id.
+        (
+            _,
+            Slots {
+                app_id: Some(Slot::Bearer(i)),
+                ..
+            },
+        ) => rule.bearer(v.headers[i as usize])?,
+        (
+            _,
+            Slots {
+                app_id: Some(Slot::AccessToken(i)),
+                ..
+            },
+        ) => rule.access_token(v.arg_values[i as usize])?,
         // `$arg_<name>` logged: its value; else the query string's parameter.
         (
             CredentialLocation::Query,
@@ -533,11 +586,7 @@ fn nginx_line<'a>(
         ) => rule.in_query(query.unwrap_or_default(), escape)?,
         // Basic: the user is the user_key, or the app_id (the password its app_key).
         (CredentialLocation::Authorization, slots) => {
-            let kind = match rule.mode {
-                CredentialMode::AppId => CredentialKind::AppId,
-                CredentialMode::UserKey | CredentialMode::Auto => CredentialKind::UserKey,
-            };
-            value(slots.user_key, kind).ok_or(Skip::NoCredential)?
+            value(slots.user_key, rule.basic_kind()).ok_or(Skip::NoCredential)?
         }
         (_, slots) => rule.pick(
             value(slots.user_key, CredentialKind::UserKey),
@@ -794,6 +843,29 @@ pub(crate) mod testing {
             app_id: "X-App-Id".into(),
             ..CredentialRule::query(mode)
         }
+    }
+
+    /// `oidc` mode: the app_id is the access token's `claim`, the token where `location` says.
+    pub(crate) fn oidc(location: CredentialLocation, claim: &str) -> CredentialRule {
+        CredentialRule {
+            location,
+            jwt_claim: JwtClaim::new(claim).unwrap(),
+            ..CredentialRule::query(CredentialMode::Oidc)
+        }
+    }
+
+    /// A JWT whose payload is `claims` (JSON text), as issuers write it: base64url without
+    /// padding. Its signature is not checked, so any base64url will do.
+    pub(crate) fn jwt(claims: &str) -> String {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        let part = |text: &str| URL_SAFE_NO_PAD.encode(text);
+        format!(
+            "{}.{}.{}",
+            part(r#"{"alg":"RS256","typ":"JWT"}"#),
+            part(claims),
+            part("not checked")
+        )
     }
 }
 
@@ -1100,6 +1172,102 @@ mod tests {
         assert_eq!(reported(&mut p, &bearer), Err(Skip::NoCredential));
     }
 
+    use super::testing::{jwt, oidc};
+
+    #[test]
+    fn oidc_reads_the_app_id_from_a_jwt_where_the_format_logs_it() {
+        use CredentialLocation::{Authorization, Headers, Query};
+        let token = jwt(r#"{"azp":"app-1","client_id":"client-1"}"#);
+        let app_id = |p: &mut Parser, line: &str| {
+            reported(p, line).map(|(kind, app_id, _, _)| {
+                assert_eq!(kind, CredentialKind::AppId);
+                app_id
+            })
+        };
+        // $http_authorization, for location = "authorization" or "headers", either claim.
+        let format = r#"[$time_local] "$request" $status "$http_authorization""#;
+        let line = |authorization: &str| {
+            format!(
+                r#"[24/Nov/2026:10:15:00 +0000] "GET /?user_key=u HTTP/1.1" 200 "{authorization}""#
+            )
+        };
+        let bearer = line(&format!("Bearer {token}"));
+        for location in [Authorization, Headers] {
+            let mut p = nginx(format, LogEscape::Default, oidc(location, "azp"));
+            assert_eq!(app_id(&mut p, &bearer), Ok("app-1".into()));
+            assert_eq!(app_id(&mut p, &line("-")), Err(Skip::NoCredential));
+            assert_eq!(
+                app_id(&mut p, &line("Basic dXNlcjpwYXNz")),
+                Err(Skip::NoCredential)
+            );
+            assert_eq!(
+                app_id(&mut p, &line("Bearer a.b")),
+                Err(Skip::InvalidCredential)
+            );
+        }
+        let mut p = nginx(format, LogEscape::Json, oidc(Authorization, "client_id"));
+        assert_eq!(app_id(&mut p, &bearer), Ok("client-1".into()));
+        // $arg_access_token, or the query string of $request.
+        let mut p = nginx(
+            "$msec $status $arg_access_token",
+            LogEscape::Default,
+            oidc(Query, "azp"),
+        );
+        assert_eq!(
+            app_id(&mut p, &format!("1795515300.5 200 {token}")),
+            Ok("app-1".into())
+        );
+        assert_eq!(
+            app_id(&mut p, "1795515300.5 200 -"),
+            Err(Skip::NoCredential)
+        );
+        let request = format!(r#"1795515300.5 "GET /v1?page=1&access_token={token} HTTP/1.1" 200"#);
+        let mut p = nginx(
+            "$msec \"$request\" $status",
+            LogEscape::Default,
+            oidc(Query, "azp"),
+        );
+        assert_eq!(app_id(&mut p, &request), Ok("app-1".into()));
+        // And combined.
+        let mut p = Parser::new(LogFormat::Combined, oidc(Query, "client_id"));
+        let line = format!(
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /v1?access_token={token} HTTP/1.1" 200 1 "-" "-""#
+        );
+        assert_eq!(app_id(&mut p, &line), Ok("client-1".into()));
+        assert_eq!(
+            app_id(&mut p, &line.replace("access_token", "user_key")),
+            Err(Skip::NoCredential)
+        );
+    }
+
+    #[test]
+    fn an_oidc_format_without_the_token_is_refused_with_what_to_add() {
+        let compile = |format: &str, location| {
+            NginxFormat::compile(format, LogEscape::Default, &oidc(location, "azp")).unwrap_err()
+        };
+        for location in [
+            CredentialLocation::Authorization,
+            CredentialLocation::Headers,
+        ] {
+            let e = compile(
+                r#"[$time_local] "$request" $status $http_x_api_key"#,
+                location,
+            );
+            assert!(
+                e.contains("Bearer JWT") && e.contains("add $http_authorization"),
+                "{e}"
+            );
+        }
+        let e = compile(
+            "[$time_local] $status $arg_user_key",
+            CredentialLocation::Query,
+        );
+        assert!(
+            e.contains("$request") && e.contains("$arg_access_token"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn times_as_nginx_writes_them() {
         assert_eq!(
@@ -1171,6 +1339,27 @@ mod tests {
         #[test]
         fn any_bytes_parse_or_skip(line in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
             let _ = Parser::new(LogFormat::Combined, CredentialRule::query(CredentialMode::Auto)).parse(&line);
+        }
+
+        /// A line with a JWT, cut anywhere, with a byte changed anywhere: the token's
+        /// payload decodes or the line is skipped.
+        #[test]
+        fn damaged_jwt_lines_parse_or_skip(cut in 0usize..400, at in 0usize..400, byte in proptest::prelude::any::<u8>()) {
+            let mut line = format!(
+                r#"[24/Nov/2026:10:15:00 +0000] "GET / HTTP/1.1" 200 "Bearer {}""#,
+                jwt(r#"{"azp":"app-1","scope":"openid"}"#)
+            )
+            .into_bytes();
+            if at < line.len() {
+                line[at] = byte;
+            }
+            line.truncate(cut.min(line.len()));
+            let mut p = nginx(
+                r#"[$time_local] "$request" $status "$http_authorization""#,
+                LogEscape::Default,
+                oidc(CredentialLocation::Authorization, "azp"),
+            );
+            let _ = p.parse(&line).and_then(|r| r.credential.decode());
         }
 
         /// Mangled real lines, too: cut anywhere, with a byte changed anywhere.

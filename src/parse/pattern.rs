@@ -10,9 +10,8 @@ use regex_automata::{Anchored, Input};
 use super::failure::shown;
 use super::strftime::TimeFormat;
 use super::{
-    cached, json, request_line, split_target, status_digits, time_local, Credential,
-    CredentialKind, CredentialLocation, CredentialMode, CredentialRule, Encoding, LogEscape,
-    Request, Skip, TimeField, LOGGED_HEADERS,
+    cached, json, request_line, split_target, status_digits, time_local, Carried, CredentialRule,
+    Lacks, LogEscape, NamedValues, Request, Skip, TimeField, LOGGED_HEADERS,
 };
 
 /// The names of the groups tally reads, by their place in [`RegexFormat::groups`].
@@ -56,18 +55,7 @@ pub struct RegexFormat {
     pub(crate) escape: LogEscape,
     /// Each group tally reads → its index among the expression's groups.
     groups: [Option<usize>; GROUPS.len()],
-    credentials: Credentials,
-}
-
-/// Where a line's credential is.
-#[derive(Debug, Clone, Copy)]
-enum Credentials {
-    /// The query string's parameters.
-    QueryString,
-    /// The `user_key` and `app_id` groups, written as `encoding` says.
-    Groups(Encoding),
-    /// The `authorization` group's Basic user.
-    Basic(CredentialKind),
+    credentials: Carried,
 }
 
 impl RegexFormat {
@@ -115,48 +103,24 @@ impl RegexFormat {
             .map(TimeFormat::compile)
             .transpose()
             .map_err(|e| ("time_format", e))?;
-        let credentials = match rule.location {
-            CredentialLocation::Query if has(USER_KEY) || has(APP_ID) => {
-                Credentials::Groups(Encoding::Query(escape))
-            }
-            CredentialLocation::Query if has(URI) || has(QUERY) || has(REQUEST) => {
-                Credentials::QueryString
-            }
-            CredentialLocation::Query => {
-                return Err((
-                    "regex",
-                    "credentials are read from the query string, and it has no group for it: give (?P<uri>...), (?P<query>...), (?P<request>...) or (?P<user_key>...)".into(),
-                ))
-            }
-            CredentialLocation::Headers => {
-                let missing = match rule.mode {
-                    CredentialMode::UserKey => (!has(USER_KEY)).then_some(("user_key", &rule.user_key)),
-                    CredentialMode::AppId => (!has(APP_ID)).then_some(("app_id", &rule.app_id)),
-                    CredentialMode::Auto => {
-                        (!has(USER_KEY) && !has(APP_ID)).then_some(("user_key", &rule.user_key))
-                    }
-                };
-                if let Some((group, header)) = missing {
-                    return Err((
-                        "regex",
-                        format!("credentials are read from request headers: give (?P<{group}>...) around the logged {header} header"),
-                    ));
-                }
-                Credentials::Groups(Encoding::Header(escape))
-            }
-            CredentialLocation::Authorization if has(AUTHORIZATION) => {
-                Credentials::Basic(match rule.mode {
-                    CredentialMode::AppId => CredentialKind::AppId,
-                    CredentialMode::UserKey | CredentialMode::Auto => CredentialKind::UserKey,
-                })
-            }
-            CredentialLocation::Authorization => {
-                return Err((
-                    "regex",
-                    "credentials are read from the Authorization header: give (?P<authorization>...) around the logged header".into(),
-                ))
-            }
+        let logs = NamedValues {
+            user_key: has(USER_KEY),
+            app_id: has(APP_ID),
+            query: has(URI) || has(QUERY) || has(REQUEST),
+            authorization: has(AUTHORIZATION),
         };
+        let credentials = rule.carried(logs, escape).map_err(|lacks| {
+            let text = match lacks {
+                Lacks::Query { oidc: true } => "the access token is read from the query string, and it has no group for it: give (?P<uri>...), (?P<query>...) or (?P<request>...)".to_string(),
+                Lacks::Query { oidc: false } => "credentials are read from the query string, and it has no group for it: give (?P<uri>...), (?P<query>...), (?P<request>...) or (?P<user_key>...)".to_string(),
+                Lacks::Header(group, header) => format!("credentials are read from request headers: give (?P<{group}>...) around the logged {header} header"),
+                Lacks::Authorization { oidc } => format!(
+                    "credentials are read from the Authorization header{}: give (?P<authorization>...) around the logged header",
+                    if oidc { " (a Bearer JWT)" } else { "" }
+                ),
+            };
+            ("regex", text)
+        })?;
         Ok(RegexFormat {
             dfa: DFA::new(text).ok(),
             regex,
@@ -317,23 +281,20 @@ pub(super) fn line<'a>(
     if let Some(q) = v[QUERY] {
         query = Some(q.strip_prefix(b"?").unwrap_or(q));
     }
-    let value = |group: usize| v[group].filter(|raw| !raw.is_empty() && *raw != b"-");
-    let credential = match format.credentials {
-        Credentials::QueryString => rule.in_query(query.unwrap_or_default(), format.escape)?,
-        Credentials::Groups(encoding) => rule.pick(
-            value(USER_KEY).map(|raw| Credential::new(CredentialKind::UserKey, raw, encoding)),
-            value(APP_ID).map(|raw| Credential::new(CredentialKind::AppId, raw, encoding)),
-        )?,
-        Credentials::Basic(kind) => value(AUTHORIZATION)
-            .map(|raw| Credential::new(kind, raw, Encoding::BasicUser(format.escape)))
-            .ok_or(Skip::NoCredential)?,
-    };
+    let credential = rule.in_values(
+        format.credentials,
+        query,
+        v[USER_KEY],
+        v[APP_ID],
+        v[AUTHORIZATION],
+        format.escape,
+    )?;
     Ok(Request {
         timestamp,
         method,
         path,
         query,
-        host: value(HOST),
+        host: v[HOST].filter(|host| *host != b"-"),
         headers: [None; LOGGED_HEADERS],
         status,
         credential,
@@ -350,7 +311,7 @@ pub(crate) fn any_time(t: &[u8]) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{LogFormat, Parser};
+    use super::super::{CredentialKind, CredentialLocation, CredentialMode, LogFormat, Parser};
     use super::*;
     use crate::parse::testing::headers;
     use std::sync::Arc;
@@ -483,6 +444,50 @@ mod tests {
         assert_eq!(
             got(&mut p, r#"1795515300 200 "-""#),
             Err(Skip::NoCredential)
+        );
+    }
+
+    #[test]
+    fn oidc_tokens_from_the_authorization_group_or_the_query() {
+        use crate::parse::testing::{jwt, oidc};
+        let token = jwt(r#"{"azp":"app-1","client_id":"client-1"}"#);
+        let mut p = parser(
+            r#"^(?P<time>\S+) (?P<status>\d+) (?P<uri>\S+) "(?P<authorization>[^"]*)"$"#,
+            None,
+            oidc(CredentialLocation::Authorization, "client_id"),
+        );
+        let line = |auth: &str| format!(r#"1795515300 200 /x?access_token=no "{auth}""#);
+        assert_eq!(
+            got(&mut p, &line(&format!("Bearer {token}"))),
+            Ok((CredentialKind::AppId, "client-1".into(), 200, T))
+        );
+        assert_eq!(
+            got(&mut p, &line("Basic dXNlcjpwYXNz")),
+            Err(Skip::NoCredential)
+        );
+        assert_eq!(
+            got(&mut p, &line("Bearer a.b")),
+            Err(Skip::InvalidCredential)
+        );
+        let mut p = parser(COMBINED, None, oidc(CredentialLocation::Query, "azp"));
+        let line = format!(
+            r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /x?access_token={token} HTTP/1.1" 200 1"#
+        );
+        assert_eq!(
+            got(&mut p, &line),
+            Ok((CredentialKind::AppId, "app-1".into(), 200, T))
+        );
+        let (key, e) = RegexFormat::compile(
+            COMBINED,
+            None,
+            LogEscape::Default,
+            &oidc(CredentialLocation::Headers, "azp"),
+        )
+        .unwrap_err();
+        assert_eq!(key, "regex");
+        assert!(
+            e.contains("Bearer JWT") && e.contains("(?P<authorization>"),
+            "{e}"
         );
     }
 
