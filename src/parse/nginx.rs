@@ -48,6 +48,18 @@ pub(crate) enum Variable {
     Other,
 }
 
+impl Variable {
+    /// The width NGINX always writes the value at, if it has one.
+    #[inline]
+    fn width(self) -> Option<usize> {
+        match self {
+            Variable::TimeLocal => Some(26),
+            Variable::Status => Some(3),
+            _ => None,
+        }
+    }
+}
+
 /// The most `$http_…` and `$arg_…` variables tally reads from one format (each).
 pub(crate) const SLOTS: usize = 4;
 
@@ -261,12 +273,22 @@ impl Format {
             Some((head, rest)) if same(head, prefix) => rest,
             _ => return Err((0, prefix)),
         };
-        for (step, (_, literal)) in self.steps[..steps].iter().enumerate() {
+        for (step, (variable, literal)) in self.steps[..steps].iter().enumerate() {
             let start = line.len() - rest.len();
             let value = if literal.is_empty() {
                 std::mem::take(&mut rest)
             } else {
-                let end = find_literal(rest, literal, self.escape).ok_or((start, &**literal))?;
+                // A value NGINX always writes at one width ends there: the literal is checked
+                // there, not searched for. (Anything else would not read as that value anyway.)
+                let end = match variable.width() {
+                    Some(w)
+                        if rest.len() >= w + literal.len()
+                            && same(&rest[w..w + literal.len()], literal) =>
+                    {
+                        w
+                    }
+                    _ => find_literal(rest, literal, self.escape).ok_or((start, &**literal))?,
+                };
                 let value = &rest[..end];
                 rest = &rest[end + literal.len()..];
                 value
@@ -419,8 +441,9 @@ fn rfind_literal(s: &[u8], literal: &[u8], escape: LogEscape) -> Option<usize> {
     let last = *literal.last()?;
     let mut end = s.len();
     loop {
-        // The values read backward are short (a time, a key): a plain loop beats memrchr's setup.
-        let at = s[..end].iter().rposition(|&b| b == last)?;
+        // The values read backward are short (a time, a key): a word-at-a-time loop beats
+        // memrchr's setup.
+        let at = super::rfind_short(&s[..end], last)?;
         end = at;
         let start = (at + 1).checked_sub(literal.len())?;
         let escaped = literal[0] == b'"'
