@@ -16,6 +16,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 
 use crate::identity::FileKey;
+use crate::mapping::MappingRules;
 use crate::parse::{Credential, CredentialKind, Parser, Request, Skip};
 use crate::state::{Advance, Fate};
 use crate::tail::{Chunk, Tailed};
@@ -492,6 +493,9 @@ pub struct ServiceLines {
     /// The parser of each feed (follower), by feed index (None: that feed does not feed this
     /// service).
     pub parsers: Vec<Option<Parser>>,
+    /// The mapping rules of each feed's source, by feed index (none, or no rules: one hit per
+    /// request).
+    pub rules: Vec<MappingRules>,
     /// Longer lines are skipped, counted as too long.
     pub max_line_length: usize,
     /// How often the open batch is sealed, full or not.
@@ -601,6 +605,10 @@ pub(crate) fn parse_chunk(
     let mut line_time = 0;
     // The source's parser, which caches the last time field it read.
     let mut parser = lines.parsers.get_mut(chunk.feed).and_then(Option::as_mut);
+    let rules = lines.rules.get(chunk.feed).filter(|r| !r.is_empty());
+    let escape = parser
+        .as_deref()
+        .map_or(crate::parse::LogEscape::Default, Parser::escape);
     // Where the open batch's data of this chunk starts: the chunk's start, then each split point.
     let mut from = base.max(counted).min(chunk.at.offset);
     let at = |from: u64, offset: u64, line_time: i64, fate: Fate| Advance {
@@ -634,7 +642,12 @@ pub(crate) fn parse_chunk(
                     if first_line_time == 0 {
                         first_line_time = line_time;
                     }
-                    aggregator.add(&request, &ONE_HIT)
+                    match rules {
+                        Some(rules) => rules
+                            .usage(&request, escape)
+                            .and_then(|usage| aggregator.add(&request, &usage)),
+                        None => aggregator.add(&request, &ONE_HIT),
+                    }
                 }
                 Err(skip) => Err(skip),
             },
@@ -758,6 +771,7 @@ mod tests {
                 LogFormat::Combined,
                 CredentialRule::query(CredentialMode::Auto),
             ))],
+            rules: Vec::new(),
             max_line_length: 1 << 16,
             flush_interval: std::time::Duration::from_secs(1),
             counted: HashMap::new(),
@@ -1067,7 +1081,7 @@ mod tests {
 
     #[test]
     fn folding_adds_usages_metric_by_metric_within_one_usage() {
-        let metrics = MetricNames::new(&["search", "a", "b", "c"]);
+        let metrics = MetricNames::new(&["search", "a", "b", "c", "d", "e", "f", "g"]);
         let mut a = Aggregator::with_metrics(false, 1000, metrics.clone());
         let u = |of: &[(&str, u64)]| usage(&metrics, of);
         for (k, t, of) in [
@@ -1075,14 +1089,15 @@ mod tests {
             ("k", 10, &[("hits", 1)]),
             ("j", 10, &[("search", 2)]),
             ("k", 10, &[("hits", 1), ("a", 3)]),
-            // hits, search, a and b: the fourth and last metric a usage holds.
-            ("k", 10, &[("b", 1)]),
-            // A fifth does not fit: a transaction of its own, which the next request folds into.
-            ("k", 10, &[("c", 1), ("hits", 1)]),
+            // hits, search, a, b, c, d, e and f: the eighth and last metric a usage holds.
+            ("k", 10, &[("b", 1), ("c", 1), ("d", 1), ("e", 1), ("f", 1)]),
+            // A ninth does not fit: a transaction of its own, which the next request folds into.
+            ("k", 10, &[("g", 1), ("hits", 1)]),
             ("k", 10, &[("hits", 1), ("search", 1)]),
         ] {
             assert!(!a.add(&request(k, t, 200), &u(of)).unwrap());
         }
+        assert_eq!(USAGE_METRICS, 8);
         assert_eq!(
             named(&a.take().unwrap().transactions),
             vec![
@@ -1090,7 +1105,16 @@ mod tests {
                     "k".into(),
                     10,
                     4,
-                    owned(&[("hits", 3), ("search", 1), ("a", 3), ("b", 1)]),
+                    owned(&[
+                        ("hits", 3),
+                        ("search", 1),
+                        ("a", 3),
+                        ("b", 1),
+                        ("c", 1),
+                        ("d", 1),
+                        ("e", 1),
+                        ("f", 1)
+                    ]),
                     None
                 ),
                 ("j".into(), 10, 1, owned(&[("search", 2)]), None),
@@ -1098,7 +1122,7 @@ mod tests {
                     "k".into(),
                     10,
                     2,
-                    owned(&[("c", 1), ("hits", 2), ("search", 1)]),
+                    owned(&[("g", 1), ("hits", 2), ("search", 1)]),
                     None
                 ),
             ]

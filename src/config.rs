@@ -9,6 +9,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize, Serializer};
 use toml::Spanned;
 
+use crate::mapping::{MappingRule, MappingRules};
+use crate::usage::MetricNames;
+
 use crate::parse::{
     Container, CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat,
     JwtClaim, LogEscape, LogFormat, NginxFormat, RegexFormat, Stream, Wrapper,
@@ -277,9 +280,25 @@ pub struct Source {
     /// The container runtime's records its lines are wrapped in (`wrapper`, `stream`).
     #[serde(flatten)]
     pub container: Option<Container>,
+    /// How its requests count (`[[sources.mapping_rules]]`; none: one hit each).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mapping_rules: Vec<MappingRule>,
     /// This source's own service token (or provider key), instead of `[backend]`'s.
     #[serde(flatten)]
     pub auth: Option<BackendAuth>,
+}
+
+impl Config {
+    /// Every metric the mapping rules of `service_id`'s sources name (and `hits`).
+    pub(crate) fn metrics_of(&self, service_id: &str) -> MetricNames {
+        let names: Vec<&str> = self
+            .sources
+            .iter()
+            .filter(|s| s.service_id == service_id)
+            .flat_map(|s| s.mapping_rules.iter().map(|r| r.metric.trim()))
+            .collect();
+        MetricNames::new(&names)
+    }
 }
 
 impl Source {
@@ -496,6 +515,7 @@ struct RawSource {
     log_escape: Option<LogEscape>,
     wrapper: Option<Wrapper>,
     stream: Option<Spanned<Stream>>,
+    mapping_rules: Option<Spanned<Vec<MappingRule>>>,
     /// For format = "regex".
     regex: Option<Spanned<String>>,
     time_format: Option<Spanned<String>>,
@@ -892,6 +912,18 @@ impl Ctx<'_> {
             )),
             (None, None) => None,
         };
+        let mapping_rules = match &s.mapping_rules {
+            None => Vec::new(),
+            Some(rules) => {
+                let metrics: Vec<&str> = rules.get_ref().iter().map(|r| r.metric.trim()).collect();
+                MappingRules::compile(rules.get_ref(), &MetricNames::new(&metrics)).map_err(
+                    |(at, e)| {
+                        self.invalid(&key(&format!("mapping_rules[{at}]")), rules.span().start, e)
+                    },
+                )?;
+                rules.get_ref().clone()
+            }
+        };
         Ok(Source {
             name,
             path,
@@ -900,6 +932,7 @@ impl Ctx<'_> {
             read_from: s.read_from.unwrap_or(defaults::sources::READ_FROM),
             credentials,
             container,
+            mapping_rules,
             auth,
         })
     }
@@ -1743,6 +1776,20 @@ path = "containers/*.log"
 service_id = "46"
 wrapper = "cri"
 stream = "stderr"
+
+[[sources.mapping_rules]]
+method = "GET"
+pattern = "/products/{id}$"
+metric = "get_product"
+delta = 2
+last = true
+
+[[sources.mapping_rules]]
+method = "ANY"
+pattern = "/"
+metric = "hits"
+delta = 1
+last = false
 
 [sources.credentials]
 location = "query"

@@ -7,8 +7,10 @@ use std::path::PathBuf;
 
 use crate::aggregate::MAX_CREDENTIAL_BYTES;
 use crate::config::Config;
+use crate::mapping::{apicast_path, MappingRules};
 use crate::parse::{Failure, Parser, Request, Skip, Wrapper};
 use crate::telemetry::{mask, masked_line, printable, shown_path};
+use crate::usage::{MetricNames, Usage};
 
 /// The lines `tally parse` reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,8 +68,13 @@ pub fn explain(
             given: options.source,
             count: config.sources.len(),
         })?;
+    let metrics = config.metrics_of(&source.service_id);
+    let rules = MappingRules::compile(&source.mapping_rules, &metrics)
+        .map_err(|(at, e)| ExplainError::Unreadable(format!("mapping_rules[{at}]: {e}")))?;
     let mut lines = Lines {
         parser: source.parser(config.tail.max_line_length),
+        rules,
+        metrics,
         max_line_length: config.tail.max_line_length,
         response_codes: config.report.response_codes,
         json: options.json,
@@ -153,6 +160,8 @@ impl Summary {
 
 struct Lines<'w> {
     parser: Parser,
+    rules: MappingRules,
+    metrics: MetricNames,
     max_line_length: usize,
     response_codes: bool,
     json: bool,
@@ -207,14 +216,21 @@ impl Lines<'_> {
                 })
             } else {
                 match &unwrapped {
-                    Ok(unwrapped) => self.parser.explain(unwrapped).and_then(reportable),
+                    Ok(unwrapped) => self
+                        .parser
+                        .explain(unwrapped)
+                        .and_then(reportable)
+                        .and_then(|(request, credential)| {
+                            let usage = self.usage(&request)?;
+                            Ok((request, credential, usage))
+                        }),
                     Err(failure) => Err(failure.clone()),
                 }
             };
             let shown = match result {
-                Ok((request, credential)) => {
+                Ok((request, credential, usage)) => {
                     self.summary.reported += 1;
-                    self.reported(name, number, &request, &credential)
+                    self.reported(name, number, &request, &credential, &usage)
                 }
                 Err(failure) => {
                     self.summary.skipped[failure.skip as usize] += 1;
@@ -230,7 +246,38 @@ impl Lines<'_> {
         Ok(())
     }
 
-    fn reported(&self, file: &str, number: u64, r: &Request<'_>, credential: &str) -> String {
+    /// The usage the source's mapping rules give the request, or why none.
+    fn usage(&self, request: &Request<'_>) -> Result<Usage, Failure> {
+        self.rules
+            .usage(request, self.parser.escape())
+            .map_err(|skip| Failure {
+                skip,
+                at: None,
+                expected: match skip {
+                    Skip::NoMappingRule => format!(
+                        "a mapping rule that matches {} {}",
+                        request
+                            .method
+                            .map_or("(no method)".into(), |m| String::from_utf8_lossy(m)
+                                .into_owned()),
+                        String::from_utf8_lossy(&apicast_path(
+                            request.path.unwrap_or(b"/"),
+                            self.parser.escape()
+                        )),
+                    ),
+                    _ => "at most 8 metrics from the rules that match".into(),
+                },
+            })
+    }
+
+    fn reported(
+        &self,
+        file: &str,
+        number: u64,
+        r: &Request<'_>,
+        credential: &str,
+        usage: &Usage,
+    ) -> String {
         let kind = r.credential.kind.name();
         let code = (self.response_codes && (100..=599).contains(&r.status)).then_some(r.status);
         let text =
@@ -238,7 +285,15 @@ impl Lines<'_> {
         let (method, path, host) = (text(r.method), text(r.path), text(r.host));
         let time = rfc3339(r.timestamp);
         let masked = mask(credential);
+        let named: Vec<(&str, u64)> = usage
+            .iter()
+            .map(|(metric, delta)| (&*self.metrics.get(metric).name, delta))
+            .collect();
         if self.json {
+            let usage_json: serde_json::Map<String, serde_json::Value> = named
+                .iter()
+                .map(|(name, delta)| (name.to_string(), (*delta).into()))
+                .collect();
             return serde_json::json!({
                 "file": file,
                 "line": number,
@@ -249,18 +304,23 @@ impl Lines<'_> {
                 "status": r.status,
                 "host": host,
                 "credential": { "kind": kind, "masked": masked },
-                "report": { "usage": { "hits": 1 }, "code": code },
+                "report": { "usage": usage_json, "code": code },
             })
             .to_string();
         }
         let dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         let code = code.map_or("without code".to_string(), |c| format!("code={c}"));
+        let usage: Vec<String> = named
+            .iter()
+            .map(|(name, delta)| format!("{}={delta}", printable(name)))
+            .collect();
         format!(
-            "{number}: {time} {} {} {:03} host={} {kind}={masked} → report: usage hits=1 {code}",
+            "{number}: {time} {} {} {:03} host={} {kind}={masked} → report: usage {} {code}",
             dash(method),
             dash(path),
             r.status,
             dash(host),
+            usage.join(" "),
         )
     }
 

@@ -1,7 +1,7 @@
 //! tally follows access logs and reports the traffic they record to 3scale.
 //!
 //! The data path, one module per step: `tail` (log file → lines) → `parse` (line → request) →
-//! `aggregate` (requests and their `usage` → transaction batches) → `report` (batch → report
+//! `mapping` (request → usage, by the mapping rules) → `aggregate` (requests and their `usage` → transaction batches) → `report` (batch → report
 //! call), with `state` (checkpoints), `config`, `telemetry` and `run` (the wiring) beside them.
 //! Inside, everything is crate-private; what the binary, the tests and the benchmark use is
 //! re-exported below.
@@ -12,6 +12,7 @@ mod aggregate;
 mod config;
 mod explain;
 mod identity;
+mod mapping;
 mod parse;
 mod preflight;
 mod report;

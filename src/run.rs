@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use crate::aggregate::{self, Aggregator, Counted, ServiceLines};
 use crate::config::Config;
 use crate::config::ReadFrom;
+use crate::mapping::MappingRules;
 use crate::preflight;
 use crate::report::{self, ServiceReport, Sink};
 use crate::state::{Resume, SourceId, StateDir};
@@ -137,12 +138,17 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         let (tailed_tx, tailed_rx) = mpsc::channel(4);
         let (batch_tx, batch_rx) = mpsc::channel(2);
         let mut parsers = vec![None; feeds.len()];
+        let mut rules = vec![MappingRules::default(); feeds.len()];
+        // Every metric the service's rules name: a batch's room depends on them.
+        let metric_names = config.metrics_of(service_id);
         let mut counted = std::collections::HashMap::new();
         let mut names = std::collections::HashMap::new();
         for &i in &sources {
             let feed = feed_of(i);
             let s = &config.sources[i];
             parsers[feed] = Some(s.parser(config.tail.max_line_length));
+            rules[feed] = MappingRules::compile(&s.mapping_rules, &metric_names)
+                .map_err(|(at, e)| anyhow::anyhow!("sources[{i}].mapping_rules[{at}]: {e}"))?;
             names.insert(feed, s.name.clone());
             feed_out[feed].push(tailed_tx.clone());
             let place = feeds[feed].iter().position(|&j| j == i).unwrap_or(0);
@@ -153,13 +159,17 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         let lines = ServiceLines {
             service_id: service_id.to_string(),
             parsers,
+            rules,
             max_line_length: config.tail.max_line_length,
             flush_interval: config.report.flush_interval,
             counted,
             panic_on: panic_on.clone(),
         };
-        let aggregator =
-            Aggregator::new(config.report.response_codes, config.report.max_transactions);
+        let aggregator = Aggregator::with_metrics(
+            config.report.response_codes,
+            config.report.max_transactions,
+            metric_names,
+        );
         for f in state_dir.in_flight(service_id) {
             tracing::warn!(service_id, path = %crate::telemetry::shown_path(&f.path), from = f.from, to = f.to,
                 "a report call was under way when tally stopped: its lines are sent again (if 3scale had \

@@ -939,6 +939,7 @@ mod model {
                                 LogFormat::Combined,
                                 CredentialRule::query(CredentialMode::Auto),
                             ))],
+                            rules: Vec::new(),
                             max_line_length: 64 * 1024,
                             flush_interval: Duration::from_secs(1),
                             counted: counted

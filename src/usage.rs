@@ -69,7 +69,7 @@ impl Default for MetricNames {
 
 /// The most metrics one usage holds. A request's mapping rules name one metric or a few (3scale
 /// adds a child metric to its parent itself), and a usage that would need more is not folded.
-pub(crate) const USAGE_METRICS: usize = 4;
+pub(crate) const USAGE_METRICS: usize = 8;
 
 /// Metric → delta, each metric once, held inline: a transaction's usage allocates nothing. Slots
 /// past `len` keep their defaults, so usages built in the same order compare equal.
@@ -180,12 +180,16 @@ mod tests {
         );
         assert!(u.merge(&Usage::one(b, 5)));
         assert_eq!(u.len(), 3);
-        // A fifth metric does not fit: the merge leaves the usage as it was.
+        // One metric more than a usage holds does not fit: the merge leaves the usage as it was.
         let mut full = u;
-        assert!(full.add(MetricId(3), 1));
+        let mut next = 3;
+        while full.len() < USAGE_METRICS {
+            assert!(full.add(MetricId(next), 1));
+            next += 1;
+        }
         let before = full;
         let mut more = Usage::one(MetricId::HITS, 1);
-        assert!(more.add(MetricId(4), 1));
+        assert!(more.add(MetricId(next), 1));
         assert!(!full.merge(&more));
         assert_eq!(full, before);
         // Nor does a delta past u64.

@@ -413,7 +413,7 @@ max_line_length = 300
         "8: skipped (too_long): at byte 300: expected the end of the line within tail.max_line_length (300 bytes)",
         "9: skipped (malformed): at byte 14: expected $time_local (like `25/Nov/2026:18:41:03 +0100`), not `24/Nov/2026:10:15:99 +0000`; line: 10.0.0.8 - - [24/Nov/2026:10:15:99 +0000] \"GET / HTTP/1.1\" 200 0 \"-\" - 0.001 abcd…",
     ];
-    let summary = "summary: lines_read=8 reported=3 skipped_malformed=2 skipped_no_credential=1 skipped_invalid_credential=1 skipped_too_long=1\n";
+    let summary = "summary: lines_read=8 reported=3 skipped_malformed=2 skipped_no_credential=1 skipped_invalid_credential=1 skipped_too_long=1 skipped_no_mapping_rule=0 skipped_too_many_metrics=0\n";
 
     // A file given; then the source's own files, each under its name.
     let (code, out, err) = tally(&["parse", "--config", config, log.to_str().unwrap()]);
@@ -492,7 +492,8 @@ max_line_length = 300
     assert_eq!(
         objects[8],
         serde_json::json!({ "summary": { "lines_read": 8, "reported": 3, "skipped": {
-            "malformed": 2, "no_credential": 1, "invalid_credential": 1, "too_long": 1 } } })
+            "malformed": 2, "no_credential": 1, "invalid_credential": 1, "too_long": 1,
+            "no_mapping_rule": 0, "too_many_metrics": 0 } } })
     );
 
     // A source that does not exist is a configuration error; a file that cannot be read, an error.
@@ -589,7 +590,7 @@ jwt_claim = "client_id"
     );
     assert_eq!(
         err,
-        "summary: lines_read=4 reported=1 skipped_malformed=0 skipped_no_credential=1 skipped_invalid_credential=2 skipped_too_long=0\n"
+        "summary: lines_read=4 reported=1 skipped_malformed=0 skipped_no_credential=1 skipped_invalid_credential=2 skipped_too_long=0 skipped_no_mapping_rule=0 skipped_too_many_metrics=0\n"
     );
     // The tokens are secrets: no part of one is shown longer than a mask's ends.
     for token in [&good, &without] {
@@ -598,4 +599,76 @@ jwt_claim = "client_id"
         }
     }
     assert!(!out.contains("opaque-secret"), "{out}");
+}
+
+/// `tally parse` with mapping rules: each line's usage per metric, or why no rule matched (the
+/// path as APIcast matches it).
+#[test]
+fn parse_shows_the_usage_of_the_mapping_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tally.toml");
+    std::fs::write(
+        &config,
+        r#"[backend]
+service_token = "t"
+[[sources]]
+path = "access.log"
+service_id = "1"
+mapping_rules = [
+  { method = "GET", pattern = "/products/{id}", metric = "get_product" },
+  { method = "ANY", pattern = "/products", metric = "hits", delta = 2, last = true },
+  { method = "ANY", pattern = "/", metric = "other" },
+]
+"#,
+    )
+    .unwrap();
+    let log = dir.path().join("access.log");
+    std::fs::write(
+        &log,
+        r#"h - - [24/Nov/2026:10:15:00 +0000] "GET /products/42?user_key=k1 HTTP/1.1" 200 1 "-" "-"
+h - - [24/Nov/2026:10:15:01 +0000] "DELETE /catalog/../orders//7?user_key=k1 HTTP/1.1" 204 1 "-" "-"
+h - - [24/Nov/2026:10:15:02 +0000] "GET /?user_key=k1 HTTP/1.1" 200 1 "-" "-"
+"#,
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (code, out, err) = tally(&["parse", "--config", config, log.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let shown: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        shown[0],
+        "1: 2026-11-24T10:15:00Z GET /products/42 200 host=- user_key=k… → report: usage get_product=1 hits=2 code=200",
+        "{out}"
+    );
+    assert!(
+        shown[1].starts_with("2: 2026-11-24T10:15:01Z DELETE /catalog/../orders//7 204 host=- user_key=k… → report: usage other=1 code=204"),
+        "{out}"
+    );
+    let (code, out, err) = tally(&["parse", "--config", config, "--json", log.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.lines()
+            .next()
+            .unwrap()
+            .contains(r#""usage":{"get_product":1,"hits":2}"#),
+        "{out}"
+    );
+    // Without a catch-all, a request no rule matches is skipped, with the path APIcast matches.
+    let text = std::fs::read_to_string(config).unwrap().replace(
+        "  { method = \"ANY\", pattern = \"/\", metric = \"other\" },\n",
+        "",
+    );
+    std::fs::write(config, text).unwrap();
+    let (code, out, err) = tally(&["parse", "--config", config, log.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "2: skipped (no_mapping_rule): expected a mapping rule that matches DELETE /orders/7;"
+        ),
+        "{out}"
+    );
+    assert!(
+        err.contains("reported=1 ") && err.contains("skipped_no_mapping_rule=2 "),
+        "{err}"
+    );
 }

@@ -692,3 +692,111 @@ fn reordered_and_renamed_sources_keep_their_checkpoints() {
     let keys = backend.credentials();
     assert_eq!(keys, ["a1", "a2", "a3", "a4", "a5", "b1", "b2"]);
 }
+
+/// Mapping rules make each transaction's usage: every matching rule in order, `last` stopping, a
+/// request no rule matches skipped and counted; with response codes off, folded usages are summed.
+#[test]
+fn mapping_rules_make_the_usage_of_each_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let t0 = now() - 30;
+    let mut text = String::new();
+    for (method, target) in [
+        ("GET", "/products/42?user_key=k1"),
+        ("GET", "/products/42/reviews?user_key=k1"),
+        ("GET", "/search?q=shoes&lang=en&user_key=k2"),
+        ("GET", "/search?q=shoes&lang=fr&user_key=k2"),
+        ("DELETE", "/products/42?user_key=k1"),
+        ("GET", "/products//7?user_key=k2"),
+    ] {
+        text += &combined_line(t0, method, target, 200);
+    }
+    append(&log, &text);
+    let rules = r#"
+[[sources.mapping_rules]]
+method = "GET"
+pattern = "/products/{id}"
+metric = "get_product"
+
+[[sources.mapping_rules]]
+method = "GET"
+pattern = "/products/{id}/reviews$"
+metric = "reviews"
+delta = 3
+last = true
+
+[[sources.mapping_rules]]
+method = "GET"
+pattern = "/search?q={term}&lang=en"
+metric = "search"
+
+[[sources.mapping_rules]]
+method = "GET"
+pattern = "/"
+metric = "hits"
+"#;
+    let usage = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(m, d)| (m.to_string(), d.to_string()))
+            .collect()
+    };
+    for (response_codes, expected) in [
+        (
+            true,
+            vec![
+                ("k1", usage(&[("get_product", "1"), ("hits", "1")])),
+                ("k1", usage(&[("get_product", "1"), ("reviews", "3")])),
+                ("k2", usage(&[("hits", "1"), ("search", "1")])),
+                ("k2", usage(&[("hits", "1")])),
+                ("k2", usage(&[("get_product", "1"), ("hits", "1")])),
+            ],
+        ),
+        (
+            false,
+            vec![
+                (
+                    "k1",
+                    usage(&[("get_product", "2"), ("hits", "1"), ("reviews", "3")]),
+                ),
+                (
+                    "k2",
+                    usage(&[("get_product", "1"), ("hits", "3"), ("search", "1")]),
+                ),
+            ],
+        ),
+    ] {
+        let backend = Backend::start(&[("7", "t")]);
+        backend.set_metrics(&["get_product", "reviews", "search"]);
+        let state = dir.path().join(format!("state-{response_codes}"));
+        let config = write_config(
+            dir.path(),
+            &backend.url(),
+            "t",
+            &[(&log, "7")],
+            &format!(
+                "{rules}\n[report]\nresponse_codes = {response_codes}\n[state]\ndir = \"{}\"\n{JSON_LOGS}",
+                state.display()
+            ),
+        );
+        let logs = Tally::run_once(&config).logs();
+        let mut got: Vec<(String, BTreeMap<String, String>)> = backend
+            .transactions()
+            .into_iter()
+            .map(|t| (t.credential(), t.usage))
+            .collect();
+        got.sort();
+        let mut expected: Vec<(String, BTreeMap<String, String>)> = expected
+            .into_iter()
+            .map(|(k, u)| (k.to_string(), u))
+            .collect();
+        expected.sort();
+        assert_eq!(got, expected, "response_codes = {response_codes}\n{logs}");
+        // The DELETE matches no rule.
+        assert_eq!(
+            number(&last_summary(&logs), "skipped_no_mapping_rule"),
+            1,
+            "{logs}"
+        );
+    }
+}

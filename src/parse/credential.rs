@@ -520,6 +520,26 @@ impl Credential<'_> {
     }
 }
 
+/// A query-string value (or name) as logged, unescaped: the log's escaping, then `%HH` and `+`
+/// (a JSON escape that is not one is kept as written).
+pub(crate) fn query_value(raw: &[u8], escape: LogEscape) -> Vec<u8> {
+    match escape {
+        LogEscape::Default => unescape(raw, true, true),
+        LogEscape::None => unescape(raw, true, false),
+        LogEscape::Json => unescape(
+            &json_unescape(raw).unwrap_or_else(|_| raw.to_vec()),
+            true,
+            false,
+        ),
+    }
+}
+
+/// A value as logged with the log's escaping undone (a JSON escape that is not one is kept as
+/// written).
+pub(crate) fn logged_value(raw: &[u8], escape: LogEscape) -> Vec<u8> {
+    logged(raw, escape).unwrap_or_else(|_| raw.to_vec())
+}
+
 /// A value as the log's escaping wrote it, unescaped.
 fn logged(raw: &[u8], escape: LogEscape) -> Result<Vec<u8>, Skip> {
     match escape {

@@ -16,7 +16,9 @@ use std::sync::Arc;
 
 pub(crate) use container::Unwrapper;
 pub use container::{Container, Stream, Wrapper};
-pub(crate) use credential::{Carried, Credential, CredentialKind, Encoding, Lacks, NamedValues};
+pub(crate) use credential::{
+    logged_value, query_value, Carried, Credential, CredentialKind, Encoding, Lacks, NamedValues,
+};
 pub use credential::{CredentialLocation, CredentialMode, CredentialRule, JwtClaim};
 pub(crate) use failure::Failure;
 pub use json::{JsonFields, JsonFormat};
@@ -257,6 +259,11 @@ macro_rules! for_each_skip {
             InvalidCredential = "invalid_credential", skipped_invalid_credential;
             /// The line is longer than `max_line_length`.
             TooLong = "too_long", skipped_too_long;
+            /// No mapping rule of the source matches the request (APIcast would have answered 404
+            /// and reported nothing).
+            NoMappingRule = "no_mapping_rule", skipped_no_mapping_rule;
+            /// The rules that match name more metrics than one transaction holds.
+            TooManyMetrics = "too_many_metrics", skipped_too_many_metrics;
         }
     };
 }
@@ -362,6 +369,16 @@ impl Parser {
         match &mut self.unwrapper {
             None => Ok(Some(record.to_vec())),
             Some(unwrapper) => Ok(unwrapper.line(record)?.map(<[u8]>::to_vec)),
+        }
+    }
+
+    /// How the values of its lines are escaped.
+    pub(crate) fn escape(&self) -> LogEscape {
+        match &self.format {
+            LogFormat::Combined | LogFormat::Common => LogEscape::Default,
+            LogFormat::Nginx(f) => f.escape(),
+            LogFormat::Json(_) => LogEscape::Json,
+            LogFormat::Regex(f) => f.escape,
         }
     }
 

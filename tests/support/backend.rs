@@ -191,6 +191,17 @@ impl Backend {
         self.with(|s| s.tokens.insert(service_id.to_string(), token.to_string()));
     }
 
+    /// These metrics exist (and `hits`, which every service has): a report call naming another is
+    /// accepted, then dropped whole, as 3scale does.
+    pub fn set_metrics(&self, names: &[&str]) {
+        self.with(|s| {
+            s.metrics = std::iter::once("hits")
+                .chain(names.iter().copied())
+                .map(str::to_string)
+                .collect()
+        });
+    }
+
     /// Only these applications (user_keys or app_ids) exist from now on.
     pub fn set_applications(&self, credentials: &[&str]) {
         self.with(|s| s.applications = Some(credentials.iter().map(|c| c.to_string()).collect()));

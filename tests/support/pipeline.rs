@@ -69,6 +69,7 @@ pub fn source(parser: Parser) -> ServiceLines {
     ServiceLines {
         service_id: "1".into(),
         parsers: vec![Some(parser)],
+        rules: Vec::new(),
         max_line_length: MAX_LINE_LENGTH,
         flush_interval: Duration::from_secs(5),
         counted: Default::default(),
