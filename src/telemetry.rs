@@ -152,11 +152,12 @@ for_each_skip!(declare_metrics! {
         Counter requests_reported_total "Requests 3scale accepted." { requests_reported }
         Counter transactions_reported_total "Transactions 3scale accepted." { transactions_reported }
         Counter requests_dropped_total
-            "Requests not sent, by reason: 3scale would drop their whole call (too_old, too_new, invalid_credential), or the service does not take their kind of credential (wrong_credential_kind: see credentials.mode)." {
+            "Requests not sent, by reason: 3scale would drop their whole call (too_old, too_new, invalid_credential), the service does not take their kind of credential (wrong_credential_kind: see credentials.mode), or their usage named only metrics the service does not have (unknown_metric)." {
             dropped_too_old(reason = "too_old"),
             dropped_too_new(reason = "too_new"),
             dropped_invalid_credential(reason = "invalid_credential"),
             dropped_wrong_credential_kind(reason = "wrong_credential_kind"),
+            dropped_unknown_metric(reason = "unknown_metric"),
         }
         Counter report_calls_total "Report calls made." { report_calls }
         Counter ambiguous_resends_total
@@ -181,6 +182,9 @@ for_each_skip!(declare_metrics! {
         pub files: Progress,
         /// Transactions not sent per (masked) credential that 3scale does not know.
         pub invalid_credentials: Mutex<BTreeMap<String, u64>>,
+        /// Per (service, metric) the service does not have: the transactions whose usage of it was
+        /// taken out.
+        unknown_metrics: Mutex<BTreeMap<(String, String), u64>>,
         /// What keeps tally from doing its job now (a service 3scale rejects, a state it cannot write, a
         /// log it cannot open), by what it is about.
         problems: Mutex<BTreeMap<String, String>>,
@@ -337,6 +341,20 @@ impl Metrics {
                 "other".to_string()
             };
             *m.entry(label).or_default() += n;
+        }
+    }
+
+    /// Counts the transactions whose usage of `metric`, which `service_id` does not have, was
+    /// taken out (labels capped, as credentials are).
+    pub fn unknown_metric(&self, service_id: &str, metric: &str, n: u64) {
+        if let Ok(mut m) = self.unknown_metrics.lock() {
+            let key = (service_id.to_string(), metric.to_string());
+            let key = if m.len() < 1000 || m.contains_key(&key) {
+                key
+            } else {
+                (service_id.to_string(), "other".to_string())
+            };
+            *m.entry(key).or_default() += n;
         }
     }
 
@@ -760,6 +778,30 @@ fn prometheus(m: &Metrics) -> String {
         Kind::Counter,
         "Requests not reported because 3scale does not know their credential (masked).",
         &invalid,
+    );
+    let unknown: Vec<(String, u64)> = m
+        .unknown_metrics
+        .lock()
+        .map(|c| {
+            c.iter()
+                .map(|((service, metric), v)| {
+                    (
+                        format!(
+                            "{{service_id=\"{}\",metric=\"{}\"}}",
+                            label(service),
+                            label(metric)
+                        ),
+                        *v,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    metric(
+        "unknown_metric_usages_total",
+        Kind::Counter,
+        "Transactions whose usage of a metric the service does not have was taken out (3scale would have dropped their whole call).",
+        &unknown,
     );
     let files = m.files.snapshot();
     let per_file = |f: fn(&FileStatus) -> u64| -> Vec<(String, u64)> {

@@ -134,6 +134,17 @@ impl Usage {
         }
     }
 
+    /// Takes `metric` out; its delta, if it was there.
+    pub(crate) fn remove(&mut self, metric: MetricId) -> Option<u64> {
+        let len = self.len();
+        let i = self.metrics[..len].iter().position(|&m| m == metric)?;
+        let delta = self.deltas[i];
+        self.metrics.copy_within(i + 1..len, i);
+        self.deltas.copy_within(i + 1..len, i);
+        self.len -= 1;
+        Some(delta)
+    }
+
     /// Adds `other` metric by metric: all of it, or nothing (false) when the sum does not fit.
     pub fn merge(&mut self, other: &Usage) -> bool {
         let mut sum = *self;

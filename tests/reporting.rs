@@ -708,6 +708,8 @@ fn mapping_rules_make_the_usage_of_each_transaction() {
         ("GET", "/search?q=shoes&lang=fr&user_key=k2"),
         ("DELETE", "/products/42?user_key=k1"),
         ("GET", "/products//7?user_key=k2"),
+        // Only a metric the service does not have: not sent (it would drop the whole call).
+        ("GET", "/orphan?user_key=k1"),
     ] {
         text += &combined_line(t0, method, target, 200);
     }
@@ -715,8 +717,19 @@ fn mapping_rules_make_the_usage_of_each_transaction() {
     let rules = r#"
 [[sources.mapping_rules]]
 method = "GET"
+pattern = "/orphan$"
+metric = "nope"
+last = true
+
+[[sources.mapping_rules]]
+method = "GET"
 pattern = "/products/{id}"
 metric = "get_product"
+
+[[sources.mapping_rules]]
+method = "GET"
+pattern = "/products/{id}/reviews"
+metric = "nope"
 
 [[sources.mapping_rules]]
 method = "GET"

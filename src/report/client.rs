@@ -302,6 +302,65 @@ impl Client {
         let (status, text) = self.exchange(request, false).await?;
         existence(status, &text, Kind::of(application)).map_err(|e| e.redact(secret.expose()))
     }
+
+    /// Asks 3scale whether the service has `metric`: an authorize call of an application that
+    /// exists, with a usage of it (it counts nothing).
+    pub(crate) async fn check_metric(
+        &self,
+        auth: &BackendAuth,
+        service_id: &str,
+        application: &Application,
+        metric: &str,
+    ) -> Result<MetricAnswer, ReportError> {
+        let (field, secret) = auth.field();
+        let (credential, value) = application.field();
+        let usage = format!("usage[{metric}]");
+        let request = self.http.get(self.authorize.clone()).query(&[
+            (field, secret.expose()),
+            ("service_id", service_id),
+            (credential, value),
+            (usage.as_str(), "1"),
+        ]);
+        let (status, text) = self.exchange(request, false).await?;
+        metric_answer(status, &text).map_err(|e| e.redact(secret.expose()))
+    }
+}
+
+/// What an authorize call with a usage says of its metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MetricAnswer {
+    /// The service has it.
+    Exists,
+    /// It does not (`metric_invalid`): a report naming it would be dropped whole.
+    Unknown,
+    /// The answer is about something else (the application, its key): ask with another one.
+    Inconclusive,
+}
+
+/// apisonator checks a usage's metrics with the application's usage limits, after the
+/// application itself: only an authorized answer, or one refused for its limits, vouches for the
+/// metric.
+fn metric_answer(status: u16, body: &str) -> Result<MetricAnswer, ReportError> {
+    let (code, message) = xml_error(body);
+    match (status, code.as_str()) {
+        (200, _) if body.contains("<authorized>true</authorized>") => Ok(MetricAnswer::Exists),
+        (409, _) if body.contains("usage limits are exceeded") => Ok(MetricAnswer::Exists),
+        (200 | 409, _) if body.contains("<status>") => Ok(MetricAnswer::Inconclusive),
+        (404, "metric_invalid") => Ok(MetricAnswer::Unknown),
+        (
+            403 | 404,
+            "user_key_invalid"
+            | "application_not_found"
+            | "application_key_invalid"
+            | "application_not_active",
+        ) => Ok(MetricAnswer::Inconclusive),
+        (400..=499, _) => Err(ReportError::Rejected {
+            status,
+            code,
+            message,
+        }),
+        _ => Err(unexpected(status)),
+    }
 }
 
 /// An answer that is neither success nor refusal: a 5xx, or one that is not 3scale's (another
@@ -400,6 +459,57 @@ fn unescape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metric_answers_vouch_only_when_the_application_was_looked_at() {
+        let status = |authorized: bool, reason: &str| {
+            format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><status><authorized>{authorized}</authorized>{reason}<plan>Basic</plan></status>")
+        };
+        for (code, body, expected) in [
+            (200, status(true, ""), MetricAnswer::Exists),
+            (
+                409,
+                status(false, "<reason>usage limits are exceeded</reason>"),
+                MetricAnswer::Exists,
+            ),
+            (
+                409,
+                status(false, "<reason>application key is missing</reason>"),
+                MetricAnswer::Inconclusive,
+            ),
+            (
+                404,
+                error("metric_invalid", "metric \"nope\" is invalid"),
+                MetricAnswer::Unknown,
+            ),
+            (
+                403,
+                error("user_key_invalid", "user key \"k\" is invalid"),
+                MetricAnswer::Inconclusive,
+            ),
+            (
+                404,
+                error(
+                    "application_not_found",
+                    "application with id=\"a\" was not found",
+                ),
+                MetricAnswer::Inconclusive,
+            ),
+        ] {
+            assert_eq!(metric_answer(code, &body).unwrap(), expected, "{body}");
+        }
+        assert!(matches!(
+            metric_answer(
+                403,
+                &error("service_token_invalid", "service token \"x\" is invalid")
+            ),
+            Err(ReportError::Rejected { .. })
+        ));
+        assert!(matches!(
+            metric_answer(503, ""),
+            Err(ReportError::Transient(_))
+        ));
+    }
 
     #[test]
     fn xml_errors_are_read() {

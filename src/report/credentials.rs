@@ -189,6 +189,30 @@ impl Credentials {
         None
     }
 
+    /// Up to `n` distinct applications of `transactions` that 3scale said lately exist.
+    pub(crate) fn existing(
+        &mut self,
+        transactions: &Transactions,
+        n: usize,
+        now: Instant,
+    ) -> Vec<Application> {
+        self.use_list(transactions);
+        let mut ids: Vec<u32> = Vec::new();
+        for t in &transactions.list {
+            if ids.len() >= n {
+                break;
+            }
+            if !ids.contains(&t.application)
+                && self.fresh(transactions, t.application, now) == Some(true)
+            {
+                ids.push(t.application);
+            }
+        }
+        ids.into_iter()
+            .map(|id| transactions.applications[id as usize].clone())
+            .collect()
+    }
+
     /// Takes out the transactions of applications 3scale said lately do not exist, and those of the
     /// kind of credential the service does not take.
     pub(crate) fn take_unsendable(

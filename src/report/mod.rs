@@ -9,6 +9,7 @@
 mod client;
 mod credentials;
 mod form;
+mod known_metrics;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -17,14 +18,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use client::MetricAnswer;
 pub(crate) use client::{Client, Existence, Failure, Kind, ReportError};
 pub(crate) use credentials::Credentials;
 pub(crate) use form::{encode, ReportForm};
+use known_metrics::KnownMetrics;
 
 use crate::aggregate::{Application, Batch, Transaction, Transactions};
 use crate::config::BackendAuth;
 use crate::state::{Advance, InFlight, ServiceState, StateError};
-use crate::telemetry::{mask, Cause, Endpoint, Metrics};
+use crate::telemetry::{mask, printable, Cause, Endpoint, Metrics};
 use crate::usage::MetricNames;
 
 /// What masks the service token or provider key wherever a report body is shown.
@@ -189,6 +192,8 @@ pub(crate) async fn run(
     let credentials = settings
         .validation
         .map(|(valid, invalid)| Credentials::new(valid, invalid));
+    let (valid, invalid) = settings.validation.unwrap_or(METRIC_TTLS);
+    let known_metrics = KnownMetrics::new(valid, invalid);
     let concurrency = match sink {
         Sink::DryRun(_) => 1, // keeps the printed calls in order
         Sink::Backend(_) => settings.concurrency,
@@ -202,7 +207,14 @@ pub(crate) async fn run(
     });
     let (admitted_tx, admitted) = mpsc::channel(1);
     tokio::try_join!(
-        admit(batches, admitted_tx, &shared, &sink, credentials),
+        admit(
+            batches,
+            admitted_tx,
+            &shared,
+            &sink,
+            credentials,
+            known_metrics
+        ),
         dispatch(admitted, &shared, &sink, state, concurrency),
     )?;
     Ok(())
@@ -215,12 +227,23 @@ async fn admit(
     shared: &Arc<Shared>,
     sink: &Sink,
     mut credentials: Option<Credentials>,
+    mut known_metrics: KnownMetrics,
 ) -> Result<(), ReportError> {
     while let Some(mut batch) = batches.recv().await {
         if !batch.transactions.is_empty() {
             shared.metrics.waiting(&shared.service_id);
         }
         keep_sendable(shared, &mut batch.transactions, sink, credentials.as_mut()).await?;
+        if let Sink::Backend(client) = sink {
+            keep_known_metrics(
+                client,
+                shared,
+                &mut batch.transactions,
+                credentials.as_mut(),
+                &mut known_metrics,
+            )
+            .await?;
+        }
         if admitted.send(batch).await.is_err() {
             break;
         }
@@ -558,6 +581,100 @@ async fn keep_sendable(
             "requests with a kind of credential the service does not take are counted, not reported");
     }
     Ok(())
+}
+
+/// How long what 3scale said of a metric is kept when credentials are not checked (else their
+/// TTLs are used): (found, not found).
+const METRIC_TTLS: (Duration, Duration) = (Duration::from_secs(3600), Duration::from_secs(300));
+
+/// How many applications of a batch a metric is checked with, at most, when 3scale's answers are
+/// about the application rather than the metric.
+const METRIC_WITNESSES: usize = 3;
+
+/// Takes out of a batch's usages the metrics the service does not have (3scale would drop the
+/// whole call), checking each new metric first with an authorize call of an application that
+/// exists (see [`known_metrics`]). If a check fails, the batch waits and tries again.
+async fn keep_known_metrics(
+    client: &Arc<Client>,
+    shared: &Arc<Shared>,
+    transactions: &mut Transactions,
+    credentials: Option<&mut Credentials>,
+    known: &mut KnownMetrics,
+) -> Result<(), ReportError> {
+    let unchecked = known.unchecked(transactions, Instant::now());
+    if !unchecked.is_empty() {
+        // Applications 3scale said exist first; without credential checks, the batch's own.
+        let mut witnesses = match credentials {
+            Some(c) => c.existing(transactions, METRIC_WITNESSES, Instant::now()),
+            None => Vec::new(),
+        };
+        for t in &transactions.list {
+            let application = &transactions.applications[t.application as usize];
+            if witnesses.len() >= METRIC_WITNESSES {
+                break;
+            }
+            if !witnesses.contains(application) {
+                witnesses.push(application.clone());
+            }
+        }
+        for metric in unchecked {
+            match check_metric(client, shared, &witnesses, &metric).await? {
+                Some(exists) => {
+                    if !exists {
+                        tracing::warn!(service_id = %shared.service_id, metric = %printable(&metric),
+                            "the service has no such metric: the mapping rules' usage of it is counted (unknown_metric), not reported; create the metric in 3scale or fix the rule");
+                    }
+                    known.record(&metric, exists, Instant::now());
+                }
+                None => {
+                    tracing::warn!(service_id = %shared.service_id, metric = %printable(&metric),
+                    "cannot check this metric: 3scale knows none of the batch's credentials; it is reported unchecked")
+                }
+            }
+        }
+    }
+    let stripped = known.take_unknown(transactions, Instant::now());
+    for (metric, usages) in &stripped.usages {
+        shared
+            .metrics
+            .unknown_metric(&shared.service_id, metric, *usages);
+    }
+    Metrics::add(&shared.metrics.dropped_unknown_metric, stripped.emptied);
+    Ok(())
+}
+
+/// Whether the service has `metric`, asked with each of `witnesses` in turn until an answer is
+/// about the metric; None if none is. Transient failures wait and try again.
+async fn check_metric(
+    client: &Client,
+    shared: &Shared,
+    witnesses: &[Application],
+    metric: &str,
+) -> Result<Option<bool>, ReportError> {
+    let mut backoff = Backoff::for_calls();
+    for witness in witnesses {
+        loop {
+            Metrics::add(&shared.metrics.authorize_calls, 1);
+            let answer = client
+                .check_metric(&shared.auth(), &shared.service_id, witness, metric)
+                .await;
+            match answer {
+                Ok(MetricAnswer::Exists) => return Ok(Some(true)),
+                Ok(MetricAnswer::Unknown) => return Ok(Some(false)),
+                Ok(MetricAnswer::Inconclusive) => break,
+                Err(e @ ReportError::Transient(_)) => {
+                    shared.failed(Endpoint::Authorize, &e);
+                    let wait = backoff.next_delay();
+                    tracing::warn!(service_id = %shared.service_id, error = %e, retry_in = ?wait,
+                        "cannot check a metric; the batch waits");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e @ ReportError::Rejected { .. }) => shared.after_rejection(e).await?,
+                Err(e @ ReportError::Internal(_)) => return Err(e),
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// 3scale said the service authenticates with `takes` only: says once what to configure. The

@@ -473,7 +473,8 @@ fn authenticate(
 }
 
 /// `GET /transactions/authorize.xml`: 200 for an application that exists, 403 `user_key_invalid` or
-/// 404 `application_not_found` for one that does not.
+/// 404 `application_not_found` for one that does not; with a usage of a metric the service does not
+/// have, 404 `metric_invalid` (for an application that exists).
 fn authorize(req: &Request<Incoming>, state: &Arc<Mutex<State>>) -> Answer {
     let query = req.uri().query().unwrap_or("");
     let Ok(pairs) = decode_form(query.as_bytes()) else {
@@ -532,6 +533,19 @@ fn authorize(req: &Request<Incoming>, state: &Arc<Mutex<State>>) -> Answer {
         .is_none_or(|apps| apps.contains(&credential));
     if !exists {
         return missing;
+    }
+    // A usage naming a metric the service does not have: apisonator's `MetricInvalid`.
+    if let Some((name, _)) = pairs.iter().find(|(key, _)| {
+        key.strip_prefix("usage[")
+            .and_then(|m| m.strip_suffix(']'))
+            .is_some_and(|m| !s.metrics.contains(m))
+    }) {
+        let metric = &name["usage[".len()..name.len() - 1];
+        return xml_error(
+            404,
+            "metric_invalid",
+            &format!("metric \"{metric}\" is invalid"),
+        );
     }
     Response::builder()
         .status(200)
