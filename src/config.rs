@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use toml::Spanned;
 
 use crate::mapping::{MappingRule, MappingRules};
+use crate::proxy_config::ProxyConfig;
 use crate::usage::MetricNames;
 
 use crate::parse::{
@@ -227,8 +228,10 @@ impl BackendAuth {
 pub struct Backend {
     #[serde(serialize_with = "as_text")]
     pub url: reqwest::Url,
+    /// The token of every service without one of its own (none: each has its own, from its source
+    /// or the proxy configuration).
     #[serde(flatten)]
-    pub auth: BackendAuth,
+    pub auth: Option<BackendAuth>,
     /// How long making a connection may take.
     #[serde(serialize_with = "duration::serialize")]
     pub connect_timeout: Duration,
@@ -396,9 +399,20 @@ pub struct Config {
     pub log: Logging,
     /// `[telemetry]`: metrics and health.
     pub telemetry: Telemetry,
+    /// `[proxy_config]`: the 3scale proxy configuration the services' settings come from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_config: Option<ProxyConfigFile>,
     /// Keys given under an older name: they work, and `tally check` says what to write instead.
     #[serde(skip)]
     pub(crate) deprecated: Vec<String>,
+}
+
+/// `[proxy_config]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyConfigFile {
+    /// The file, as the admin portal or APIcast has it.
+    #[serde(serialize_with = "path_text")]
+    pub file: PathBuf,
 }
 
 fn as_text<S: Serializer>(value: &impl fmt::Display, s: S) -> Result<S::Ok, S::Error> {
@@ -470,6 +484,13 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     telemetry: RawTelemetry,
+    proxy_config: Option<Spanned<RawProxyConfig>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxyConfig {
+    file: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -654,6 +675,8 @@ struct Ctx<'a> {
     path: &'a Path,
     text: &'a str,
     dir: &'a Path,
+    /// The proxy configuration, if one is given.
+    proxy: Option<ProxyConfig>,
 }
 
 impl Ctx<'_> {
@@ -750,8 +773,17 @@ impl Ctx<'_> {
 
     fn backend(&self, raw: &Spanned<RawBackend>) -> Result<Backend, ConfigError> {
         let b = raw.get_ref();
+        // Without a url, the proxy configuration's backend endpoint (APIcast's), else 3scale's.
+        let endpoint = self
+            .proxy
+            .as_ref()
+            .and_then(|p| p.services.iter().find_map(|s| s.backend_endpoint.clone()))
+            .and_then(|e| reqwest::Url::parse(&e).ok())
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
         let url = match &b.url {
-            None => reqwest::Url::parse(defaults::backend::URL).expect("default URL is valid"),
+            None => endpoint.unwrap_or_else(|| {
+                reqwest::Url::parse(defaults::backend::URL).expect("default URL is valid")
+            }),
             Some(u) => {
                 let parsed = reqwest::Url::parse(u.get_ref()).map_err(|e| {
                     self.invalid(
@@ -778,13 +810,14 @@ impl Ctx<'_> {
             ],
             [&b.provider_key, &b.provider_key_env, &b.provider_key_file],
         ];
-        let auth = self.auth("backend", raw.span().start, fields)?.ok_or_else(|| {
-            self.invalid(
+        let auth = self.auth("backend", raw.span().start, fields)?;
+        if auth.is_none() && self.proxy.is_none() {
+            return Err(self.invalid(
                 "backend",
                 raw.span().start,
                 "no credentials for 3scale: set service_token, service_token_env or service_token_file",
-            )
-        })?;
+            ));
+        }
         let ca_file = match &b.ca_file {
             None => None,
             Some(f) => {
@@ -896,7 +929,49 @@ impl Ctx<'_> {
             }
             Some(n) => n.get_ref().trim().to_string(),
         };
-        let credentials = self.credentials(i, s)?;
+        let proxied = self.proxy.as_ref().and_then(|p| p.service(service_id));
+        if let (Some(p), None) = (&self.proxy, proxied) {
+            return Err(self.invalid(
+                &key("service_id"),
+                s.service_id.span().start,
+                format!(
+                    "the proxy configuration has no service {service_id} (it has {})",
+                    p.services
+                        .iter()
+                        .map(|s| s.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        // The proxy configuration's settings, where the source gives none of its own.
+        let credentials = match proxied {
+            Some(p) if s.credentials.is_none() && s.credential.is_none() => {
+                p.credentials.clone().map_err(|e| {
+                    self.invalid(
+                        &key("service_id"),
+                        s.service_id.span().start,
+                        format!("proxy configuration: {e}"),
+                    )
+                })?
+            }
+            _ => self.credentials(i, s)?,
+        };
+        let auth = match (auth, proxied.and_then(|p| p.backend_auth.as_ref())) {
+            (Some(auth), _) => Some(auth),
+            (None, Some((kind, value))) => {
+                let secret = Secret {
+                    value: value.trim().to_string(),
+                    origin: format!("from the proxy configuration (service {service_id})"),
+                    file: None,
+                };
+                Some(match kind.as_str() {
+                    "provider_key" => BackendAuth::ProviderKey(secret),
+                    _ => BackendAuth::ServiceToken(secret),
+                })
+            }
+            (None, None) => None,
+        };
         let format = self.format(i, s, &credentials)?;
         let container = match (s.wrapper, &s.stream) {
             (Some(wrapper), stream) => Some(Container {
@@ -913,7 +988,22 @@ impl Ctx<'_> {
             (None, None) => None,
         };
         let mapping_rules = match &s.mapping_rules {
-            None => Vec::new(),
+            None => match proxied {
+                Some(p) => {
+                    let metrics: Vec<&str> = p.rules.iter().map(|r| r.metric.trim()).collect();
+                    MappingRules::compile(&p.rules, &MetricNames::new(&metrics)).map_err(
+                        |(at, e)| {
+                            self.invalid(
+                                &key("service_id"),
+                                s.service_id.span().start,
+                                format!("proxy configuration: service {service_id}: proxy_rules[{at}]: {e}"),
+                            )
+                        },
+                    )?;
+                    p.rules.clone()
+                }
+                None => Vec::new(),
+            },
             Some(rules) => {
                 let metrics: Vec<&str> = rules.get_ref().iter().map(|r| r.metric.trim()).collect();
                 MappingRules::compile(rules.get_ref(), &MetricNames::new(&metrics)).map_err(
@@ -1145,10 +1235,22 @@ impl Config {
             _ => PathBuf::from("."),
         };
         let dir = std::path::absolute(&dir).unwrap_or(dir);
-        let ctx = Ctx {
+        let mut ctx = Ctx {
             path,
             text,
             dir: &dir,
+            proxy: None,
+        };
+        let proxy_config = match &raw.proxy_config {
+            None => None,
+            Some(p) => {
+                let file = ctx.resolve(p.get_ref().file.get_ref());
+                let loaded = ProxyConfig::load(&file).map_err(|e| {
+                    ctx.invalid("proxy_config.file", p.get_ref().file.span().start, e)
+                })?;
+                ctx.proxy = Some(loaded);
+                Some(ProxyConfigFile { file })
+            }
         };
         let backend = ctx.backend(&raw.backend)?;
         if raw.sources.is_empty() {
@@ -1333,9 +1435,23 @@ impl Config {
                 ))
             })
             .collect();
+        // Every service needs a token: its source's, its proxy configuration's, or [backend]'s.
+        if backend.auth.is_none() {
+            if let Some(i) = sources.iter().position(|s| s.auth.is_none()) {
+                return Err(ctx.invalid(
+                    "backend",
+                    raw.backend.span().start,
+                    format!(
+                        "no credentials for 3scale for service {} (sources[{i}]): set service_token, service_token_env or service_token_file",
+                        sources[i].service_id
+                    ),
+                ));
+            }
+        }
         Ok(Config {
             backend,
             telemetry,
+            proxy_config,
             sources,
             report,
             tail,
@@ -1549,7 +1665,77 @@ service_id = "42"
             ),
         )
         .unwrap();
-        assert_eq!(c.backend.auth.field().1.expose(), "from-file-token");
+        assert_eq!(
+            c.backend.auth.as_ref().unwrap().field().1.expose(),
+            "from-file-token"
+        );
+    }
+
+    /// With a proxy configuration, a source takes its service's credentials settings, mapping
+    /// rules and token (and [backend] its endpoint) where it gives none of its own.
+    #[test]
+    fn a_proxy_configuration_gives_the_services_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tally.toml");
+        std::fs::write(
+            dir.path().join("proxy.json"),
+            r#"{"proxy_configs":[{"proxy_config":{"content":{"id":42,"backend_version":"2","backend_authentication_type":"service_token","backend_authentication_value":"tok-from-proxy",
+                "proxy":{"credentials_location":"headers","auth_app_id":"X-App-Id","auth_app_key":"X-App-Key","backend":{"endpoint":"http://backend.internal:3001"},
+                "proxy_rules":[{"http_method":"GET","pattern":"/p/{id}","metric_system_name":"get_p","delta":1,"last":false,"position":1}]}}}}]}"#,
+        )
+        .unwrap();
+        let text = "[proxy_config]\nfile = \"proxy.json\"\n[backend]\n[[sources]]\npath = \"a.log\"\nservice_id = \"42\"\nlog_format = '[$time_local] \"$request\" $status $http_x_app_id'\n";
+        let c = Config::parse(&file, text).unwrap();
+        let s = &c.sources[0];
+        assert_eq!(
+            (
+                s.credentials.location,
+                s.credentials.mode,
+                s.credentials.app_id.as_str()
+            ),
+            (
+                CredentialLocation::Headers,
+                CredentialMode::AppId,
+                "X-App-Id"
+            )
+        );
+        assert_eq!(s.mapping_rules.len(), 1);
+        assert_eq!(
+            s.auth.as_ref().unwrap().field().1.expose(),
+            "tok-from-proxy"
+        );
+        assert!(c.backend.auth.is_none());
+        assert_eq!(c.backend.url.as_str(), "http://backend.internal:3001/");
+        // Shown as settings of the source (the token masked), and read back the same.
+        let effective = c.effective().unwrap();
+        assert!(!effective.contains("tok-from-proxy"), "{effective}");
+        assert!(effective.contains("[proxy_config]\nfile = "), "{effective}");
+        assert!(effective.contains("pattern = \"/p/{id}\""), "{effective}");
+        // The source's own settings win.
+        let own = text.to_string() + "[sources.credentials]\nlocation = \"query\"\n";
+        let c = Config::parse(&file, &own).unwrap();
+        assert_eq!(c.sources[0].credentials.location, CredentialLocation::Query);
+        // A service the proxy configuration does not have; a file that is not one.
+        let e = Config::parse(&file, &text.replace("\"42\"", "\"43\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "sources[0].service_id: the proxy configuration has no service 43 (it has 42)"
+            ),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("proxy.json"), "{}").unwrap();
+        let e = Config::parse(&file, text).unwrap_err().to_string();
+        assert!(
+            e.contains("proxy_config.file: ") && e.contains("expected `proxy_configs`"),
+            "{e}"
+        );
+        // Without a proxy configuration, [backend] needs a token.
+        let e = parse("[backend]\n[[sources]]\npath = \"a.log\"\nservice_id = \"1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no credentials for 3scale"), "{e}");
     }
 
     #[test]
@@ -1711,7 +1897,16 @@ service_id = "42"
             "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
         )
         .unwrap();
+        // The services' settings are all given here: the proxy configuration only lists them.
+        std::fs::write(
+            dir.join("proxy.json"),
+            r#"{"services":[{"id":42},{"id":43},{"id":44},{"id":45},{"id":46}]}"#,
+        )
+        .unwrap();
         r#"
+[proxy_config]
+file = "proxy.json"
+
 [backend]
 url = "http://backend.example:3001/"
 service_token = "tok-123456"

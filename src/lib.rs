@@ -15,6 +15,7 @@ mod identity;
 mod mapping;
 mod parse;
 mod preflight;
+mod proxy_config;
 mod report;
 mod run;
 mod state;

@@ -189,12 +189,14 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         } else {
             Sink::Backend(client.clone())
         };
-        // A source's own credentials win over [backend]'s (the configuration checked that the
-        // sources of one service agree).
+        // A source's own credentials (or its proxy configuration's) win over [backend]'s; the
+        // configuration checked that the sources of one service agree, and that each service has
+        // one or the other.
         let auth = sources
             .iter()
             .find_map(|&i| config.sources[i].auth.clone())
-            .unwrap_or_else(|| config.backend.auth.clone());
+            .or_else(|| config.backend.auth.clone())
+            .with_context(|| format!("no credentials for 3scale for service {service_id}"))?;
         let service = ServiceReport {
             service_id: service_id.to_string(),
             auth,

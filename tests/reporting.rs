@@ -813,3 +813,62 @@ metric = "hits"
         );
     }
 }
+
+/// A proxy configuration gives the service its token, its endpoint, its credentials settings and its
+/// rules: the configuration names only the log and the service.
+#[test]
+fn the_proxy_configuration_gives_token_endpoint_credentials_and_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("42", "tok-42")]);
+    backend.set_metrics(&["get_product"]);
+    let proxy = format!(
+        r#"{{"proxy_configs":[{{"proxy_config":{{"content":{{"id":42,"backend_version":"2","backend_authentication_type":"service_token","backend_authentication_value":"tok-42",
+            "proxy":{{"credentials_location":"query","auth_app_id":"client","auth_app_key":"secret","backend":{{"endpoint":"{}"}},
+            "proxy_rules":[{{"http_method":"GET","pattern":"/products/{{id}}$","metric_system_name":"get_product","delta":1,"last":true,"position":1}},
+                           {{"http_method":"ANY","pattern":"/","metric_system_name":"hits","delta":1,"last":false,"position":2}}]}}}}}}}}]}}"#,
+        backend.url()
+    );
+    std::fs::write(dir.path().join("proxy.json"), proxy).unwrap();
+    let log = dir.path().join("access.log");
+    let t0 = now() - 30;
+    append(
+        &log,
+        &[
+            combined_line(t0, "GET", "/products/7?client=app1&secret=s", 200),
+            combined_line(t0, "POST", "/orders?client=app2", 201),
+            combined_line(t0, "GET", "/products/7?user_key=not-this-mode", 200),
+        ]
+        .concat(),
+    );
+    let config = dir.path().join("tally.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy_config]\nfile = \"proxy.json\"\n[backend]\n[[sources]]\npath = \"{}\"\nservice_id = \"42\"\nread_from = \"beginning\"\n[state]\ndir = \"{}\"\n{JSON_LOGS}",
+            log.display(),
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let logs = Tally::run_once(&config).logs();
+    let mut got: Vec<(Option<String>, BTreeMap<String, String>)> = backend
+        .transactions()
+        .into_iter()
+        .map(|t| (t.app_id, t.usage))
+        .collect();
+    got.sort();
+    let usage = |m: &str| BTreeMap::from([(m.to_string(), "1".to_string())]);
+    assert_eq!(
+        got,
+        vec![
+            (Some("app1".into()), usage("get_product")),
+            (Some("app2".into()), usage("hits")),
+        ],
+        "{logs}"
+    );
+    assert_eq!(
+        number(&last_summary(&logs), "skipped_no_credential"),
+        1,
+        "{logs}"
+    );
+}

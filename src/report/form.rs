@@ -79,7 +79,7 @@ mod tests {
             "[backend]\nservice_token = \"s3cr3t&=\"\n[[sources]]\npath = \"a\"\nservice_id = \"1\"\n",
         )
         .unwrap();
-        c.backend.auth
+        c.backend.auth.unwrap()
     }
 
     fn secret_of(a: &BackendAuth) -> &Secret {
