@@ -606,6 +606,7 @@ pub(crate) fn parse_chunk(
     // The source's parser, which caches the last time field it read.
     let mut parser = lines.parsers.get_mut(chunk.feed).and_then(Option::as_mut);
     let rules = lines.rules.get(chunk.feed).filter(|r| !r.is_empty());
+    let unwrapping = parser.as_deref().is_some_and(|p| p.container().is_some());
     let escape = parser
         .as_deref()
         .map_or(crate::parse::LogEscape::Default, Parser::escape);
@@ -633,7 +634,8 @@ pub(crate) fn parse_chunk(
             continue;
         }
         let added = match parser.as_deref_mut() {
-            _ if line.len() > lines.max_line_length => Err(Skip::TooLong),
+            // A container's record is measured once joined, by the parser.
+            _ if line.len() > lines.max_line_length && !unwrapping => Err(Skip::TooLong),
             Some(parser) => match parser.parse_record(line) {
                 // A container record of the other stream, or a part of a line that goes on.
                 Ok(None) => continue,
@@ -1188,5 +1190,69 @@ mod tests {
         );
         let key = "%2F".repeat(MAX_CREDENTIAL_BYTES / 3);
         assert!(a.add(&request(&key, 10, 200), &ONE_HIT).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod container_lines {
+    use super::*;
+    use crate::identity::{FileKey, FilePosition, Fingerprint};
+    use crate::parse::{Container, CredentialMode, CredentialRule, LogFormat, Stream, Wrapper};
+    use crate::tail::Chunk;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    /// A joined line longer than max_line_length, one of whose records alone is longer too: that
+    /// record is skipped before the unwrapper sees it, and the line's other parts are joined into
+    /// a shorter line that is counted.
+    #[test]
+    fn a_too_long_record_inside_a_joined_line_is_not_counted_as_the_rest() {
+        let max = 200;
+        let cri = Container {
+            wrapper: Wrapper::Cri,
+            stream: Stream::Stdout,
+        };
+        let parser = Parser::new(
+            LogFormat::Combined,
+            CredentialRule::query(CredentialMode::Auto),
+        )
+        .unwrapping(cri, max);
+        let mut lines = ServiceLines {
+            service_id: "42".into(),
+            parsers: vec![Some(parser)],
+            rules: Vec::new(),
+            max_line_length: max,
+            flush_interval: std::time::Duration::from_secs(1),
+            counted: HashMap::new(),
+            panic_on: None,
+        };
+        let data = format!(
+            "2026-11-26T10:15:00.1Z stdout P 1.2.3.4 - - [10/Oct/2026:13:55:36 +0000] \"GET /?user_key=k&pad=\n\
+             2026-11-26T10:15:00.2Z stdout P {}\n\
+             2026-11-26T10:15:00.3Z stdout F  HTTP/1.1\" 200 1 \"-\" \"a\"\n",
+            "x".repeat(300)
+        );
+        let at = FilePosition {
+            key: FileKey { dev: 1, ino: 2 },
+            fingerprint: Fingerprint { len: 0, hash: 0 },
+            offset: data.len() as u64,
+            path: Arc::from(std::path::Path::new("/c.log")),
+        };
+        let chunk = Chunk::new(0, at, data.into_bytes());
+        let mut aggregator = Aggregator::new(false, 100);
+        let (metrics, mut warned) = (Metrics::default(), Default::default());
+        parse_chunk(
+            &mut lines,
+            &mut aggregator,
+            &chunk,
+            Fate::Reading,
+            &metrics,
+            &mut warned,
+        );
+        let batch = aggregator.take();
+        let counted = batch.map_or(0, |b| {
+            b.transactions.iter().map(|(_, t)| t.requests).sum::<u64>()
+        });
+        assert_eq!(counted, 0, "a line longer than max_line_length was counted");
     }
 }

@@ -94,8 +94,19 @@ impl MappingRules {
 
     #[inline(never)]
     fn matched(&self, request: &Request<'_>, escape: LogEscape) -> Result<Usage, Skip> {
-        let path = apicast_path(request.path.unwrap_or(b"/"), escape);
-        let query = request.query.unwrap_or_default();
+        // A `#` ends NGINX's URI, path or arguments.
+        let logged = request.path.unwrap_or(b"/");
+        let (logged, query) = match memchr::memchr(b'#', logged) {
+            Some(hash) => (&logged[..hash], &b""[..]),
+            None => {
+                let query = request.query.unwrap_or_default();
+                (
+                    logged,
+                    &query[..memchr::memchr(b'#', query).unwrap_or(query.len())],
+                )
+            }
+        };
+        let path = apicast_path(logged, escape);
         let mut usage = Usage::default();
         let mut matched = false;
         for rule in &self.rules {
@@ -215,22 +226,34 @@ fn regexpify(path: &str) -> String {
 /// What a `{name}` of a path matches: APIcast's class of path segment characters.
 const PLACEHOLDER: &str = r"([\w\-.~%!$&'()*+,;=@:]+)";
 
-/// Whether a pattern's query value is a `{placeholder}` (`\{[-\w_]+\}`, as APIcast tells them).
+/// Whether a pattern's query value is a placeholder: it holds `{name}` somewhere (APIcast's
+/// unanchored `\{[-\w_]+\}`), whatever is around it.
 fn is_placeholder(value: &str) -> bool {
-    value.len() > 2
-        && value.starts_with('{')
-        && value[1..].contains('}')
-        && value[1..value.find('}').unwrap_or(1)]
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    let bytes = value.as_bytes();
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'{' && {
+            let name = bytes[i + 1..]
+                .iter()
+                .take_while(|c| c.is_ascii_alphanumeric() || **c == b'_' || **c == b'-')
+                .count();
+            name > 0 && bytes.get(i + 1 + name) == Some(&b'}')
+        }
+    })
 }
+
+/// NGINX's `get_uri_args` reads this many arguments, the rest not at all.
+const MAX_ARGS: usize = 100;
 
 /// Whether the query string's last `name` parameter (names and values decoded, as NGINX's
 /// `get_uri_args` gives them) is as expected: present for a placeholder (a parameter without `=`
 /// counts), equal to the value otherwise.
 fn arg_matches(query: &[u8], name: &[u8], expected: &Expected, escape: LogEscape) -> bool {
     let mut last: Option<Option<&[u8]>> = None;
-    for pair in query.split(|&b| b == b'&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .split(|&b| b == b'&')
+        .filter(|p| !p.is_empty())
+        .take(MAX_ARGS)
+    {
         let (key, value) = match pair.iter().position(|&b| b == b'=') {
             Some(eq) => (&pair[..eq], Some(&pair[eq + 1..])),
             None => (pair, None),
@@ -259,6 +282,7 @@ fn decoded(raw: &[u8], escape: LogEscape) -> std::borrow::Cow<'_, [u8]> {
 /// `/` merged, `.` and `..` segments resolved) escaped again as `ngx_escape_uri` does (space, `#`,
 /// `%`, `?`, control and non-ASCII bytes as `%HH`). A path with nothing to change is not copied.
 pub(crate) fn apicast_path(logged: &[u8], escape: LogEscape) -> std::borrow::Cow<'_, [u8]> {
+    let logged = &logged[..memchr::memchr(b'#', logged).unwrap_or(logged.len())];
     let plain = logged.first() == Some(&b'/')
         && logged.windows(2).all(|w| w != b"//" && w != b"/.")
         && !logged
@@ -483,7 +507,8 @@ mod tests {
         assert_eq!(&*apicast_path(b"/a/b/..", LogEscape::Default), b"/a/");
         assert_eq!(&*apicast_path(b"/a/b/.", LogEscape::Default), b"/a/b/");
         assert_eq!(&*apicast_path(b"/../..", LogEscape::Default), b"/");
-        assert_eq!(&*apicast_path(b"/a?b#c", LogEscape::Default), b"/a%3Fb%23c");
+        assert_eq!(&*apicast_path(b"/a?b#c", LogEscape::Default), b"/a%3Fb");
+        assert_eq!(&*apicast_path(b"/a%23b", LogEscape::Default), b"/a%23b");
     }
 
     #[test]
@@ -638,5 +663,29 @@ mod tests {
             let got = usage_of(&compiled(&rules), method, &path).ok();
             proptest::prop_assert_eq!(got, reference(&rules, method, &path), "{:?} {}", rules, path);
         }
+    }
+}
+
+#[cfg(test)]
+mod nginx_uri {
+    use super::*;
+
+    /// APIcast: `re_match(expected, '\{[-\w_]+\}')`, unanchored, at least one character.
+    #[test]
+    fn query_placeholders_as_apicast_tells_them() {
+        assert!(
+            !is_placeholder("{}x"),
+            "`{{}}x` has no placeholder in APIcast: it is a literal"
+        );
+        assert!(
+            is_placeholder("v{id}"),
+            "APIcast finds `{{id}}` anywhere in the value"
+        );
+    }
+
+    /// NGINX's $uri ends at a `#` (the fragment is not part of it).
+    #[test]
+    fn a_fragment_is_not_part_of_the_uri() {
+        assert_eq!(&*apicast_path(b"/a#frag", LogEscape::Default), b"/a");
     }
 }

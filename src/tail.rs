@@ -169,6 +169,21 @@ pub trait Records: Send + Sync + std::fmt::Debug {
     /// The length of `lines`' prefix up to the record that finishes the line under way, if it is
     /// there.
     fn finishing(&self, lines: &[u8]) -> Option<usize>;
+    /// What a record is, from its first bytes (it may be cut).
+    fn start(&self, record: &[u8]) -> RecordStart;
+}
+
+/// What a record is, as far as its first bytes tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordStart {
+    /// A part of a line of the kept stream that goes on in a later record.
+    KeptPart,
+    /// The last (or only) part of a line of the kept stream.
+    KeptLast,
+    /// A record of the other stream.
+    OtherStream,
+    /// Its first bytes do not tell (a Docker record says whether its line goes on at its end).
+    Unknown,
 }
 
 const READ_BLOCK: usize = 256 * 1024;
@@ -373,6 +388,15 @@ enum Discard {
     ToNewline,
     /// The records up to the one that finishes the line ([`Records::finishing`]).
     ToLastRecord,
+    /// The rest of one record, then the records up to the one that finishes its line.
+    ToNewlineThenLastRecord,
+}
+
+/// In a feed of records, the most bytes kept for one line: twice `max_line_length` (a record's
+/// wrapping and escaping take room; the joined line is measured against `max_line_length` when it
+/// is parsed), and never less than what runtimes split lines at.
+fn records_limit(max_line_length: usize) -> usize {
+    max_line_length.saturating_mul(2).max(64 * 1024)
 }
 
 /// Whether a path still leads to a reader's file.
@@ -655,68 +679,107 @@ impl Tail {
                 r.fingerprint =
                     Fingerprint::read(&r.file, Fingerprint::MAX).unwrap_or(r.fingerprint);
             }
-            // Only the new bytes can hold a newline: the kept part had none, or (records) holds a
-            // line whose last record had not come.
             let mut from = kept;
-            match (r.discarding, &options.records) {
-                (Discard::Nothing, _) => {}
-                (Discard::ToLastRecord, Some(records)) => match records.finishing(&data) {
-                    Some(end) => {
-                        r.discarding = Discard::Nothing;
-                        data.drain(..end);
-                        from = 0;
-                    }
-                    None => {
-                        // Whole records of the line are dropped; a record's start is kept.
-                        let whole = memchr::memrchr(b'\n', &data).map_or(0, |nl| nl + 1);
-                        data.drain(..whole);
-                        r.partial = data;
-                        if r.partial.len() > options.max_line_length {
-                            r.partial = Vec::new();
-                            r.discarding = Discard::ToNewline;
+            // What is left of a line too long to keep is dropped first.
+            let mut waiting = false;
+            while !waiting {
+                match (r.discarding, &options.records) {
+                    (Discard::Nothing, _) => break,
+                    (Discard::ToNewline | Discard::ToNewlineThenLastRecord, _) => {
+                        // While this drops, nothing is kept from before: the newline is new.
+                        match memchr::memchr(b'\n', &data) {
+                            Some(nl) => {
+                                data.drain(..=nl);
+                                from = 0;
+                                r.discarding = match r.discarding {
+                                    Discard::ToNewlineThenLastRecord => Discard::ToLastRecord,
+                                    _ => Discard::Nothing,
+                                };
+                            }
+                            None => {
+                                data.clear();
+                                waiting = true;
+                            }
                         }
-                        continue;
                     }
-                },
-                (Discard::ToNewline | Discard::ToLastRecord, _) => {
-                    // The rest of a line too long to keep: drop it up to its newline.
-                    match memchr::memchr(b'\n', &data) {
-                        Some(nl) => {
+                    (Discard::ToLastRecord, Some(records)) => match records.finishing(&data) {
+                        Some(end) => {
+                            data.drain(..end);
+                            from = 0;
                             r.discarding = Discard::Nothing;
-                            data.drain(..=nl);
                         }
                         None => {
-                            data.clear();
-                            r.partial = data;
-                            continue;
+                            // Whole records of the line are dropped; a record's start is kept.
+                            let whole = memchr::memrchr(b'\n', &data).map_or(0, |nl| nl + 1);
+                            data.drain(..whole);
+                            if data.len() > records_limit(options.max_line_length) {
+                                data.clear();
+                                r.discarding = Discard::ToNewlineThenLastRecord;
+                            }
+                            waiting = true;
                         }
-                    }
+                    },
+                    (Discard::ToLastRecord, None) => r.discarding = Discard::Nothing,
                 }
             }
-            let from = from.min(data.len());
-            let last_nl = memchr::memrchr(b'\n', &data[from..]).map(|i| from + i);
-            let cut = match (last_nl, &options.records) {
-                (None, _) => 0,
-                (Some(nl), None) => nl + 1,
-                (Some(nl), Some(records)) => records.complete(&data[..=nl]),
-            };
-            if data.len() - cut > options.max_line_length {
-                events.line_too_long(&r.shown, options.max_line_length);
-                r.discarding = match (last_nl, &options.records) {
-                    (Some(_), Some(_)) => Discard::ToLastRecord,
-                    _ => Discard::ToNewline,
-                };
-                if r.discarding == Discard::ToNewline {
-                    data.truncate(cut);
-                }
-            }
-            if cut == 0 {
+            if waiting {
                 r.partial = data;
                 continue;
             }
-            r.partial = data[cut..].to_vec();
+            // Where the chunk ends (what follows is kept for the next read), and, when a line is too
+            // long to keep, where what is dropped from there ends.
+            let (cut, dropped) = match &options.records {
+                None => {
+                    // Only the new bytes can hold a newline: the kept part had none.
+                    let from = from.min(data.len());
+                    let cut = memchr::memrchr(b'\n', &data[from..]).map_or(0, |i| from + i + 1);
+                    if data.len() - cut > options.max_line_length {
+                        events.line_too_long(&r.shown, options.max_line_length);
+                        r.discarding = Discard::ToNewline;
+                        (cut, Some(data.len()))
+                    } else {
+                        (cut, None)
+                    }
+                }
+                Some(records) => {
+                    let whole = memchr::memrchr(b'\n', &data).map_or(0, |nl| nl + 1);
+                    let cut = records.complete(&data[..whole]);
+                    let limit = records_limit(options.max_line_length);
+                    let open = cut < whole;
+                    let dropped = if whole - cut > limit {
+                        // The records of the line under way, without its last, are too long.
+                        events.line_too_long(&r.shown, options.max_line_length);
+                        r.discarding = Discard::ToLastRecord;
+                        Some(whole)
+                    } else if data.len() - whole > limit {
+                        // One record too long to keep, still without its newline: it belongs to
+                        // the line under way, if there is one.
+                        let start = records.start(&data[whole..]);
+                        if open || start != RecordStart::OtherStream {
+                            events.line_too_long(&r.shown, options.max_line_length);
+                        }
+                        r.discarding = if open || start == RecordStart::KeptPart {
+                            Discard::ToNewlineThenLastRecord
+                        } else {
+                            Discard::ToNewline
+                        };
+                        Some(data.len())
+                    } else {
+                        None
+                    };
+                    (cut, dropped)
+                }
+            };
+            // The file offset of an index of `data`.
+            let offset_of = |i: usize| r.offset - (data.len() - i) as u64;
+            let chunk_end = offset_of(cut);
+            // What follows the chunk, less what is dropped (which starts where the chunk ends).
+            r.partial = data[dropped.unwrap_or(cut)..].to_vec();
             data.truncate(cut);
-            let chunk = Chunk::new(*feed, r.at(r.offset - r.partial.len() as u64), data);
+            if data.is_empty() {
+                continue;
+            }
+            let chunk = Chunk::new(*feed, r.at(chunk_end), data);
             events.read(*feed, r.key, &r.shown, r.offset);
             if !send(out, Tailed::Lines(Arc::new(chunk))) {
                 return false;
@@ -1117,6 +1180,197 @@ mod model {
                 let missing: Vec<u64> = (0..world.next_id).filter(|id| !counted.contains_key(id)).collect();
                 prop_assert!(missing.is_empty(), "service {}: lines lost: {:?}", which, missing);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod container_records {
+    use super::*;
+    use crate::parse::{Container, Stream, Wrapper};
+    use crate::telemetry::Metrics;
+    use std::io::Write;
+
+    const CRI: Container = Container {
+        wrapper: Wrapper::Cri,
+        stream: Stream::Stdout,
+    };
+
+    fn record(stream: &str, tag: &str, message: &str) -> String {
+        format!("2026-11-26T10:15:00.1Z {stream} {tag} {message}\n")
+    }
+
+    /// A follower of `path` with CRI records and `max` as max_line_length; its chunks' lines are
+    /// unwrapped into what the format would read.
+    struct Fixture {
+        tail: Tail,
+        inbox: mpsc::Receiver<Tailed>,
+        metrics: Arc<Metrics>,
+        unwrapper: crate::parse::Unwrapper,
+        lines: Vec<Result<String, crate::parse::Skip>>,
+    }
+
+    impl Fixture {
+        fn new(path: &Path, max: usize) -> Fixture {
+            let (tx, inbox) = mpsc::channel(1000);
+            let metrics = Arc::new(Metrics::default());
+            let options = TailOptions {
+                start_at_end: false,
+                checkpoints: Vec::new(),
+                poll_interval: Duration::from_secs(3600),
+                watch: false,
+                rotate_grace: Duration::ZERO,
+                max_line_length: max,
+                once: false,
+                records: Some(Arc::new(CRI)),
+            };
+            let tail = Tail {
+                feed: 0,
+                pattern: path.to_string_lossy().into_owned(),
+                options,
+                readers: Vec::new(),
+                out: vec![tx],
+                events: metrics.clone(),
+                stop: Arc::new(AtomicBool::new(false)),
+                started: false,
+            };
+            Fixture {
+                tail,
+                inbox,
+                metrics,
+                unwrapper: crate::parse::Unwrapper::new(CRI, max),
+                lines: Vec::new(),
+            }
+        }
+
+        fn tick(&mut self) {
+            self.tail.scan();
+            assert!(self.tail.read_all());
+            while let Ok(message) = self.inbox.try_recv() {
+                if let Tailed::Lines(chunk) = message {
+                    for (line, _) in chunk.lines() {
+                        match self.unwrapper.line(line) {
+                            Ok(Some(l)) => {
+                                self.lines.push(Ok(String::from_utf8_lossy(l).into_owned()))
+                            }
+                            Ok(None) => {}
+                            Err(e) => self.lines.push(Err(e)),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A long record of the *other* stream (or a malformed one), read while it is still being
+    /// written, puts the reader in ToLastRecord: it then drops the next complete line of the kept
+    /// stream, which had nothing to do with it.
+    #[test]
+    fn a_long_stderr_record_does_not_drop_the_next_stdout_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let mut file = File::create(&path).unwrap();
+        let mut f = Fixture::new(&path, 100);
+        let long = record("stderr", "F", &"e".repeat(150));
+        file.write_all(record("stdout", "F", "one").as_bytes())
+            .unwrap();
+        file.write_all(&long.as_bytes()[..120]).unwrap();
+        f.tick();
+        file.write_all(&long.as_bytes()[120..]).unwrap();
+        file.write_all(record("stdout", "F", "two").as_bytes())
+            .unwrap();
+        file.write_all(record("stdout", "F", "three").as_bytes())
+            .unwrap();
+        f.tick();
+        assert_eq!(
+            f.lines,
+            vec![Ok("one".into()), Ok("two".into()), Ok("three".into())]
+        );
+    }
+
+    /// The same with a stderr record past what the reader keeps: dropped as it comes, not counted
+    /// (it is not the source's), and the kept stream's lines around it are read.
+    #[test]
+    fn a_stderr_record_past_what_the_reader_keeps_is_dropped_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let mut file = File::create(&path).unwrap();
+        let mut f = Fixture::new(&path, 100);
+        let long = record("stderr", "F", &"e".repeat(100_000));
+        file.write_all(record("stdout", "F", "one").as_bytes())
+            .unwrap();
+        file.write_all(&long.as_bytes()[..70_000]).unwrap();
+        f.tick();
+        file.write_all(&long.as_bytes()[70_000..]).unwrap();
+        file.write_all(record("stdout", "F", "two").as_bytes())
+            .unwrap();
+        f.tick();
+        assert_eq!(f.lines, vec![Ok("one".into()), Ok("two".into())]);
+        assert_eq!(f.metrics.skips(crate::parse::Skip::TooLong), 0);
+    }
+
+    /// A line whose parts pass max_line_length once joined is one `too_long`, whatever the reads:
+    /// its last part never comes out as a line of its own.
+    #[test]
+    fn a_too_long_split_line_does_not_leave_its_last_part_as_a_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let mut file = File::create(&path).unwrap();
+        let mut f = Fixture::new(&path, 200);
+        file.write_all(record("stdout", "P", &"a".repeat(80)).as_bytes())
+            .unwrap();
+        file.write_all(record("stdout", "P", &"b".repeat(80)).as_bytes())
+            .unwrap();
+        f.tick();
+        let third = record("stdout", "P", &"c".repeat(80));
+        file.write_all(&third.as_bytes()[..60]).unwrap();
+        f.tick();
+        file.write_all(&third.as_bytes()[60..]).unwrap();
+        file.write_all(record("stdout", "F", "the end of the long line").as_bytes())
+            .unwrap();
+        file.write_all(record("stdout", "F", "next").as_bytes())
+            .unwrap();
+        f.tick();
+        assert_eq!(
+            f.lines,
+            vec![Err(crate::parse::Skip::TooLong), Ok("next".into())]
+        );
+    }
+
+    /// Past what the reader keeps for one line (twice max_line_length, at least 64 KiB), the
+    /// line's records are dropped as they come, up to its last: one `too_long`, then the next line.
+    #[test]
+    fn a_line_past_what_the_reader_keeps_is_dropped_up_to_its_last_record() {
+        for split_last_record in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.log");
+            let mut file = File::create(&path).unwrap();
+            let mut f = Fixture::new(&path, 200);
+            for _ in 0..4 {
+                file.write_all(record("stdout", "P", &"p".repeat(20_000)).as_bytes())
+                    .unwrap();
+                file.write_all(record("stderr", "F", "noise").as_bytes())
+                    .unwrap();
+                f.tick();
+            }
+            let last = record("stdout", "F", "the end");
+            if split_last_record {
+                file.write_all(&last.as_bytes()[..10]).unwrap();
+                f.tick();
+                file.write_all(&last.as_bytes()[10..]).unwrap();
+            } else {
+                file.write_all(last.as_bytes()).unwrap();
+            }
+            file.write_all(record("stdout", "F", "next").as_bytes())
+                .unwrap();
+            f.tick();
+            assert_eq!(
+                f.lines,
+                vec![Ok("next".into())],
+                "split: {split_last_record}"
+            );
+            let too_long = f.metrics.skips(crate::parse::Skip::TooLong);
+            assert_eq!(too_long, 1, "one too_long, split: {split_last_record}");
         }
     }
 }

@@ -72,6 +72,20 @@ impl crate::tail::Records for Container {
     fn finishing(&self, lines: &[u8]) -> Option<usize> {
         Container::finishing(self, lines)
     }
+
+    fn start(&self, record: &[u8]) -> crate::tail::RecordStart {
+        use crate::tail::RecordStart;
+        match self.wrapper {
+            // `<time> <stream> <tag> `: enough of it is there whenever the record is too long.
+            Wrapper::Cri => match self.cri(record.get(..80).unwrap_or(record)) {
+                Record::Part(_) => RecordStart::KeptPart,
+                Record::Last(_) => RecordStart::KeptLast,
+                Record::Other => RecordStart::OtherStream,
+                Record::Malformed => RecordStart::Unknown,
+            },
+            Wrapper::Docker => RecordStart::Unknown,
+        }
+    }
 }
 
 impl Container {
@@ -122,8 +136,10 @@ impl Container {
         }
         match log.strip_suffix(br"\n") {
             // An odd run of backslashes before the `n`: the last one escapes it.
-            Some(message) if message.iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 0 => {
-                Record::Last(message.strip_suffix(br"\r").unwrap_or(message))
+            Some(message) if !escaped_end(message) => {
+                // `\r` before it, unless its backslash is itself escaped.
+                let crlf = message.strip_suffix(br"\r").filter(|m| !escaped_end(m));
+                Record::Last(crlf.unwrap_or(message))
             }
             _ => Record::Part(log),
         }
@@ -161,6 +177,12 @@ impl Container {
     }
 }
 
+/// Whether `s` ends inside an escape: an odd run of backslashes at its end (the last one then
+/// escapes what follows).
+fn escaped_end(s: &[u8]) -> bool {
+    s.iter().rev().take_while(|&&b| b == b'\\').count() % 2 == 1
+}
+
 /// Joins the parts of a source's lines, record after record. Its buffer is kept from line to line,
 /// so that joining allocates only while lines grow longer than any before.
 #[derive(Debug, Clone)]
@@ -170,8 +192,9 @@ pub(crate) struct Unwrapper {
     limit: usize,
     /// The parts so far of the line under way, unescaped.
     joined: Vec<u8>,
-    /// The line under way passed the limit: its parts are dropped until its last.
-    overflowed: bool,
+    /// The line under way passed the limit (or a part was not valid JSON text): its parts are
+    /// dropped until its last, which is skipped for this reason.
+    spoiled: Option<Skip>,
     /// `joined` holds a finished line, returned last time.
     done: bool,
 }
@@ -182,7 +205,7 @@ impl Unwrapper {
             container,
             limit,
             joined: Vec::new(),
-            overflowed: false,
+            spoiled: None,
             done: false,
         }
     }
@@ -202,18 +225,28 @@ impl Unwrapper {
         let docker = self.container.wrapper == Wrapper::Docker;
         let escaped = docker && memchr::memchr(b'\\', message).is_some();
         // The common case: a whole line in one record, needing no unescaping.
-        if last && self.joined.is_empty() && !self.overflowed && !escaped {
-            return Ok(Some(message));
+        if last && self.joined.is_empty() && self.spoiled.is_none() && !escaped {
+            return if message.len() > self.limit {
+                Err(Skip::TooLong)
+            } else {
+                Ok(Some(message))
+            };
         }
-        if !self.overflowed {
-            if escaped {
+        if self.spoiled.is_none() {
+            let appended = if escaped {
                 super::credential::json_unescape_into(message, &mut self.joined)
-                    .map_err(|_| Skip::Malformed)?;
+                    .map_err(|_| Skip::Malformed)
             } else {
                 self.joined.extend_from_slice(message);
-            }
-            if self.joined.len() > self.limit {
-                self.overflowed = true;
+                Ok(())
+            };
+            let spoiled = match appended {
+                Err(skip) => Some(skip),
+                Ok(()) if self.joined.len() > self.limit => Some(Skip::TooLong),
+                Ok(()) => None,
+            };
+            if spoiled.is_some() {
+                self.spoiled = spoiled;
                 self.joined.clear();
             }
         }
@@ -221,10 +254,10 @@ impl Unwrapper {
             return Ok(None);
         }
         self.done = true;
-        if std::mem::take(&mut self.overflowed) {
-            return Err(Skip::TooLong);
+        match self.spoiled.take() {
+            Some(skip) => Err(skip),
+            None => Ok(Some(&self.joined)),
         }
-        Ok(Some(&self.joined))
     }
 
     pub(crate) fn container(&self) -> Container {
@@ -233,9 +266,9 @@ impl Unwrapper {
 
     /// Drops a line under way (its last record will not come); true if there was one.
     pub(crate) fn end(&mut self) -> bool {
-        let under_way = !self.done && (!self.joined.is_empty() || self.overflowed);
+        let under_way = !self.done && (!self.joined.is_empty() || self.spoiled.is_some());
         self.joined.clear();
-        self.overflowed = false;
+        self.spoiled = None;
         self.done = false;
         under_way
     }
@@ -376,5 +409,42 @@ not json"#;
                 let _ = container.finishing(&joined);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod escapes {
+    use super::*;
+
+    const DOCKER: Container = Container {
+        wrapper: Wrapper::Docker,
+        stream: Stream::Stdout,
+    };
+
+    /// A record whose `log` holds an escape the unescaper refuses leaves its bytes in `joined`:
+    /// the next, valid line comes out with them in front.
+    #[test]
+    fn a_bad_escape_does_not_spoil_the_next_line() {
+        let mut u = Unwrapper::new(DOCKER, 1000);
+        assert_eq!(
+            u.line(br#"{"log":"bad \x escape\n","stream":"stdout"}"#),
+            Err(Skip::Malformed)
+        );
+        let next = u
+            .line(br#"{"log":"GET \"/a\" 200\n","stream":"stdout"}"#)
+            .map(|l| l.map(<[u8]>::to_vec));
+        assert_eq!(next, Ok(Some(br#"GET "/a" 200"#.to_vec())));
+        assert!(!u.end());
+    }
+
+    /// A message ending with an escaped backslash then `r` (text `...\r`, not a CR) loses its `r`
+    /// and becomes a dangling escape.
+    #[test]
+    fn an_escaped_backslash_before_r_is_not_a_carriage_return() {
+        let mut u = Unwrapper::new(DOCKER, 1000);
+        let line = u
+            .line(br#"{"log":"path C:\\r\n","stream":"stdout"}"#)
+            .map(|l| l.map(<[u8]>::to_vec));
+        assert_eq!(line, Ok(Some(br"path C:\r".to_vec())));
     }
 }

@@ -12,10 +12,23 @@ use crate::aggregate::Transactions;
 use crate::usage::MetricId;
 
 pub(crate) struct KnownMetrics {
-    /// Metric name → whether the service has it, until when.
-    answers: FxHashMap<Box<str>, (bool, Instant)>,
+    /// Metric name → what 3scale said of it, and until when that is not asked again.
+    answers: FxHashMap<Box<str>, (Answer, Instant)>,
     valid_ttl: Duration,
     invalid_ttl: Duration,
+}
+
+/// What 3scale said of a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// The service has it.
+    Exists,
+    /// It does not.
+    Unknown,
+    /// No answer was about it (every application asked was refused for another reason: an app_id
+    /// service requiring app_keys answers "application key is missing" before it looks at a
+    /// metric): reported unchecked, asked again after the TTL of unknown credentials.
+    Unchecked,
 }
 
 /// What [`KnownMetrics::take_unknown`] took out of a batch.
@@ -37,11 +50,11 @@ impl KnownMetrics {
     }
 
     /// What 3scale said of `name`, if the answer is fresh.
-    fn fresh(&self, name: &str, now: Instant) -> Option<bool> {
+    fn fresh(&self, name: &str, now: Instant) -> Option<Answer> {
         self.answers
             .get(name)
             .filter(|(_, until)| now < *until)
-            .map(|(exists, _)| *exists)
+            .map(|(answer, _)| *answer)
     }
 
     /// The metrics `transactions` name (but `hits`) without a fresh answer.
@@ -60,22 +73,22 @@ impl KnownMetrics {
             .collect()
     }
 
-    pub(crate) fn record(&mut self, name: &str, exists: bool, now: Instant) {
-        let ttl = if exists {
-            self.valid_ttl
-        } else {
-            self.invalid_ttl
+    pub(crate) fn record(&mut self, name: &str, answer: Answer, now: Instant) {
+        let ttl = match answer {
+            Answer::Exists => self.valid_ttl,
+            Answer::Unknown | Answer::Unchecked => self.invalid_ttl,
         };
-        self.answers.insert(name.into(), (exists, now + ttl));
+        self.answers.insert(name.into(), (answer, now + ttl));
     }
 
-    /// Takes the metrics 3scale said the service does not have out of `transactions`' usages;
-    /// a transaction left without usage is taken out.
-    pub(crate) fn take_unknown(&self, transactions: &mut Transactions, now: Instant) -> Stripped {
+    /// Takes the metrics 3scale last said the service does not have out of `transactions`'
+    /// usages (stale or not: until a new check says otherwise); a transaction left without usage
+    /// is taken out.
+    pub(crate) fn take_unknown(&self, transactions: &mut Transactions) -> Stripped {
         let unknown: Vec<MetricId> = transactions
             .metrics
             .iter()
-            .filter(|m| self.fresh(&m.name, now) == Some(false))
+            .filter(|m| matches!(self.answers.get(&*m.name), Some((Answer::Unknown, _))))
             .filter_map(|m| transactions.metrics.id(&m.name))
             .collect();
         let mut stripped = Stripped::default();
@@ -144,11 +157,11 @@ mod tests {
             known.unchecked(&transactions, now),
             vec!["nope", "other", "search"]
         );
-        known.record("nope", false, now);
-        known.record("search", true, now);
+        known.record("nope", Answer::Unknown, now);
+        known.record("search", Answer::Exists, now);
         assert_eq!(known.unchecked(&transactions, now), vec!["other"]);
-        known.record("other", true, now);
-        let stripped = known.take_unknown(&mut transactions, now);
+        known.record("other", Answer::Unchecked, now);
+        let stripped = known.take_unknown(&mut transactions);
         assert_eq!(
             stripped,
             Stripped {
@@ -180,5 +193,42 @@ mod tests {
             vec![(key("a"), 10, 1, usage(&[("nope", 1), ("search", 1)]), None)],
         );
         assert_eq!(known.unchecked(&again, later), vec!["nope"]);
+    }
+}
+
+#[cfg(test)]
+mod answer_ages {
+    use super::*;
+    use crate::aggregate::Application;
+    use crate::usage::{MetricNames, Usage};
+
+    /// keep_known_metrics asks `unchecked` at one instant and `take_unknown` at a later one (after
+    /// the authorize calls, which may wait through a backend outage): a metric found unknown whose
+    /// answer expires in between is neither checked again nor taken out, and is sent.
+    #[test]
+    fn a_metric_known_unknown_when_checked_is_not_sent_after_the_checks() {
+        let metrics = MetricNames::new(&["nope", "new"]);
+        let mut u = Usage::default();
+        assert!(u.add(metrics.id("nope").unwrap(), 1));
+        assert!(u.add(metrics.id("new").unwrap(), 1));
+        let mut transactions = Transactions::of_usages(
+            metrics.clone(),
+            vec![(Application::UserKey("k".into()), 10, 1, u, None)],
+        );
+        let t0 = Instant::now();
+        let mut known = KnownMetrics::new(Duration::from_secs(60), Duration::from_secs(5));
+        known.record("nope", Answer::Unknown, t0);
+        // The batch's checks start at t0 + 4 s: only `new` is asked about.
+        let before = t0 + Duration::from_secs(4);
+        assert_eq!(known.unchecked(&transactions, before), vec!["new"]);
+        // `new`'s check takes 2 s (retries): `nope`'s answer is stale when the batch is stripped.
+        let after = t0 + Duration::from_secs(6);
+        known.record("new", Answer::Exists, after);
+        let stripped = known.take_unknown(&mut transactions);
+        assert_eq!(
+            stripped.usages,
+            vec![("nope".to_string(), 1)],
+            "nope is sent"
+        );
     }
 }

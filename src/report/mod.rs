@@ -22,7 +22,7 @@ use client::MetricAnswer;
 pub(crate) use client::{Client, Existence, Failure, Kind, ReportError};
 pub(crate) use credentials::Credentials;
 pub(crate) use form::{encode, ReportForm};
-use known_metrics::KnownMetrics;
+use known_metrics::{Answer as MetricKnown, KnownMetrics};
 
 use crate::aggregate::{Application, Batch, Transaction, Transactions};
 use crate::config::BackendAuth;
@@ -618,22 +618,22 @@ async fn keep_known_metrics(
             }
         }
         for metric in unchecked {
-            match check_metric(client, shared, &witnesses, &metric).await? {
-                Some(exists) => {
-                    if !exists {
-                        tracing::warn!(service_id = %shared.service_id, metric = %printable(&metric),
-                            "the service has no such metric: the mapping rules' usage of it is counted (unknown_metric), not reported; create the metric in 3scale or fix the rule");
-                    }
-                    known.record(&metric, exists, Instant::now());
-                }
-                None => {
+            let answer = check_metric(client, shared, &witnesses, &metric).await?;
+            match answer {
+                MetricKnown::Exists => {}
+                MetricKnown::Unknown => {
                     tracing::warn!(service_id = %shared.service_id, metric = %printable(&metric),
-                    "cannot check this metric: 3scale knows none of the batch's credentials; it is reported unchecked")
+                    "the service has no such metric: the mapping rules' usage of it is counted (unknown_metric), not reported; create the metric in 3scale or fix the rule")
+                }
+                MetricKnown::Unchecked => {
+                    tracing::warn!(service_id = %shared.service_id, metric = %printable(&metric),
+                    "cannot check this metric: no answer of 3scale was about it (applications unknown, or needing their app_key); it is reported unchecked")
                 }
             }
+            known.record(&metric, answer, Instant::now());
         }
     }
-    let stripped = known.take_unknown(transactions, Instant::now());
+    let stripped = known.take_unknown(transactions);
     for (metric, usages) in &stripped.usages {
         shared
             .metrics
@@ -644,13 +644,13 @@ async fn keep_known_metrics(
 }
 
 /// Whether the service has `metric`, asked with each of `witnesses` in turn until an answer is
-/// about the metric; None if none is. Transient failures wait and try again.
+/// about the metric. Transient failures wait and try again.
 async fn check_metric(
     client: &Client,
     shared: &Shared,
     witnesses: &[Application],
     metric: &str,
-) -> Result<Option<bool>, ReportError> {
+) -> Result<MetricKnown, ReportError> {
     let mut backoff = Backoff::for_calls();
     for witness in witnesses {
         loop {
@@ -659,8 +659,8 @@ async fn check_metric(
                 .check_metric(&shared.auth(), &shared.service_id, witness, metric)
                 .await;
             match answer {
-                Ok(MetricAnswer::Exists) => return Ok(Some(true)),
-                Ok(MetricAnswer::Unknown) => return Ok(Some(false)),
+                Ok(MetricAnswer::Exists) => return Ok(MetricKnown::Exists),
+                Ok(MetricAnswer::Unknown) => return Ok(MetricKnown::Unknown),
                 Ok(MetricAnswer::Inconclusive) => break,
                 Err(e @ ReportError::Transient(_)) => {
                     shared.failed(Endpoint::Authorize, &e);
@@ -674,7 +674,7 @@ async fn check_metric(
             }
         }
     }
-    Ok(None)
+    Ok(MetricKnown::Unchecked)
 }
 
 /// 3scale said the service authenticates with `takes` only: says once what to configure. The
