@@ -849,6 +849,20 @@ fn time_local(t: &TimeField) -> Option<i64> {
     Some(days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + s - offset)
 }
 
+/// The proleptic Gregorian date (year, month, day) of a day since 1970-01-01 (Howard Hinnant's
+/// civil-from-days).
+pub(crate) fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -869,6 +883,20 @@ pub(crate) mod testing {
     pub(crate) fn nginx(format: &str, escape: LogEscape, rule: CredentialRule) -> Parser {
         let format = NginxFormat::compile(format, escape, &rule).unwrap();
         Parser::new(LogFormat::Nginx(Arc::new(format)), rule)
+    }
+
+    /// What tally reports of a line: (credential kind and decoded value, status, time).
+    pub(crate) fn reported(
+        parser: &mut Parser,
+        line: &str,
+    ) -> Result<(CredentialKind, String, u16, i64), Skip> {
+        let r = parser.parse(line.as_bytes())?;
+        Ok((
+            r.credential.kind,
+            r.credential.decode()?,
+            r.status,
+            r.timestamp,
+        ))
     }
 
     /// Credentials in the `X-Api-Key` and `X-App-Id` request headers.
@@ -1079,23 +1107,9 @@ mod tests {
         assert_eq!(r.credential, user_key("k"));
     }
 
-    use super::testing::{headers, nginx};
+    use super::testing::{headers, nginx, reported};
 
     const MAIN: &str = r#"$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer" "$http_user_agent" $request_time $http_x_api_key $http_x_app_id"#;
-
-    /// What tally reports of a line: (credential kind and decoded value, status, time).
-    fn reported(
-        parser: &mut Parser,
-        line: &str,
-    ) -> Result<(CredentialKind, String, u16, i64), Skip> {
-        let r = parser.parse(line.as_bytes())?;
-        Ok((
-            r.credential.kind,
-            r.credential.decode()?,
-            r.status,
-            r.timestamp,
-        ))
-    }
 
     #[test]
     fn a_main_log_format_with_credentials_in_headers() {

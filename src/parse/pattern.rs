@@ -313,7 +313,7 @@ pub(crate) fn any_time(t: &[u8]) -> Option<i64> {
 mod tests {
     use super::super::{CredentialKind, CredentialLocation, CredentialMode, LogFormat, Parser};
     use super::*;
-    use crate::parse::testing::headers;
+    use crate::parse::testing::{headers, reported as got};
     use std::sync::Arc;
 
     const T: i64 = 1_795_515_300; // 2026-11-24 10:15:00 UTC
@@ -329,17 +329,6 @@ mod tests {
 
     fn query() -> CredentialRule {
         CredentialRule::query(CredentialMode::Auto)
-    }
-
-    /// What tally reports of a line: credential kind and decoded value, status, time.
-    fn got(p: &mut Parser, line: &str) -> Result<(CredentialKind, String, u16, i64), Skip> {
-        let r = p.parse(line.as_bytes())?;
-        Ok((
-            r.credential.kind,
-            r.credential.decode()?,
-            r.status,
-            r.timestamp,
-        ))
     }
 
     #[test]
@@ -596,7 +585,7 @@ mod tests {
             let at = T + seconds;
             let local = at + offset_minutes * 60;
             let (days, rest) = (local.div_euclid(86_400), local.rem_euclid(86_400));
-            let (y, m, d) = civil(days);
+            let (y, m, d) = crate::parse::civil_from_days(days);
             let month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"][m as usize - 1];
             let sign = if offset_minutes < 0 { '-' } else { '+' };
             let line = format!(
@@ -610,19 +599,6 @@ mod tests {
             proptest::prop_assert_eq!(r.path, Some(path.as_bytes()));
             proptest::prop_assert_eq!(r.credential.decode(), Ok(key));
         }
-    }
-
-    /// Days since 1970-01-01 → (year, month, day).
-    fn civil(days: i64) -> (i64, i64, i64) {
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
-        (yoe + era * 400 + i64::from(m <= 2), m, d)
     }
 
     #[test]
