@@ -16,7 +16,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 
 use crate::identity::FileKey;
-use crate::mapping::MappingRules;
+use crate::mapping::{HostRoute, MappingRules, Owner};
 use crate::parse::{Credential, CredentialKind, Parser, Request, Skip};
 use crate::state::{Advance, Fate};
 use crate::tail::{Chunk, Tailed};
@@ -496,6 +496,8 @@ pub struct ServiceLines {
     /// The mapping rules of each feed's source, by feed index (none, or no rules: one hit per
     /// request).
     pub rules: Vec<MappingRules>,
+    /// Of each feed's source routed by Host, the lines this service takes (none: all of them).
+    pub routes: Vec<Option<HostRoute>>,
     /// Longer lines are skipped, counted as too long.
     pub max_line_length: usize,
     /// How often the open batch is sealed, full or not.
@@ -607,6 +609,10 @@ pub(crate) fn parse_chunk(
     let mut parser = lines.parsers.get_mut(chunk.feed).and_then(Option::as_mut);
     let rules = lines.rules.get(chunk.feed).filter(|r| !r.is_empty());
     let unwrapping = parser.as_deref().is_some_and(|p| p.container().is_some());
+    // A source routed by Host: one of its services counts every line read and skipped; the
+    // others take their own lines and count nothing else (each line once).
+    let route = lines.routes.get(chunk.feed).and_then(Option::as_ref);
+    let counts = route.is_none_or(HostRoute::counts_all);
     let escape = parser
         .as_deref()
         .map_or(crate::parse::LogEscape::Default, Parser::escape);
@@ -633,6 +639,9 @@ pub(crate) fn parse_chunk(
         if line.is_empty() {
             continue;
         }
+        // A skip this service counts though it does not count the source's lines (routed by Host:
+        // a line of its own whose credential it cannot read).
+        let mut ours = false;
         let added = match parser.as_deref_mut() {
             // A container's record is measured once joined, by the parser.
             _ if line.len() > lines.max_line_length && !unwrapping => Err(Skip::TooLong),
@@ -644,18 +653,40 @@ pub(crate) fn parse_chunk(
                     if first_line_time == 0 {
                         first_line_time = line_time;
                     }
-                    match rules {
-                        Some(rules) => rules
-                            .usage(&request, escape)
-                            .and_then(|usage| aggregator.add(&request, &usage)),
-                        None => aggregator.add(&request, &ONE_HIT),
+                    match route.map(|r| r.owner(request.host)) {
+                        Some(Owner::Other) => {
+                            read += u64::from(counts);
+                            continue;
+                        }
+                        Some(Owner::Nobody) => Err(Skip::UnknownHost),
+                        Some(Owner::This) | None => match rules {
+                            Some(rules) => rules
+                                .usage(&request, escape)
+                                .and_then(|usage| aggregator.add(&request, &usage)),
+                            None => aggregator.add(&request, &ONE_HIT),
+                        },
+                    }
+                }
+                // Routed by Host, a line whose credential tally cannot read is its service's to
+                // count: the Host is read again without it (the rare path).
+                Err(skip @ (Skip::NoCredential | Skip::InvalidCredential)) if route.is_some() => {
+                    match route.map(|r| r.owner(parser.host_of(line))) {
+                        Some(Owner::Other) => {
+                            read += u64::from(counts);
+                            continue;
+                        }
+                        Some(Owner::Nobody) => Err(Skip::UnknownHost),
+                        Some(Owner::This) | None => {
+                            ours = true;
+                            Err(skip)
+                        }
                     }
                 }
                 Err(skip) => Err(skip),
             },
             None => Err(Skip::Malformed),
         };
-        read += 1;
+        read += u64::from(counts);
         match added {
             Ok(batch_full) => {
                 if batch_full {
@@ -665,6 +696,8 @@ pub(crate) fn parse_chunk(
                     full.extend(aggregator.take());
                 }
             }
+            // Counted (and logged) by the service of the source that counts its lines.
+            Err(_) if !counts && !ours => {}
             Err(skip) => {
                 // Shown with what may be a secret masked: query credentials, and a log_format's
                 // header, argument and cookie values.
@@ -683,7 +716,7 @@ pub(crate) fn parse_chunk(
         }
     }
     // A chunk ends where no line is under way, but for a finished file's last records.
-    if parser.is_some_and(Parser::end_records) {
+    if parser.is_some_and(Parser::end_records) && counts {
         read += 1;
         skipped[Skip::Malformed as usize] += 1;
         tracing::warn!(service_id = %lines.service_id, path = %crate::telemetry::shown_path(&chunk.at.path),
@@ -774,6 +807,7 @@ mod tests {
                 CredentialRule::query(CredentialMode::Auto),
             ))],
             rules: Vec::new(),
+            routes: Vec::new(),
             max_line_length: 1 << 16,
             flush_interval: std::time::Duration::from_secs(1),
             counted: HashMap::new(),
@@ -1221,6 +1255,7 @@ mod container_lines {
             service_id: "42".into(),
             parsers: vec![Some(parser)],
             rules: Vec::new(),
+            routes: Vec::new(),
             max_line_length: max,
             flush_interval: std::time::Duration::from_secs(1),
             counted: HashMap::new(),

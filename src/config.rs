@@ -9,9 +9,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize, Serializer};
 use toml::Spanned;
 
-use crate::mapping::{MappingRule, MappingRules};
-use crate::proxy_config::ProxyConfig;
+use crate::mapping::{host_name, HostRoute, MappingRule, MappingRules};
+use crate::proxy_config::{ProxyConfig, ProxyService};
 use crate::usage::MetricNames;
+use std::sync::Arc;
 
 use crate::parse::{
     Container, CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat,
@@ -289,9 +290,40 @@ pub struct Source {
     /// This source's own service token (or provider key), instead of `[backend]`'s.
     #[serde(flatten)]
     pub auth: Option<BackendAuth>,
+    /// Without a `service_id`: the lines of which hosts are this service's.
+    #[serde(skip)]
+    pub(crate) route: Option<Route>,
+    /// Its place among the `[[sources]]` entries (a source routed by Host is one per service).
+    #[serde(skip)]
+    pub(crate) index: usize,
+}
+
+/// What a source routed by Host takes for one of its services.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    /// The lines of which hosts are this service's.
+    pub(crate) hosts: HostRoute,
+    /// What the source gives itself (the rest comes from the proxy configuration): shown by
+    /// `tally check`.
+    given: Given,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Given {
+    credentials: bool,
+    mapping_rules: bool,
+    auth: bool,
 }
 
 impl Config {
+    /// One source per `[[sources]]` entry (of a source routed by Host, the first of its
+    /// services).
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &Source> {
+        self.sources
+            .iter()
+            .filter(|s| s.route.as_ref().is_none_or(|r| r.hosts.counts_all()))
+    }
+
     /// Every metric the mapping rules of `service_id`'s sources name (and `hits`).
     pub(crate) fn metrics_of(&self, service_id: &str) -> MetricNames {
         let names: Vec<&str> = self
@@ -387,7 +419,9 @@ pub struct Telemetry {
 pub struct Config {
     /// `[backend]`: where and how to call 3scale.
     pub backend: Backend,
-    /// `[[sources]]`: the logs and the services they report to.
+    /// `[[sources]]`: the logs and the services they report to (a source routed by Host is one
+    /// per service here).
+    #[serde(serialize_with = "sources_as_given")]
     pub sources: Vec<Source>,
     /// `[report]`: batching and sending.
     pub report: Report,
@@ -413,6 +447,38 @@ pub struct ProxyConfigFile {
     /// The file, as the admin portal or APIcast has it.
     #[serde(serialize_with = "path_text")]
     pub file: PathBuf,
+}
+
+/// The sources as the file gives them: a source routed by Host once, without a service id, and
+/// without what its services take from the proxy configuration.
+fn sources_as_given<S: Serializer>(sources: &[Source], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::{Error, SerializeSeq};
+    let mut seq = s.serialize_seq(None)?;
+    for source in sources {
+        match &source.route {
+            None => seq.serialize_element(source)?,
+            Some(route) if route.hosts.counts_all() => {
+                let mut table = toml::Table::try_from(source).map_err(S::Error::custom)?;
+                table.remove("service_id");
+                let given = route.given;
+                let from_proxy = [
+                    (!given.credentials, &["credentials"][..]),
+                    (!given.mapping_rules, &["mapping_rules"][..]),
+                    (!given.auth, &["service_token", "provider_key"][..]),
+                ];
+                for key in from_proxy
+                    .iter()
+                    .filter(|(drop, _)| *drop)
+                    .flat_map(|(_, k)| *k)
+                {
+                    table.remove(*key);
+                }
+                seq.serialize_element(&table)?;
+            }
+            Some(_) => {}
+        }
+    }
+    seq.end()
 }
 
 fn as_text<S: Serializer>(value: &impl fmt::Display, s: S) -> Result<S::Ok, S::Error> {
@@ -530,7 +596,7 @@ struct RawBackend {
 struct RawSource {
     name: Option<Spanned<String>>,
     path: Spanned<String>,
-    service_id: Spanned<String>,
+    service_id: Option<Spanned<String>>,
     format: Option<Spanned<String>>,
     log_format: Option<Spanned<String>>,
     log_escape: Option<LogEscape>,
@@ -886,9 +952,95 @@ impl Ctx<'_> {
         }
     }
 
-    fn source(&self, i: usize, raw: &Spanned<RawSource>) -> Result<Source, ConfigError> {
+    /// The source `i`: one, or, without a `service_id`, one per service of the proxy
+    /// configuration that has Host names, each taking the lines of its hosts.
+    fn sources(&self, i: usize, raw: &Spanned<RawSource>) -> Result<Vec<Source>, ConfigError> {
+        let s = raw.get_ref();
+        if let Some(service_id) = &s.service_id {
+            let id = service_id.get_ref().trim();
+            if id.is_empty() {
+                return Err(self.invalid(
+                    &format!("sources[{i}].service_id"),
+                    service_id.span().start,
+                    "the service id is empty; copy it from the 3scale admin portal (Integration page)",
+                ));
+            }
+            return Ok(vec![self.source(i, raw, id, None)?]);
+        }
+        let routed: Vec<&ProxyService> = self
+            .proxy
+            .as_ref()
+            .map(|p| p.services.iter().filter(|s| !s.hosts.is_empty()).collect())
+            .unwrap_or_default();
+        if routed.is_empty() {
+            return Err(self.invalid(
+                &format!("sources[{i}].service_id"),
+                raw.span().start,
+                "give the service id, or a [proxy_config] whose services' Host names (proxy.hosts) route each line to its service",
+            ));
+        }
+        let all: Arc<Vec<String>> = Arc::new(
+            routed
+                .iter()
+                .flat_map(|s| s.hosts.iter().map(|h| host_name(h)))
+                .collect(),
+        );
+        let mut sources = Vec::with_capacity(routed.len());
+        for (k, service) in routed.iter().enumerate() {
+            let route = Route {
+                hosts: HostRoute {
+                    hosts: service.hosts.iter().map(|h| host_name(h)).collect(),
+                    // One of them counts the lines read and skipped (each line once).
+                    all_hosts: (k == 0).then(|| all.clone()),
+                },
+                given: Given {
+                    credentials: s.credentials.is_some() || s.credential.is_some(),
+                    mapping_rules: s.mapping_rules.is_some(),
+                    auth: [
+                        &s.service_token,
+                        &s.service_token_env,
+                        &s.service_token_file,
+                        &s.provider_key,
+                        &s.provider_key_env,
+                        &s.provider_key_file,
+                    ]
+                    .iter()
+                    .any(|f| f.is_some()),
+                },
+            };
+            let source = self.source(i, raw, &service.id, Some(route))?;
+            if source.container.is_some() {
+                return Err(self.invalid(
+                    &format!("sources[{i}].wrapper"),
+                    raw.span().start,
+                    "routing container records by Host is not supported yet: give the service id",
+                ));
+            }
+            if !source.format.logs_host() {
+                return Err(self.invalid(
+                    &format!("sources[{i}].service_id"),
+                    raw.span().start,
+                    "lines are routed to services by Host, and the format logs none: add $host to the log_format (or the host field or group), or give the service id",
+                ));
+            }
+            sources.push(source);
+        }
+        Ok(sources)
+    }
+
+    fn source(
+        &self,
+        i: usize,
+        raw: &Spanned<RawSource>,
+        service_id: &str,
+        route: Option<Route>,
+    ) -> Result<Source, ConfigError> {
         let s = raw.get_ref();
         let key = |k: &str| format!("sources[{i}].{k}");
+        let sid_at = s
+            .service_id
+            .as_ref()
+            .map_or(raw.span().start, |sid| sid.span().start);
         let path = s.path.get_ref().trim();
         if path.is_empty() {
             return Err(self.invalid(&key("path"), s.path.span().start, "the path is empty"));
@@ -901,14 +1053,6 @@ impl Ctx<'_> {
                 format!("not a valid glob pattern: {e}"),
             )
         })?;
-        let service_id = s.service_id.get_ref().trim();
-        if service_id.is_empty() {
-            return Err(self.invalid(
-                &key("service_id"),
-                s.service_id.span().start,
-                "the service id is empty; copy it from the 3scale admin portal (Integration page)",
-            ));
-        }
         let fields = [
             [
                 &s.service_token,
@@ -933,7 +1077,7 @@ impl Ctx<'_> {
         if let (Some(p), None) = (&self.proxy, proxied) {
             return Err(self.invalid(
                 &key("service_id"),
-                s.service_id.span().start,
+                sid_at,
                 format!(
                     "the proxy configuration has no service {service_id} (it has {})",
                     p.services
@@ -950,7 +1094,7 @@ impl Ctx<'_> {
                 p.credentials.clone().map_err(|e| {
                     self.invalid(
                         &key("service_id"),
-                        s.service_id.span().start,
+                        sid_at,
                         format!("proxy configuration: {e}"),
                     )
                 })?
@@ -995,7 +1139,7 @@ impl Ctx<'_> {
                         |(at, e)| {
                             self.invalid(
                                 &key("service_id"),
-                                s.service_id.span().start,
+                                sid_at,
                                 format!("proxy configuration: service {service_id}: proxy_rules[{at}]: {e}"),
                             )
                         },
@@ -1024,6 +1168,8 @@ impl Ctx<'_> {
             container,
             mapping_rules,
             auth,
+            route,
+            index: i,
         })
     }
 
@@ -1264,8 +1410,11 @@ impl Config {
             .sources
             .iter()
             .enumerate()
-            .map(|(i, s)| ctx.source(i, s))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(i, s)| ctx.sources(i, s))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>();
         let report = Report {
             flush_interval: raw
                 .report
@@ -1303,11 +1452,11 @@ impl Config {
                 .position(|o| o.name == s.name && o.service_id == s.service_id)
             {
                 return Err(ctx.invalid(
-                    &format!("sources[{i}]"),
-                    raw.sources[i].span().start,
+                    &format!("sources[{}]", s.index),
+                    raw.sources[s.index].span().start,
                     format!(
-                        "sources[{j}] of service {} has the same name `{}` (a source without a name is named by its path): give each its own name",
-                        s.service_id, s.name
+                        "sources[{}] of service {} has the same name `{}` (a source without a name is named by its path): give each its own name",
+                        sources[j].index, s.service_id, s.name
                     ),
                 ));
             }
@@ -1320,11 +1469,11 @@ impl Config {
                 .position(|o| o.path == s.path && o.service_id == s.service_id)
             {
                 return Err(ctx.invalid(
-                    &format!("sources[{i}].path"),
-                    raw.sources[i].span().start,
+                    &format!("sources[{}].path", s.index),
+                    raw.sources[s.index].span().start,
                     format!(
-                        "sources[{j}] of service {} reads the same path `{}`: each line would count twice",
-                        s.service_id, s.path
+                        "sources[{}] of service {} reads the same path `{}`: each line would count twice",
+                        sources[j].index, s.service_id, s.path
                     ),
                 ));
             }
@@ -1336,9 +1485,9 @@ impl Config {
                 .position(|o| o.path == s.path && o.container != s.container)
             {
                 return Err(ctx.invalid(
-                    &format!("sources[{i}].wrapper"),
-                    raw.sources[i].span().start,
-                    format!("sources[{other}] reads the same path with another wrapper or stream: give both the same"),
+                    &format!("sources[{}].wrapper", s.index),
+                    raw.sources[s.index].span().start,
+                    format!("sources[{}] reads the same path with another wrapper or stream: give both the same", sources[other].index),
                 ));
             }
         }
@@ -1349,8 +1498,8 @@ impl Config {
                 .find(|o| o.service_id == s.service_id && o.auth != s.auth);
             if other.is_some() {
                 return Err(ctx.invalid(
-                    &format!("sources[{i}]"),
-                    raw.sources[i].span().start,
+                    &format!("sources[{}]", s.index),
+                    raw.sources[s.index].span().start,
                     format!(
                         "another source of service {} gives other credentials for it",
                         s.service_id
@@ -1442,8 +1591,8 @@ impl Config {
                     "backend",
                     raw.backend.span().start,
                     format!(
-                        "no credentials for 3scale for service {} (sources[{i}]): set service_token, service_token_env or service_token_file",
-                        sources[i].service_id
+                        "no credentials for 3scale for service {} (sources[{}]): set service_token, service_token_env or service_token_file",
+                        sources[i].service_id, sources[i].index
                     ),
                 ));
             }
@@ -1736,6 +1885,82 @@ service_id = "42"
             .unwrap_err()
             .to_string();
         assert!(e.contains("no credentials for 3scale"), "{e}");
+    }
+
+    /// A source without a service id is routed by Host: one source per service of the proxy
+    /// configuration with hosts, shown back once, as given.
+    #[test]
+    fn a_source_without_a_service_id_is_routed_by_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tally.toml");
+        std::fs::write(
+            dir.path().join("proxy.json"),
+            r#"{"services":[
+                {"id":1,"backend_version":"1","backend_authentication_type":"service_token","backend_authentication_value":"t1","proxy":{"hosts":["a.example"],"proxy_rules":[{"http_method":"GET","pattern":"/","metric_system_name":"hits","delta":1}]}},
+                {"id":2,"backend_version":"2","backend_authentication_type":"service_token","backend_authentication_value":"t2","proxy":{"hosts":["B.example","b2.example"]}},
+                {"id":3,"backend_version":"1","proxy":{"hosts":[]}}]}"#,
+        )
+        .unwrap();
+        let text = "[proxy_config]\nfile = \"proxy.json\"\n[backend]\n[[sources]]\npath = \"a.log\"\nlog_format = '$host [$time_local] \"$request\" $status'\n";
+        let c = Config::parse(&file, text).unwrap();
+        let routed: Vec<(&str, Vec<String>, bool, CredentialMode, usize)> = c
+            .sources
+            .iter()
+            .map(|s| {
+                let r = s.route.as_ref().unwrap();
+                (
+                    s.service_id.as_str(),
+                    r.hosts.hosts.clone(),
+                    r.hosts.counts_all(),
+                    s.credentials.mode,
+                    s.mapping_rules.len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            routed,
+            vec![
+                (
+                    "1",
+                    vec!["a.example".to_string()],
+                    true,
+                    CredentialMode::UserKey,
+                    1
+                ),
+                (
+                    "2",
+                    vec!["b.example".to_string(), "b2.example".to_string()],
+                    false,
+                    CredentialMode::AppId,
+                    0
+                ),
+            ]
+        );
+        assert_eq!(c.entries().count(), 1);
+        let effective = c.effective().unwrap();
+        assert_eq!(effective.matches("[[sources]]").count(), 1, "{effective}");
+        assert!(!effective.contains("service_id"), "{effective}");
+        assert!(
+            !effective.contains("mapping_rules") && !effective.contains("[sources.credentials]"),
+            "{effective}"
+        );
+        let again = Config::parse(&file, &effective).unwrap();
+        assert_eq!(again.sources.len(), 2);
+        // The format must log the Host; without a proxy configuration, a service id is needed.
+        let e = Config::parse(&file, &text.replace("$host ", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("routed to services by Host, and the format logs none: add $host"),
+            "{e}"
+        );
+        let e = parse("[backend]\nservice_token = \"t\"\n[[sources]]\npath = \"a.log\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sources[0].service_id: give the service id, or a [proxy_config]"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -61,12 +61,14 @@ pub fn explain(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> Result<(), ExplainError> {
+    // By its place among the [[sources]] entries (a source routed by Host: its first service's
+    // settings).
     let source = config
-        .sources
-        .get(options.source)
+        .entries()
+        .nth(options.source)
         .ok_or(ExplainError::NoSuchSource {
             given: options.source,
-            count: config.sources.len(),
+            count: config.entries().count(),
         })?;
     let metrics = config.metrics_of(&source.service_id);
     let rules = MappingRules::compile(&source.mapping_rules, &metrics)

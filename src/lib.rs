@@ -34,6 +34,7 @@ pub use telemetry::init_logging;
 /// benchmark.
 pub mod pipeline {
     pub use crate::aggregate::{take_in, Aggregator, Batch, ServiceLines};
+    pub use crate::mapping::HostRoute;
     pub use crate::parse::Parser;
     pub use crate::parse::{
         Container, CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat,

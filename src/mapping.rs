@@ -33,6 +33,66 @@ fn one() -> u64 {
     1
 }
 
+/// The lines one service takes of a source routed by Host (`proxy.hosts` of the 3scale proxy
+/// configuration): exact names, compared as APIcast does (any case, without the port).
+#[derive(Debug, Clone)]
+pub struct HostRoute {
+    /// This service's names, lower case, without a port.
+    pub(crate) hosts: Vec<String>,
+    /// Every service's, on the one service of the source that counts the lines read and skipped:
+    /// a line whose host is none of them is skipped there as `unknown_host`.
+    pub(crate) all_hosts: Option<std::sync::Arc<Vec<String>>>,
+}
+
+/// Whose a line routed by Host is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owner {
+    /// This service's.
+    This,
+    /// Another service's.
+    Other,
+    /// No service's (counted by the service that counts the lines).
+    Nobody,
+}
+
+impl HostRoute {
+    /// Whether this service counts the source's lines read and skipped.
+    pub(crate) fn counts_all(&self) -> bool {
+        self.all_hosts.is_some()
+    }
+
+    /// Whose a line of `host` (as logged) is.
+    pub(crate) fn owner(&self, host: Option<&[u8]>) -> Owner {
+        let name = host
+            .map(|h| host_name(&String::from_utf8_lossy(h)))
+            .unwrap_or_default();
+        if self.hosts.contains(&name) {
+            return Owner::This;
+        }
+        match &self.all_hosts {
+            Some(all) if !all.contains(&name) => Owner::Nobody,
+            _ => Owner::Other,
+        }
+    }
+}
+
+/// A Host name as APIcast compares it: lower case, without a port.
+pub(crate) fn host_name(host: &str) -> String {
+    let host = host.trim();
+    let bare = match host.rsplit_once(':') {
+        // `name:port`, or `[v6]:port`; a bare IPv6 address has colons and no port.
+        Some((name, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (name.ends_with(']') || !name.contains(':')) =>
+        {
+            name
+        }
+        _ => host,
+    };
+    bare.to_ascii_lowercase()
+}
+
 /// A source's rules, compiled against its service's metrics.
 #[derive(Debug, Clone, Default)]
 pub struct MappingRules {
@@ -580,6 +640,29 @@ mod tests {
             usage_of(&compiled(&many), "GET", "/"),
             Err(Skip::TooManyMetrics)
         );
+    }
+
+    #[test]
+    fn hosts_are_compared_as_apicast_does() {
+        assert_eq!(host_name("API.Example.com:8443"), "api.example.com");
+        assert_eq!(host_name("[::1]:8080"), "[::1]");
+        assert_eq!(host_name("::1"), "::1");
+        assert_eq!(host_name("api.example.com:"), "api.example.com:");
+        let all = std::sync::Arc::new(vec!["a.example".to_string(), "b.example".to_string()]);
+        let counting = HostRoute {
+            hosts: vec!["a.example".into()],
+            all_hosts: Some(all),
+        };
+        let other = HostRoute {
+            hosts: vec!["b.example".into()],
+            all_hosts: None,
+        };
+        assert_eq!(counting.owner(Some(b"A.example:80")), Owner::This);
+        assert_eq!(counting.owner(Some(b"b.example")), Owner::Other);
+        assert_eq!(counting.owner(Some(b"c.example")), Owner::Nobody);
+        assert_eq!(counting.owner(None), Owner::Nobody);
+        assert_eq!(other.owner(Some(b"c.example")), Owner::Other);
+        assert_eq!(other.owner(Some(b"b.example")), Owner::This);
     }
 
     /// An independent reference: APIcast's steps written plainly, on paths without escapes.

@@ -22,7 +22,8 @@ pub struct Findings {
 /// Looks at every source's path and, when `state` is set (tally will write it), the state folder.
 pub fn inspect(config: &Config, state: bool) -> Findings {
     let mut found = Findings::default();
-    for (i, source) in config.sources.iter().enumerate() {
+    for source in config.entries() {
+        let i = source.index;
         if !is_glob(&source.path) && Path::new(&source.path).is_dir() {
             found.errors.push(format!(
                 "sources[{i}].path: {} is a folder: name the log file in it, or a glob such as {}/*access.log",
@@ -45,11 +46,10 @@ pub fn inspect(config: &Config, state: bool) -> Findings {
 /// Sources whose path names no file now (tally follows them as soon as one appears).
 pub(crate) fn unmatched(config: &Config) -> Vec<String> {
     config
-        .sources
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| !Path::new(&s.path).is_dir() && matching_files(&s.path).is_empty())
-        .map(|(i, s)| {
+        .entries()
+        .filter(|s| !Path::new(&s.path).is_dir() && matching_files(&s.path).is_empty())
+        .map(|s| {
+            let i = s.index;
             let path = printable(&s.path);
             if is_glob(&s.path) {
                 format!("sources[{i}].path: no file matches {path} yet; tally reads files as they appear")
@@ -65,6 +65,10 @@ pub(crate) fn unmatched(config: &Config) -> Vec<String> {
 fn shared_files(config: &Config) -> Vec<String> {
     let mut by_file: BTreeMap<FileKey, (String, Vec<usize>)> = BTreeMap::new();
     for (i, s) in config.sources.iter().enumerate() {
+        // The services of a source routed by Host share its lines: no line is counted twice.
+        if s.route.as_ref().is_some_and(|r| !r.hosts.counts_all()) {
+            continue;
+        }
         for (path, (key, _)) in matching_files(&s.path) {
             let entry = by_file
                 .entry(key)
@@ -80,7 +84,13 @@ fn shared_files(config: &Config) -> Vec<String> {
         .map(|(path, sources)| {
             let named: Vec<String> = sources
                 .iter()
-                .map(|&i| format!("sources[{i}] (service {})", config.sources[i].service_id))
+                .map(|&i| {
+                    let s = &config.sources[i];
+                    match &s.route {
+                        Some(_) => format!("sources[{}] (routed by Host)", s.index),
+                        None => format!("sources[{}] (service {})", s.index, s.service_id),
+                    }
+                })
                 .collect();
             let services: std::collections::BTreeSet<&str> = sources
                 .iter()

@@ -1,5 +1,5 @@
 //! The 3scale proxy configuration (what APIcast downloads): per service, its credentials settings,
-//! its mapping rules and its backend token, so that tally takes them from the same
+//! its mapping rules, its Host names and its backend token, so that tally takes them from the same
 //! place as the gateway would. Read from a file: the admin portal's
 //! `/admin/api/account/proxy_configs/<environment>.json`
 //! (`{"proxy_configs":[{"proxy_config":{"content":{…}}}]}`), one service's
@@ -25,6 +25,8 @@ pub(crate) struct ProxyService {
     /// Where and under which names its requests carry their credential, and which kind.
     pub(crate) credentials: Result<CredentialRule, String>,
     pub(crate) rules: Vec<MappingRule>,
+    /// `proxy.hosts`: the Host names it is reached by (for routing by Host).
+    pub(crate) hosts: Vec<String>,
     /// `backend_authentication_type` (`service_token` or `provider_key`) and its value.
     pub(crate) backend_auth: Option<(String, String)>,
     /// `proxy.backend.endpoint`: the Service Management API it reports to.
@@ -108,6 +110,8 @@ struct Content {
 
 #[derive(Deserialize, Default)]
 struct Proxy {
+    #[serde(default)]
+    hosts: Vec<String>,
     credentials_location: Option<String>,
     auth_user_key: Option<String>,
     auth_app_id: Option<String>,
@@ -195,6 +199,7 @@ impl Content {
             id,
             credentials,
             rules,
+            hosts: proxy.hosts,
             backend_auth,
             backend_endpoint: proxy
                 .backend

@@ -139,6 +139,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         let (batch_tx, batch_rx) = mpsc::channel(2);
         let mut parsers = vec![None; feeds.len()];
         let mut rules = vec![MappingRules::default(); feeds.len()];
+        let mut routes = vec![None; feeds.len()];
         // Every metric the service's rules name: a batch's room depends on them.
         let metric_names = config.metrics_of(service_id);
         let mut counted = std::collections::HashMap::new();
@@ -147,8 +148,11 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
             let feed = feed_of(i);
             let s = &config.sources[i];
             parsers[feed] = Some(s.parser(config.tail.max_line_length));
-            rules[feed] = MappingRules::compile(&s.mapping_rules, &metric_names)
-                .map_err(|(at, e)| anyhow::anyhow!("sources[{i}].mapping_rules[{at}]: {e}"))?;
+            routes[feed] = s.route.as_ref().map(|r| r.hosts.clone());
+            rules[feed] =
+                MappingRules::compile(&s.mapping_rules, &metric_names).map_err(|(at, e)| {
+                    anyhow::anyhow!("sources[{}].mapping_rules[{at}]: {e}", s.index)
+                })?;
             names.insert(feed, s.name.clone());
             feed_out[feed].push(tailed_tx.clone());
             let place = feeds[feed].iter().position(|&j| j == i).unwrap_or(0);
@@ -160,6 +164,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
             service_id: service_id.to_string(),
             parsers,
             rules,
+            routes,
             max_line_length: config.tail.max_line_length,
             flush_interval: config.report.flush_interval,
             counted,

@@ -1003,6 +1003,7 @@ mod model {
                                 CredentialRule::query(CredentialMode::Auto),
                             ))],
                             rules: Vec::new(),
+                            routes: Vec::new(),
                             max_line_length: 64 * 1024,
                             flush_interval: Duration::from_secs(1),
                             counted: counted

@@ -130,7 +130,7 @@ fn check_names_the_bad_key_and_its_line() {
         ("[backend\n", &["line 1", "unclosed table"][..]),
         (
             "[backend]\nservice_token = \"super-secret-value\"\n[[sources]]\npath = \"a\"\n",
-            &["missing field `service_id`"][..],
+            &["sources[0].service_id: give the service id, or a [proxy_config]"][..],
         ),
         (
             "[backend]\nservice_token = \"t\"\n[[sources]]\npath = \"a\"\nservice_id = \"1\"\n[telemetry]\nlisten = \"everywhere\"\n",
@@ -413,7 +413,7 @@ max_line_length = 300
         "8: skipped (too_long): at byte 300: expected the end of the line within tail.max_line_length (300 bytes)",
         "9: skipped (malformed): at byte 14: expected $time_local (like `25/Nov/2026:18:41:03 +0100`), not `24/Nov/2026:10:15:99 +0000`; line: 10.0.0.8 - - [24/Nov/2026:10:15:99 +0000] \"GET / HTTP/1.1\" 200 0 \"-\" - 0.001 abcd…",
     ];
-    let summary = "summary: lines_read=8 reported=3 skipped_malformed=2 skipped_no_credential=1 skipped_invalid_credential=1 skipped_too_long=1 skipped_no_mapping_rule=0 skipped_too_many_metrics=0\n";
+    let summary = "summary: lines_read=8 reported=3 skipped_malformed=2 skipped_no_credential=1 skipped_invalid_credential=1 skipped_too_long=1 skipped_no_mapping_rule=0 skipped_too_many_metrics=0 skipped_unknown_host=0\n";
 
     // A file given; then the source's own files, each under its name.
     let (code, out, err) = tally(&["parse", "--config", config, log.to_str().unwrap()]);
@@ -493,7 +493,7 @@ max_line_length = 300
         objects[8],
         serde_json::json!({ "summary": { "lines_read": 8, "reported": 3, "skipped": {
             "malformed": 2, "no_credential": 1, "invalid_credential": 1, "too_long": 1,
-            "no_mapping_rule": 0, "too_many_metrics": 0 } } })
+            "no_mapping_rule": 0, "too_many_metrics": 0, "unknown_host": 0 } } })
     );
 
     // A source that does not exist is a configuration error; a file that cannot be read, an error.
@@ -590,7 +590,7 @@ jwt_claim = "client_id"
     );
     assert_eq!(
         err,
-        "summary: lines_read=4 reported=1 skipped_malformed=0 skipped_no_credential=1 skipped_invalid_credential=2 skipped_too_long=0 skipped_no_mapping_rule=0 skipped_too_many_metrics=0\n"
+        "summary: lines_read=4 reported=1 skipped_malformed=0 skipped_no_credential=1 skipped_invalid_credential=2 skipped_too_long=0 skipped_no_mapping_rule=0 skipped_too_many_metrics=0 skipped_unknown_host=0\n"
     );
     // The tokens are secrets: no part of one is shown longer than a mask's ends.
     for token in [&good, &without] {

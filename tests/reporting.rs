@@ -872,3 +872,93 @@ fn the_proxy_configuration_gives_token_endpoint_credentials_and_rules() {
         "{logs}"
     );
 }
+
+/// One log, two 3scale services told apart by Host (the proxy configuration's `proxy.hosts`): each
+/// line reaches its service, with that service's token, credentials and rules; a line of a host no
+/// service has is skipped once; every line is counted once.
+#[test]
+fn lines_are_routed_to_services_by_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("1", "t1"), ("2", "t2")]);
+    backend.set_metrics(&["search"]);
+    let proxy = format!(
+        r#"{{"services":[
+          {{"id":1,"backend_version":"1","backend_authentication_type":"service_token","backend_authentication_value":"t1",
+            "proxy":{{"hosts":["shop.example"],"credentials_location":"query","backend":{{"endpoint":"{url}"}},
+            "proxy_rules":[{{"http_method":"GET","pattern":"/search","metric_system_name":"search","delta":1}},
+                           {{"http_method":"ANY","pattern":"/","metric_system_name":"hits","delta":1}}]}}}},
+          {{"id":2,"backend_version":"2","backend_authentication_type":"service_token","backend_authentication_value":"t2",
+            "proxy":{{"hosts":["api.example"],"credentials_location":"headers","auth_app_id":"X-App-Id"}}}}]}}"#,
+        url = backend.url()
+    );
+    std::fs::write(dir.path().join("proxy.json"), proxy).unwrap();
+    let log = dir.path().join("access.log");
+    let t = support::time_local(now() - 30);
+    let line = |host: &str, target: &str, app: &str| {
+        format!("{host} [{t}] \"GET {target} HTTP/1.1\" 200 {app}\n")
+    };
+    append(
+        &log,
+        &[
+            line("shop.example", "/search?q=x&user_key=k1", "-"),
+            line("SHOP.example:443", "/cart?user_key=k1", "-"),
+            line("api.example", "/v1/orders", "mobile"),
+            line("api.example", "/v1/orders/7", "web"),
+            line("api.example", "/v1/orders?user_key=k1", "-"),
+            line("unknown.example", "/?user_key=k1", "-"),
+            line("unknown.example", "/", "-"),
+            "garbage\n".to_string(),
+        ]
+        .concat(),
+    );
+    let config = dir.path().join("tally.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy_config]\nfile = \"proxy.json\"\n[backend]\n[[sources]]\npath = \"{}\"\nread_from = \"beginning\"\nlog_format = '$host [$time_local] \"$request\" $status $http_x_app_id'\n[state]\ndir = \"{}\"\n{JSON_LOGS}",
+            log.display(),
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let logs = Tally::run_once(&config).logs();
+    let of = |service: &str| -> Vec<(String, BTreeMap<String, String>)> {
+        let mut list: Vec<_> = backend
+            .transactions_of(service)
+            .into_iter()
+            .map(|t| (t.credential(), t.usage))
+            .collect();
+        list.sort();
+        list
+    };
+    let usage = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(m, d)| (m.to_string(), d.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        of("1"),
+        vec![
+            ("k1".into(), usage(&[("hits", "1")])),
+            ("k1".into(), usage(&[("hits", "1"), ("search", "1")])),
+        ],
+        "{logs}"
+    );
+    assert_eq!(
+        of("2"),
+        vec![
+            ("mobile".into(), usage(&[("hits", "1")])),
+            ("web".into(), usage(&[("hits", "1")]))
+        ],
+        "{logs}"
+    );
+    let summary = last_summary(&logs);
+    assert_eq!(number(&summary, "lines_read"), 8, "{logs}");
+    assert_eq!(number(&summary, "skipped_unknown_host"), 2, "{logs}");
+    assert_eq!(number(&summary, "skipped_malformed"), 1, "{logs}");
+    // The api.example line with a user_key: service 2 reads app_ids from a header (the lines of
+    // api.example without a user_key are service 2's, not skips of service 1).
+    assert_eq!(number(&summary, "skipped_no_credential"), 1, "{logs}");
+    assert!(backend.refusals().is_empty(), "{:?}", backend.refusals());
+}

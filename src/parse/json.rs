@@ -194,6 +194,16 @@ impl JsonFormat {
         })
     }
 
+    /// The Host of `line`, if it is JSON and has it.
+    pub(crate) fn host<'a>(&self, line: &'a [u8]) -> Option<&'a [u8]> {
+        text(self.scan(line).ok()?[HOST]).ok()?
+    }
+
+    /// Whether it reads the Host.
+    pub(crate) fn logs_host(&self) -> bool {
+        self.wanted & (1 << HOST) != 0
+    }
+
     /// The configured values of `line`, or the offset where it is not JSON.
     fn scan<'a>(&self, line: &'a [u8]) -> Result<[Value<'a>; FIELDS], usize> {
         let mut values = [Value::Missing; FIELDS];

@@ -59,6 +59,16 @@ impl LogFormat {
             .map_err(|(key, e)| format!("{key}: {e}"))
     }
 
+    /// Whether its lines say the request's Host (to route them to services by it).
+    pub(crate) fn logs_host(&self) -> bool {
+        match self {
+            LogFormat::Combined | LogFormat::Common => false,
+            LogFormat::Nginx(f) => f.format.logs(|v| matches!(v, nginx::Variable::Host(_))),
+            LogFormat::Json(f) => f.logs_host(),
+            LogFormat::Regex(f) => f.logs_host(),
+        }
+    }
+
     /// Its name in the configuration (`format`).
     pub(crate) fn name(&self) -> &'static str {
         match self {
@@ -264,6 +274,8 @@ macro_rules! for_each_skip {
             NoMappingRule = "no_mapping_rule", skipped_no_mapping_rule;
             /// The rules that match name more metrics than one transaction holds.
             TooManyMetrics = "too_many_metrics", skipped_too_many_metrics;
+            /// Routed by Host, the request's Host is none of the proxy configuration's services'.
+            UnknownHost = "unknown_host", skipped_unknown_host;
         }
     };
 }
@@ -369,6 +381,21 @@ impl Parser {
         match &mut self.unwrapper {
             None => Ok(Some(record.to_vec())),
             Some(unwrapper) => Ok(unwrapper.line(record)?.map(<[u8]>::to_vec)),
+        }
+    }
+
+    /// The Host `line` logs, read without its credential (to route a line whose credential
+    /// cannot be read). Not for container records (routing by Host does not take them).
+    pub(crate) fn host_of<'a>(&self, line: &'a [u8]) -> Option<&'a [u8]> {
+        match &self.format {
+            LogFormat::Combined | LogFormat::Common => None,
+            LogFormat::Nginx(f) => {
+                let mut values = nginx::Values::default();
+                f.format.read(line, &mut values).ok()?;
+                values.host.map(|(_, host)| host)
+            }
+            LogFormat::Json(f) => f.host(line),
+            LogFormat::Regex(f) => f.host(line),
         }
     }
 

@@ -133,6 +133,17 @@ impl RegexFormat {
         })
     }
 
+    /// The `host` group of `line`, if it matches.
+    pub(crate) fn host<'a>(&self, line: &'a [u8]) -> Option<&'a [u8]> {
+        let captures = self.regex.captures(line)?;
+        Some(captures.get(self.groups[HOST]?)?.as_bytes())
+    }
+
+    /// Whether it has a `host` group.
+    pub(crate) fn logs_host(&self) -> bool {
+        self.groups[HOST].is_some()
+    }
+
     /// Capture slots for this expression, reused line after line.
     pub(crate) fn capture_locations(&self) -> CaptureLocations {
         self.regex.capture_locations()

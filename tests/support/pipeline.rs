@@ -70,6 +70,7 @@ pub fn source(parser: Parser) -> ServiceLines {
         service_id: "1".into(),
         parsers: vec![Some(parser)],
         rules: Vec::new(),
+        routes: Vec::new(),
         max_line_length: MAX_LINE_LENGTH,
         flush_interval: Duration::from_secs(5),
         counted: Default::default(),
