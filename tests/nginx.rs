@@ -198,12 +198,17 @@ http {{
 
     /// Sends one GET with extra request `headers` and returns the status NGINX answered.
     fn get_with(&self, target: &str, headers: &[(&str, &str)]) -> u16 {
+        self.get_from("api.test", target, headers)
+    }
+
+    /// The same, for the server name `host`.
+    fn get_from(&self, host: &str, target: &str, headers: &[(&str, &str)]) -> u16 {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         let extra: String = headers
             .iter()
             .map(|(name, value)| format!("{name}: {value}\r\n"))
             .collect();
-        write!(s, "GET {target} HTTP/1.1\r\nHost: api.test\r\nUser-Agent: tally-e2e \"quoted\"\r\n{extra}Connection: close\r\n\r\n").unwrap();
+        write!(s, "GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tally-e2e \"quoted\"\r\n{extra}Connection: close\r\n\r\n").unwrap();
         let mut answer = String::new();
         s.read_to_string(&mut answer).unwrap();
         answer[9..12].parse().unwrap()
@@ -756,4 +761,129 @@ uri = "req.uri""#,
             ("/ok?page=2", vec![], 200, None),
         ],
     );
+}
+
+/// One NGINX, two server names, each a 3scale service of the proxy configuration with its own token,
+/// credentials (query for one, a header for the other) and rules; the lines go to their service by
+/// Host. One service's backend is down for a while: the other's requests arrive meanwhile, and both
+/// are exact at the end, per service, application, metric and code.
+#[test]
+fn two_server_names_two_services_routed_by_host() {
+    let Some(binary) = nginx_or_skip("two_server_names_two_services_routed_by_host") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("1", "t1"), ("2", "t2")]);
+    backend.set_metrics(&["search"]);
+    std::fs::write(
+        dir.path().join("proxy.json"),
+        format!(
+            r#"{{"proxy_configs":[
+              {{"proxy_config":{{"content":{{"id":1,"backend_version":"1","backend_authentication_type":"service_token","backend_authentication_value":"t1",
+                "proxy":{{"hosts":["shop.test"],"credentials_location":"query","backend":{{"endpoint":"{url}"}},
+                "proxy_rules":[{{"http_method":"GET","pattern":"/search","metric_system_name":"search","delta":1,"last":false}},
+                               {{"http_method":"ANY","pattern":"/","metric_system_name":"hits","delta":1,"last":false}}]}}}}}}}},
+              {{"proxy_config":{{"content":{{"id":2,"backend_version":"2","backend_authentication_type":"service_token","backend_authentication_value":"t2",
+                "proxy":{{"hosts":["api.test"],"credentials_location":"headers","auth_app_id":"X-App-Id"}}}}}}}}]}}"#,
+            url = backend.url()
+        ),
+    )
+    .unwrap();
+    let nginx = Nginx::start_logging(
+        &binary,
+        dir.path(),
+        "listen 127.0.0.1:{port};
+        server_name shop.test api.test;
+        location /missing { return 404; }
+        location / { return 200 \"ok\\n\"; }",
+        "custom",
+        r#"log_format custom '$host [$time_local] "$request" $status $http_x_app_id';"#,
+    );
+    let config = dir.path().join("tally.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy_config]\nfile = \"proxy.json\"\n[backend]\n[[sources]]\npath = \"{}\"\nlog_format = '$host [$time_local] \"$request\" $status $http_x_app_id'\n[report]\nflush_interval = \"200ms\"\n[state]\ndir = \"{}\"\n",
+            nginx.access_log.display(),
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    backend.set_down("2", true);
+    let mut tally = Tally::start(&config, &[]);
+    tally.wait_for_log("following file", WAIT);
+    let app = |id| vec![("X-App-Id", id)];
+    for (host, target, headers, status) in [
+        ("shop.test", "/search?q=x&user_key=k1", vec![], 200),
+        ("shop.test", "/cart?user_key=k1", vec![], 200),
+        ("shop.test", "/missing?user_key=k2", vec![], 404),
+        ("api.test", "/v1/orders", app("mobile"), 200),
+        ("api.test", "/missing", app("mobile"), 404),
+        ("api.test", "/v1/orders", app("web"), 200),
+        ("other.test", "/?user_key=k1", vec![], 200),
+    ] {
+        assert_eq!(
+            nginx.get_from(host, target, &headers),
+            status,
+            "{host}{target}"
+        );
+    }
+    // Service 1's requests arrive while service 2's backend is down.
+    backend.wait_until(WAIT, "service 1's three requests", |b| {
+        b.transactions_of("1").len() >= 3
+    });
+    assert!(backend.transactions_of("2").is_empty());
+    backend.set_down("2", false);
+    backend.wait_until(WAIT, "service 2's three requests", |b| {
+        b.transactions_of("2").len() >= 3
+    });
+    tally.signal("TERM");
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let of = |service: &str| -> Vec<(String, String, String)> {
+        let mut list: Vec<(String, String, String)> = backend
+            .transactions_of(service)
+            .into_iter()
+            .map(|t| {
+                let usage: Vec<String> = t.usage.iter().map(|(m, d)| format!("{m}={d}")).collect();
+                (
+                    t.credential(),
+                    usage.join("&"),
+                    t.code.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        list.sort();
+        list
+    };
+    let row = |a: &str, u: &str, c: &str| (a.to_string(), u.to_string(), c.to_string());
+    assert_eq!(
+        of("1"),
+        vec![
+            row("k1", "hits=1", "200"),
+            row("k1", "hits=1&search=1", "200"),
+            row("k2", "hits=1", "404"),
+        ]
+    );
+    assert_eq!(
+        of("2"),
+        vec![
+            row("mobile", "hits=1", "200"),
+            row("mobile", "hits=1", "404"),
+            row("web", "hits=1", "200"),
+        ]
+    );
+    assert!(
+        backend.dropped().is_empty(),
+        "{:?}",
+        backend.dropped().len()
+    );
+    // Only the outage's answers were refusals (nothing was dropped for a bad metric or key).
+    assert!(
+        backend.refusals().iter().all(|r| r.status == 503),
+        "{:?}",
+        backend.refusals()
+    );
+    let logs = tally.logs();
+    assert!(logs.contains("skipped_unknown_host=1"), "{logs}");
+    assert!(logs.contains("lines_read=7"), "{logs}");
 }
