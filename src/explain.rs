@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use crate::aggregate::MAX_CREDENTIAL_BYTES;
 use crate::config::Config;
-use crate::mapping::{apicast_path, MappingRules};
+use crate::mapping::{apicast_path, host_name, HostRoute, MappingRules};
 use crate::parse::{Failure, Parser, Request, Skip, Wrapper};
 use crate::telemetry::{mask, masked_line, printable, shown_path};
 use crate::usage::{MetricNames, Usage};
@@ -70,13 +70,27 @@ pub fn explain(
             given: options.source,
             count: config.entries().count(),
         })?;
-    let metrics = config.metrics_of(&source.service_id);
-    let rules = MappingRules::compile(&source.mapping_rules, &metrics)
-        .map_err(|(at, e)| ExplainError::Unreadable(format!("mapping_rules[{at}]: {e}")))?;
+    // A source routed by Host: each of its services, the line going to the one of its Host.
+    let services = config
+        .sources
+        .iter()
+        .filter(|s| s.index == source.index)
+        .map(|s| {
+            let metrics = config.metrics_of(&s.service_id);
+            let rules = MappingRules::compile(&s.mapping_rules, &metrics)
+                .map_err(|(at, e)| ExplainError::Unreadable(format!("mapping_rules[{at}]: {e}")))?;
+            Ok(Service {
+                id: s.service_id.clone(),
+                parser: s.parser(config.tail.max_line_length),
+                rules,
+                metrics,
+                route: s.route.as_ref().map(|r| r.hosts.clone()),
+            })
+        })
+        .collect::<Result<Vec<_>, ExplainError>>()?;
     let mut lines = Lines {
-        parser: source.parser(config.tail.max_line_length),
-        rules,
-        metrics,
+        services,
+        current: 0,
         max_line_length: config.tail.max_line_length,
         response_codes: config.report.response_codes,
         json: options.json,
@@ -160,10 +174,20 @@ impl Summary {
     }
 }
 
-struct Lines<'w> {
+/// A service a source's lines go to, with how it reads them.
+struct Service {
+    id: String,
     parser: Parser,
     rules: MappingRules,
     metrics: MetricNames,
+    /// Routed by Host: the lines it takes.
+    route: Option<HostRoute>,
+}
+
+struct Lines<'w> {
+    services: Vec<Service>,
+    /// The service of the line being read.
+    current: usize,
     max_line_length: usize,
     response_codes: bool,
     json: bool,
@@ -172,6 +196,53 @@ struct Lines<'w> {
 }
 
 impl Lines<'_> {
+    fn service(&self) -> &Service {
+        &self.services[self.current]
+    }
+
+    fn parser_mut(&mut self) -> &mut Parser {
+        &mut self.services[self.current].parser
+    }
+
+    /// Chooses the service of `line` (routed by Host: the one of its Host; a line whose Host
+    /// cannot be read is explained with the first's settings), or says no service has its Host.
+    fn route(&mut self, line: &[u8]) -> Result<(), Failure> {
+        self.current = 0;
+        let Some(first) = self.services.first() else {
+            return Ok(());
+        };
+        let Some(route) = &first.route else {
+            return Ok(());
+        };
+        let Some(host) = first.parser.host_of(line) else {
+            return Ok(());
+        };
+        let name = host_name(&String::from_utf8_lossy(host));
+        match self
+            .services
+            .iter()
+            .position(|s| s.route.as_ref().is_some_and(|r| r.hosts.contains(&name)))
+        {
+            Some(i) => {
+                self.current = i;
+                Ok(())
+            }
+            None => Err(Failure {
+                skip: Skip::UnknownHost,
+                at: None,
+                expected: format!(
+                    "a Host of the proxy configuration's services ({}), not `{}`",
+                    route
+                        .all_hosts
+                        .as_deref()
+                        .map(|h| h.join(", "))
+                        .unwrap_or_default(),
+                    printable(&name)
+                ),
+            }),
+        }
+    }
+
     /// Every line of `input`; `header`: name the file first (a source's path may name several).
     fn read(
         &mut self,
@@ -193,14 +264,15 @@ impl Lines<'_> {
             if line.is_empty() {
                 continue;
             }
+            let routed = self.route(line);
             // A container's record: its line, once its last part is there.
-            let unwrapped = match self.parser.unwrap(line) {
+            let unwrapped = match self.parser_mut().unwrap(line) {
                 Ok(None) => continue,
                 Ok(Some(unwrapped)) => Ok(unwrapped),
                 Err(skip) => Err(Failure {
                     skip,
                     at: None,
-                    expected: match self.parser.container().map(|c| c.wrapper) {
+                    expected: match self.service().parser.container().map(|c| c.wrapper) {
                         Some(Wrapper::Cri) => "a CRI record: `<time> <stdout|stderr> <P|F> <line>`, whole lines within tail.max_line_length".into(),
                         _ => "a Docker json-file record: `{\"log\":\"<line>\\n\",\"stream\":\"stdout\",…}`, whole lines within tail.max_line_length".into(),
                     },
@@ -216,10 +288,12 @@ impl Lines<'_> {
                         self.max_line_length
                     ),
                 })
+            } else if let Err(failure) = routed {
+                Err(failure)
             } else {
                 match &unwrapped {
                     Ok(unwrapped) => self
-                        .parser
+                        .parser_mut()
                         .explain(unwrapped)
                         .and_then(reportable)
                         .and_then(|(request, credential)| {
@@ -239,7 +313,7 @@ impl Lines<'_> {
                     // A too-long line is not shown: only part of it was read.
                     let shown = unwrapped.as_deref().unwrap_or(line);
                     let excerpt = (failure.skip != Skip::TooLong)
-                        .then(|| masked_line(&self.parser.hide_secrets(shown, mask)));
+                        .then(|| masked_line(&self.service().parser.hide_secrets(shown, mask)));
                     self.skipped(name, number, &failure, excerpt)
                 }
             };
@@ -250,8 +324,10 @@ impl Lines<'_> {
 
     /// The usage the source's mapping rules give the request, or why none.
     fn usage(&self, request: &Request<'_>) -> Result<Usage, Failure> {
-        self.rules
-            .usage(request, self.parser.escape())
+        let service = self.service();
+        service
+            .rules
+            .usage(request, service.parser.escape())
             .map_err(|skip| Failure {
                 skip,
                 at: None,
@@ -264,7 +340,7 @@ impl Lines<'_> {
                                 .into_owned()),
                         String::from_utf8_lossy(&apicast_path(
                             request.path.unwrap_or(b"/"),
-                            self.parser.escape()
+                            service.parser.escape()
                         )),
                     ),
                     _ => "at most 8 metrics from the rules that match".into(),
@@ -289,7 +365,7 @@ impl Lines<'_> {
         let masked = mask(credential);
         let named: Vec<(&str, u64)> = usage
             .iter()
-            .map(|(metric, delta)| (&*self.metrics.get(metric).name, delta))
+            .map(|(metric, delta)| (&*self.service().metrics.get(metric).name, delta))
             .collect();
         if self.json {
             let usage_json: serde_json::Map<String, serde_json::Value> = named
@@ -305,6 +381,7 @@ impl Lines<'_> {
                 "path": path,
                 "status": r.status,
                 "host": host,
+                "service_id": self.service().id,
                 "credential": { "kind": kind, "masked": masked },
                 "report": { "usage": usage_json, "code": code },
             })
@@ -317,11 +394,12 @@ impl Lines<'_> {
             .map(|(name, delta)| format!("{}={delta}", printable(name)))
             .collect();
         format!(
-            "{number}: {time} {} {} {:03} host={} {kind}={masked} → report: usage {} {code}",
+            "{number}: {time} {} {} {:03} host={} {kind}={masked} → report to service {}: usage {} {code}",
             dash(method),
             dash(path),
             r.status,
             dash(host),
+            printable(&self.service().id),
             usage.join(" "),
         )
     }

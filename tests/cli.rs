@@ -404,11 +404,11 @@ max_line_length = 300
     };
     let config = config.to_str().unwrap();
     let expected = [
-        "1: 2026-11-24T10:15:00Z GET /v1/words 200 host=api.example.com user_key=3f9a…5c1d → report: usage hits=1 code=200",
-        "2: 2026-11-24T09:15:01Z POST /v1/words 000 host=- user_key=k-se… → report: usage hits=1 without code",
+        "1: 2026-11-24T10:15:00Z GET /v1/words 200 host=api.example.com user_key=3f9a…5c1d → report to service 1: usage hits=1 code=200",
+        "2: 2026-11-24T09:15:01Z POST /v1/words 000 host=- user_key=k-se… → report to service 1: usage hits=1 without code",
         "3: skipped (malformed): at byte 74: expected `\" ` to end the value that starts here; line: 10.0.0.3 - - [24/Nov/2026:10:15:02 +0000] \"GET /v1/words HTTP/1.1\" 404 0 \"…",
         "4: skipped (no_credential): expected the `X-Api-Key` request header: $http_x_api_key logged `-` or empty; line: 10.0.0.4 - - [24/Nov/2026:10:15:03 +0000] \"GET /v1/words HTTP/1.1\" 200 0 \"curl/8.0\" api.example.com 0.001 -",
-        "5: 2026-11-24T10:15:04Z GET /caf\u{fffd} 201 host=api.example.com user_key=utf8…ey-5 → report: usage hits=1 code=201",
+        "5: 2026-11-24T10:15:04Z GET /caf\u{fffd} 201 host=api.example.com user_key=utf8…ey-5 → report to service 1: usage hits=1 code=201",
         "6: skipped (invalid_credential): expected a user_key that is UTF-8 once decoded; line: 10.0.0.6 - - [24/Nov/2026:10:15:05 +0000] \"GET / HTTP/1.1\" 200 0 \"-\" - 0.001 bad\\…cret",
         "8: skipped (too_long): at byte 300: expected the end of the line within tail.max_line_length (300 bytes)",
         "9: skipped (malformed): at byte 14: expected $time_local (like `25/Nov/2026:18:41:03 +0100`), not `24/Nov/2026:10:15:99 +0000`; line: 10.0.0.8 - - [24/Nov/2026:10:15:99 +0000] \"GET / HTTP/1.1\" 200 0 \"-\" - 0.001 abcd…",
@@ -453,7 +453,7 @@ max_line_length = 300
         serde_json::json!({
             "file": "-", "line": 1, "time": 1_795_515_300, "time_rfc3339": "2026-11-24T10:15:00Z",
             "method": "GET", "path": "/v1/words", "status": 200, "host": "api.example.com",
-            "credential": { "kind": "user_key", "masked": "3f9a…5c1d" },
+            "service_id": "1", "credential": { "kind": "user_key", "masked": "3f9a…5c1d" },
             "report": { "usage": { "hits": 1 }, "code": 200 },
         })
     );
@@ -573,7 +573,7 @@ jwt_claim = "client_id"
     let shown: Vec<&str> = out.lines().collect();
     assert_eq!(
         shown[0],
-        "1: 2026-11-24T10:15:01Z GET /v1/words 200 host=- app_id=app-… → report: usage hits=1 code=200",
+        "1: 2026-11-24T10:15:01Z GET /v1/words 200 host=- app_id=app-… → report to service 1: usage hits=1 code=200",
         "{out}"
     );
     assert!(
@@ -637,11 +637,11 @@ h - - [24/Nov/2026:10:15:02 +0000] "GET /?user_key=k1 HTTP/1.1" 200 1 "-" "-"
     let shown: Vec<&str> = out.lines().collect();
     assert_eq!(
         shown[0],
-        "1: 2026-11-24T10:15:00Z GET /products/42 200 host=- user_key=k… → report: usage get_product=1 hits=2 code=200",
+        "1: 2026-11-24T10:15:00Z GET /products/42 200 host=- user_key=k… → report to service 1: usage get_product=1 hits=2 code=200",
         "{out}"
     );
     assert!(
-        shown[1].starts_with("2: 2026-11-24T10:15:01Z DELETE /catalog/../orders//7 204 host=- user_key=k… → report: usage other=1 code=204"),
+        shown[1].starts_with("2: 2026-11-24T10:15:01Z DELETE /catalog/../orders//7 204 host=- user_key=k… → report to service 1: usage other=1 code=204"),
         "{out}"
     );
     let (code, out, err) = tally(&["parse", "--config", config, "--json", log.to_str().unwrap()]);
@@ -669,6 +669,64 @@ h - - [24/Nov/2026:10:15:02 +0000] "GET /?user_key=k1 HTTP/1.1" 200 1 "-" "-"
     );
     assert!(
         err.contains("reported=1 ") && err.contains("skipped_no_mapping_rule=2 "),
+        "{err}"
+    );
+}
+
+/// `tally parse` on a source routed by Host: each line's service, with that service's settings, or
+/// `unknown_host`.
+#[test]
+fn parse_shows_the_service_of_each_line_routed_by_host() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("proxy.json"),
+        r#"{"services":[
+            {"id":1,"backend_version":"1","backend_authentication_type":"service_token","backend_authentication_value":"t1","proxy":{"hosts":["shop.example"]}},
+            {"id":2,"backend_version":"2","backend_authentication_type":"service_token","backend_authentication_value":"t2","proxy":{"hosts":["api.example"],"credentials_location":"headers","auth_app_id":"X-App-Id"}}]}"#,
+    )
+    .unwrap();
+    let config = dir.path().join("tally.toml");
+    std::fs::write(
+        &config,
+        "[proxy_config]\nfile = \"proxy.json\"\n[backend]\n[[sources]]\npath = \"access.log\"\nlog_format = '$host [$time_local] \"$request\" $status $http_x_app_id'\n",
+    )
+    .unwrap();
+    let log = dir.path().join("access.log");
+    std::fs::write(
+        &log,
+        r#"shop.example [24/Nov/2026:10:15:00 +0000] "GET /a?user_key=k1 HTTP/1.1" 200 -
+API.example:443 [24/Nov/2026:10:15:01 +0000] "GET /b HTTP/1.1" 200 mobile-app
+api.example [24/Nov/2026:10:15:02 +0000] "GET /b?user_key=k1 HTTP/1.1" 200 -
+other.example [24/Nov/2026:10:15:03 +0000] "GET /?user_key=k1 HTTP/1.1" 200 -
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = tally(&[
+        "parse",
+        "--config",
+        config.to_str().unwrap(),
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let shown: Vec<&str> = out.lines().collect();
+    assert!(
+        shown[0].contains("user_key=k… → report to service 1: usage hits=1"),
+        "{out}"
+    );
+    assert!(
+        shown[1].contains("app_id=mobi… → report to service 2: usage hits=1"),
+        "{out}"
+    );
+    assert!(
+        shown[2].starts_with("3: skipped (no_credential): expected the `X-App-Id` request header"),
+        "{out}"
+    );
+    assert!(
+        shown[3].starts_with("4: skipped (unknown_host): expected a Host of the proxy configuration's services (shop.example, api.example), not `other.example`"),
+        "{out}"
+    );
+    assert!(
+        err.contains("reported=2 ") && err.contains("skipped_unknown_host=1"),
         "{err}"
     );
 }
