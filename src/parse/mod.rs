@@ -355,8 +355,10 @@ impl Parser {
 
     /// A physical line of the source's file (without its newline): with a container wrapper,
     /// unwrapped and joined with its parts first. None when it is no line of its own (a record of
-    /// the other stream, or a part of a line that goes on).
-    #[inline]
+    /// the other stream, or a part of a line that goes on). Always inlined, with [`read`], into
+    /// the aggregation loop: the request is then built where it is used, not copied there (left
+    /// to the compiler, parse + aggregate took a third longer).
+    #[inline(always)]
     pub fn parse_record<'a>(&'a mut self, record: &'a [u8]) -> Result<Option<Request<'a>>, Skip> {
         let Parser {
             format,
@@ -437,7 +439,7 @@ impl Parser {
 }
 
 /// One line in `format`, with the parser's state.
-#[inline]
+#[inline(always)]
 fn read<'a>(
     format: &LogFormat,
     credentials: &CredentialRule,
