@@ -426,20 +426,36 @@ fn tv(t: libc::timeval) -> f64 {
     t.tv_sec as f64 + t.tv_usec as f64 / 1e6
 }
 
-/// Waits for a child (with wait4, for its resource usage): (success, CPU seconds, peak RSS in KiB).
+/// Waits for a child (with wait4, for its CPU time): (success, CPU seconds, peak RSS in KiB). The
+/// peak RSS is the child's own `VmHWM`, watched in `/proc` while it runs: wait4's `ru_maxrss`
+/// also counts what the child had before its exec (this process's pages, the test files read into
+/// memory), which is not tally's.
 fn wait_with_usage(child: std::process::Child) -> (bool, f64, u64) {
     let pid = child.id();
+    let watcher = std::thread::spawn(move || {
+        let mut peak = 0u64;
+        // The status file loses its memory lines when the process exits (its memory is gone).
+        while let Some(hwm) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+        {
+            peak = peak.max(hwm);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak
+    });
     let mut status = 0;
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: wait4 on our own child, writing into structs we own.
     let r = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
     assert_eq!(r, pid as i32, "wait4 failed");
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    (
-        ok,
-        tv(usage.ru_utime) + tv(usage.ru_stime),
-        usage.ru_maxrss as u64,
-    )
+    let peak = watcher.join().expect("the RSS watcher");
+    (ok, tv(usage.ru_utime) + tv(usage.ru_stime), peak)
 }
 
 /// CPU seconds a running process used so far, from /proc.
