@@ -979,17 +979,28 @@ impl Ctx<'_> {
                 "give the service id, or a [proxy_config] whose services' Host names (proxy.hosts) route each line to its service",
             ));
         }
-        let all: Arc<Vec<String>> = Arc::new(
-            routed
-                .iter()
-                .flat_map(|s| s.hosts.iter().map(|h| host_name(h)))
-                .collect(),
-        );
-        let mut sources = Vec::with_capacity(routed.len());
-        for (k, service) in routed.iter().enumerate() {
+        // A Host listed by several services is the first's, as APIcast finds a service by Host
+        // (without path routing): a line never goes to two services.
+        let mut claimed: Vec<String> = Vec::new();
+        let mut owned: Vec<(&ProxyService, Vec<String>)> = Vec::new();
+        for service in routed {
+            let mut hosts = Vec::new();
+            for host in service.hosts.iter().map(|h| host_name(h)) {
+                if !claimed.contains(&host) {
+                    claimed.push(host.clone());
+                    hosts.push(host);
+                }
+            }
+            if !hosts.is_empty() {
+                owned.push((service, hosts));
+            }
+        }
+        let all: Arc<Vec<String>> = Arc::new(claimed);
+        let mut sources = Vec::with_capacity(owned.len());
+        for (k, (service, hosts)) in owned.into_iter().enumerate() {
             let route = Route {
                 hosts: HostRoute {
-                    hosts: service.hosts.iter().map(|h| host_name(h)).collect(),
+                    hosts,
                     // One of them counts the lines read and skipped (each line once).
                     all_hosts: (k == 0).then(|| all.clone()),
                 },
@@ -1898,7 +1909,8 @@ service_id = "42"
             r#"{"services":[
                 {"id":1,"backend_version":"1","backend_authentication_type":"service_token","backend_authentication_value":"t1","proxy":{"hosts":["a.example"],"proxy_rules":[{"http_method":"GET","pattern":"/","metric_system_name":"hits","delta":1}]}},
                 {"id":2,"backend_version":"2","backend_authentication_type":"service_token","backend_authentication_value":"t2","proxy":{"hosts":["B.example","b2.example"]}},
-                {"id":3,"backend_version":"1","proxy":{"hosts":[]}}]}"#,
+                {"id":3,"backend_version":"1","proxy":{"hosts":[]}},
+                {"id":4,"backend_version":"1","backend_authentication_type":"service_token","backend_authentication_value":"t4","proxy":{"hosts":["b.example:8080","A.EXAMPLE"]}}]}"#,
         )
         .unwrap();
         let text = "[proxy_config]\nfile = \"proxy.json\"\n[backend]\n[[sources]]\npath = \"a.log\"\nlog_format = '$host [$time_local] \"$request\" $status'\n";
