@@ -1143,29 +1143,25 @@ impl Ctx<'_> {
             (None, None) => None,
         };
         let mapping_rules = match &s.mapping_rules {
-            None => match proxied {
-                Some(p) => {
-                    let metrics: Vec<&str> = p.rules.iter().map(|r| r.metric.trim()).collect();
-                    MappingRules::compile(&p.rules, &MetricNames::new(&metrics)).map_err(
-                        |(at, e)| {
-                            self.invalid(
-                                &key("service_id"),
-                                sid_at,
-                                format!("proxy configuration: service {service_id}: proxy_rules[{at}]: {e}"),
-                            )
-                        },
-                    )?;
-                    p.rules.clone()
+            None => {
+                match proxied {
+                    Some(p) => {
+                        MappingRules::check(&p.rules).map_err(|(at, e)| {
+                        self.invalid(
+                            &key("service_id"),
+                            sid_at,
+                            format!("proxy configuration: service {service_id}: proxy_rules[{at}]: {e}"),
+                        )
+                    })?;
+                        p.rules.clone()
+                    }
+                    None => Vec::new(),
                 }
-                None => Vec::new(),
-            },
+            }
             Some(rules) => {
-                let metrics: Vec<&str> = rules.get_ref().iter().map(|r| r.metric.trim()).collect();
-                MappingRules::compile(rules.get_ref(), &MetricNames::new(&metrics)).map_err(
-                    |(at, e)| {
-                        self.invalid(&key(&format!("mapping_rules[{at}]")), rules.span().start, e)
-                    },
-                )?;
+                MappingRules::check(rules.get_ref()).map_err(|(at, e)| {
+                    self.invalid(&key(&format!("mapping_rules[{at}]")), rules.span().start, e)
+                })?;
                 rules.get_ref().clone()
             }
         };

@@ -136,6 +136,13 @@ impl MappingRules {
         Ok(MappingRules { rules })
     }
 
+    /// Checks `rules` on their own (their metrics as the service's, which 3scale checks later):
+    /// the error gives the rule and what is wrong with it.
+    pub(crate) fn check(rules: &[MappingRule]) -> Result<(), (usize, String)> {
+        let metrics: Vec<&str> = rules.iter().map(|r| r.metric.trim()).collect();
+        MappingRules::compile(rules, &MetricNames::new(&metrics)).map(|_| ())
+    }
+
     /// Whether there are rules (without, each request is one hit).
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()

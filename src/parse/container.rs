@@ -97,6 +97,16 @@ impl Container {
         }
     }
 
+    /// What a record of `stream` is when it is not of the kept stream: the other's, or not a
+    /// stream at all.
+    fn other_stream(&self, stream: &[u8]) -> Option<Record<'static>> {
+        match stream {
+            s if s == self.stream.name() => None,
+            b"stdout" | b"stderr" => Some(Record::Other),
+            _ => Some(Record::Malformed),
+        }
+    }
+
     /// `<time> <stream> <tag> <message>`: the message is everything after the tag's space (a
     /// record of an empty line has none).
     fn cri<'a>(&self, line: &'a [u8]) -> Record<'a> {
@@ -109,11 +119,8 @@ impl Container {
             return Record::Malformed;
         }
         let message = fields.next().unwrap_or_default();
-        if stream != self.stream.name() {
-            return match stream {
-                b"stdout" | b"stderr" => Record::Other,
-                _ => Record::Malformed,
-            };
+        if let Some(other) = self.other_stream(stream) {
+            return other;
         }
         match tag {
             b"P" => Record::Part(message),
@@ -128,11 +135,8 @@ impl Container {
         let Some((log, stream)) = json::log_and_stream(line) else {
             return Record::Malformed;
         };
-        if stream != self.stream.name() {
-            return match stream {
-                b"stdout" | b"stderr" => Record::Other,
-                _ => Record::Malformed,
-            };
+        if let Some(other) = self.other_stream(stream) {
+            return other;
         }
         match log.strip_suffix(br"\n") {
             // An odd run of backslashes before the `n`: the last one escapes it.
