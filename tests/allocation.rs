@@ -13,6 +13,9 @@ use tally::pipeline::{
     Metrics, Parser, Tailed,
 };
 
+#[path = "support/jwt.rs"]
+mod jwt;
+use jwt::jwt;
 #[path = "support/pipeline.rs"]
 mod pipeline;
 
@@ -67,19 +70,6 @@ fn oidc_parser() -> Parser {
     };
     let format = LogFormat::nginx(OIDC, &rule).expect("the format compiles");
     Parser::new(format, rule)
-}
-
-/// A JWT of `claims` (its signature is not checked).
-fn jwt(claims: &str) -> String {
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use base64::Engine;
-    let part = |text: &str| URL_SAFE_NO_PAD.encode(text);
-    format!(
-        "{}.{}.{}",
-        part(r#"{"alg":"RS256"}"#),
-        part(claims),
-        part("sig")
-    )
 }
 
 /// `lines` lines over 20 credentials (user_keys, app_ids, an encoded one), some without one.

@@ -4,6 +4,10 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "support/jwt.rs"]
+mod jwt;
+use jwt::jwt;
+
 /// Runs the command to its end, like `output()`, but kills it and fails the test if it has not
 /// ended within a minute: a hung tally must not hang the test run.
 fn run(command: &mut Command) -> Output {
@@ -510,19 +514,6 @@ max_line_length = 300
         err.contains("cannot read") && err.contains("missing.log"),
         "{err}"
     );
-}
-
-/// A JWT whose payload is `claims`, base64url without padding; its signature is not checked.
-fn jwt(claims: &str) -> String {
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use base64::Engine;
-    let part = |text: &str| URL_SAFE_NO_PAD.encode(text);
-    format!(
-        "{}.{}.{}",
-        part(r#"{"alg":"RS256","typ":"JWT"}"#),
-        part(claims),
-        part("signature-not-checked")
-    )
 }
 
 #[test]
