@@ -16,7 +16,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::mpsc;
 
 use crate::identity::FileKey;
-use crate::mapping::{HostRoute, MappingRules, Owner};
+use crate::mapping::{HostRoute, MappingRule, MappingRules, Owner};
 use crate::parse::{Credential, CredentialKind, Parser, Request, Skip};
 use crate::state::{Advance, Fate};
 use crate::tail::{Chunk, Tailed};
@@ -479,6 +479,15 @@ impl Aggregator {
         Some(batch)
     }
 
+    /// Usages count `metrics` from now on; only between batches (after [`Aggregator::take`]).
+    pub(crate) fn set_metrics(&mut self, metrics: MetricNames) {
+        let fresh = Aggregator::with_metrics(self.response_codes, self.max_transactions, metrics);
+        self.metrics = fresh.metrics;
+        self.fixed = fresh.fixed;
+        self.limit = fresh.limit;
+        self.usage_bytes = fresh.usage_bytes;
+    }
+
     /// The open batch's fields and bytes as reckoned, for the tests that hold them to the encoder.
     #[cfg(test)]
     pub(crate) fn reckoned(&self) -> (usize, usize) {
@@ -509,6 +518,62 @@ pub struct ServiceLines {
     pub panic_on: Option<Vec<u8>>,
 }
 
+/// New settings of the services (a new version of the proxy configuration): per service and feed,
+/// how its lines are read, mapped and routed from the next line on.
+#[derive(Debug, Default)]
+pub struct Reconfiguration {
+    pub(crate) feeds: HashMap<(String, usize), FeedSettings>,
+}
+
+/// How one service takes one feed's lines.
+#[derive(Debug, Clone)]
+pub(crate) struct FeedSettings {
+    pub(crate) parser: Parser,
+    pub(crate) rules: Vec<MappingRule>,
+    pub(crate) route: Option<HostRoute>,
+}
+
+impl ServiceLines {
+    /// Takes `settings` for `feed` from the next line on. The open batch is sealed first: its
+    /// usages were counted with the metrics as they were.
+    fn reconfigure(
+        &mut self,
+        aggregator: &mut Aggregator,
+        feed: usize,
+        settings: &Reconfiguration,
+    ) -> Option<Batch> {
+        let new = settings.feeds.get(&(self.service_id.clone(), feed))?;
+        let sealed = aggregator.take();
+        // The metrics known so far keep their ids (other feeds' rules use them), new ones follow.
+        let known = aggregator.metrics.clone();
+        let mut names: Vec<&str> = known.iter().map(|m| &*m.name).collect();
+        names.extend(new.rules.iter().map(|r| r.metric.trim()));
+        let metrics = MetricNames::new(&names);
+        match MappingRules::compile(&new.rules, &metrics) {
+            Ok(rules) => {
+                aggregator.set_metrics(metrics);
+                if let Some(slot) = self.rules.get_mut(feed) {
+                    *slot = rules;
+                }
+            }
+            // Checked with the configuration: this would be a bug. The old rules stay.
+            Err((at, e)) => tracing::error!(service_id = %self.service_id, rule = at, error = %e,
+                "the new mapping rules do not compile: the old ones stay"),
+        }
+        if let Some(slot) = self.parsers.get_mut(feed) {
+            let mut parser = new.parser.clone();
+            if let Some(old) = slot.take() {
+                parser.carry_over(old);
+            }
+            *slot = Some(parser);
+        }
+        if let Some(slot) = self.routes.get_mut(feed) {
+            *slot = new.route.clone();
+        }
+        sealed
+    }
+}
+
 /// A file this service counted up to `up_to` in an earlier run: its lines up to there are skipped.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Counted {
@@ -526,6 +591,12 @@ pub fn take_in(
     warned: &mut std::collections::HashSet<Skip>,
 ) -> Vec<Batch> {
     let (feed, at, fate) = match tailed {
+        Tailed::Reconfigured { feed, settings } => {
+            return lines
+                .reconfigure(aggregator, *feed, settings)
+                .into_iter()
+                .collect()
+        }
         Tailed::Lines(chunk) => {
             return parse_chunk(lines, aggregator, chunk, Fate::Reading, metrics, warned)
         }

@@ -101,6 +101,11 @@ pub(crate) mod defaults {
         pub(crate) const STATS_INTERVAL: Duration = Duration::from_secs(60);
     }
 
+    pub(crate) mod proxy_config {
+        use std::time::Duration;
+        pub(crate) const ENVIRONMENT: &str = "production";
+        pub(crate) const REFRESH: Duration = Duration::from_secs(300);
+    }
     pub(crate) mod telemetry {
         use std::time::Duration;
         /// Not served.
@@ -325,6 +330,17 @@ impl Config {
     }
 
     /// Every metric the mapping rules of `service_id`'s sources name (and `hits`).
+    /// The services reported to, each once, in the order of the sources.
+    pub(crate) fn services(&self) -> Vec<String> {
+        let mut ids: Vec<String> = Vec::new();
+        for s in &self.sources {
+            if !ids.contains(&s.service_id) {
+                ids.push(s.service_id.clone());
+            }
+        }
+        ids
+    }
+
     pub(crate) fn metrics_of(&self, service_id: &str) -> MetricNames {
         let names: Vec<&str> = self
             .sources
@@ -435,18 +451,64 @@ pub struct Config {
     pub telemetry: Telemetry,
     /// `[proxy_config]`: the 3scale proxy configuration the services' settings come from.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub proxy_config: Option<ProxyConfigFile>,
+    pub proxy_config: Option<ProxyConfigSettings>,
+    #[serde(skip)]
+    pub(crate) origin: Origin,
     /// Keys given under an older name: they work, and `tally check` says what to write instead.
     #[serde(skip)]
     pub(crate) deprecated: Vec<String>,
 }
 
-/// `[proxy_config]`.
+/// `[proxy_config]`: a file, or the admin portal.
 #[derive(Debug, Clone, Serialize)]
-pub struct ProxyConfigFile {
+pub struct ProxyConfigSettings {
     /// The file, as the admin portal or APIcast has it.
-    #[serde(serialize_with = "path_text")]
-    pub file: PathBuf,
+    #[serde(
+        serialize_with = "optional_path",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub file: Option<PathBuf>,
+    /// The admin portal it is fetched from (without credentials).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<Secret>,
+    /// `production` or `staging`, with a url.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    /// How often the file is read again or the portal asked again.
+    #[serde(serialize_with = "duration::serialize")]
+    pub refresh: Duration,
+    #[serde(serialize_with = "ca_file", skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<(PathBuf, Vec<reqwest::Certificate>)>,
+    /// Where it is fetched from, with a url.
+    #[serde(skip)]
+    pub(crate) portal: Option<crate::proxy_config::Portal>,
+    /// The document in use, and where it came from.
+    #[serde(skip)]
+    pub(crate) loaded: Loaded,
+}
+
+/// The proxy configuration document tally runs with.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Loaded {
+    pub(crate) document: Arc<[u8]>,
+    /// When the admin portal could not give it at start: why, and that the saved copy is used.
+    pub(crate) fallback: Option<String>,
+}
+
+/// The configuration file as read, to be resolved again with a new proxy configuration.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Origin {
+    pub(crate) path: PathBuf,
+    pub(crate) text: String,
+}
+
+fn optional_path<S: Serializer>(value: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(p) => path_text(p, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// The sources as the file gives them: a source routed by Host once, without a service id, and
@@ -556,7 +618,15 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProxyConfig {
-    file: Spanned<String>,
+    file: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    access_token: Option<Spanned<String>>,
+    access_token_env: Option<Spanned<String>>,
+    access_token_file: Option<Spanned<String>>,
+    environment: Option<Spanned<String>>,
+    #[serde(default, deserialize_with = "duration::optional")]
+    refresh: Option<Duration>,
+    ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -884,30 +954,7 @@ impl Ctx<'_> {
                 "no credentials for 3scale: set service_token, service_token_env or service_token_file",
             ));
         }
-        let ca_file = match &b.ca_file {
-            None => None,
-            Some(f) => {
-                let path = self.resolve(f.get_ref());
-                let pem = std::fs::read(&path).map_err(|e| {
-                    self.invalid(
-                        "backend.ca_file",
-                        f.span().start,
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                let certificates = reqwest::Certificate::from_pem_bundle(&pem)
-                    .ok()
-                    .filter(|certs| !certs.is_empty())
-                    .ok_or_else(|| {
-                        self.invalid(
-                            "backend.ca_file",
-                            f.span().start,
-                            format!("{} holds no PEM certificate", path.display()),
-                        )
-                    })?;
-                Some((path, certificates))
-            }
-        };
+        let ca_file = self.ca_file("backend.ca_file", &b.ca_file)?;
         Ok(Backend {
             url,
             auth,
@@ -928,6 +975,242 @@ impl Ctx<'_> {
             rejected_retry: b
                 .rejected_retry
                 .unwrap_or(defaults::backend::REJECTED_RETRY),
+        })
+    }
+
+    /// The PEM certificates of a `ca_file` key.
+    fn ca_file(
+        &self,
+        key: &str,
+        given: &Option<Spanned<String>>,
+    ) -> Result<Option<(PathBuf, Vec<reqwest::Certificate>)>, ConfigError> {
+        let Some(f) = given else { return Ok(None) };
+        let path = self.resolve(f.get_ref());
+        let pem = std::fs::read(&path).map_err(|e| {
+            self.invalid(
+                key,
+                f.span().start,
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+            .ok()
+            .filter(|certs| !certs.is_empty())
+            .ok_or_else(|| {
+                self.invalid(
+                    key,
+                    f.span().start,
+                    format!("{} holds no PEM certificate", path.display()),
+                )
+            })?;
+        Ok(Some((path, certificates)))
+    }
+
+    /// `[proxy_config]`, and the document it gives: `given` (a refresh), else the file's, else the
+    /// admin portal's, else (the portal failing) the copy saved in `state_dir`.
+    fn proxy_config(
+        &mut self,
+        raw: &Spanned<RawProxyConfig>,
+        state_dir: &Path,
+        given: Option<Arc<[u8]>>,
+    ) -> Result<ProxyConfigSettings, ConfigError> {
+        let p = raw.get_ref();
+        let at = raw.span().start;
+        let only_with_url = [
+            ("environment", &p.environment),
+            ("ca_file", &p.ca_file),
+            ("access_token", &p.access_token),
+            ("access_token_env", &p.access_token_env),
+            ("access_token_file", &p.access_token_file),
+        ];
+        let refresh = p.refresh.unwrap_or(defaults::proxy_config::REFRESH);
+        let (file, url) = match (&p.file, &p.url) {
+            (None, None) => {
+                return Err(self.invalid(
+                    "proxy_config",
+                    at,
+                    "give the file (file = \"proxy-config.json\") or the admin portal (url = \"https://ACCOUNT-admin.3scale.net\")",
+                ))
+            }
+            (Some(_), Some(u)) => {
+                return Err(self.invalid(
+                    "proxy_config.url",
+                    u.span().start,
+                    "give the file or the admin portal's url, not both",
+                ))
+            }
+            (Some(f), None) => (Some(f), None),
+            (None, Some(u)) => (None, Some(u)),
+        };
+        if let Some(f) = file {
+            if let Some((key, v)) = only_with_url
+                .iter()
+                .find_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+            {
+                return Err(self.invalid(
+                    &format!("proxy_config.{key}"),
+                    v.span().start,
+                    "only with the admin portal's url (the file is read as it is)",
+                ));
+            }
+            let path = self.resolve(f.get_ref());
+            let document: Arc<[u8]> = match given {
+                Some(d) => d,
+                None => std::fs::read(&path)
+                    .map_err(|e| {
+                        self.invalid(
+                            "proxy_config.file",
+                            f.span().start,
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    })?
+                    .into(),
+            };
+            let parsed = ProxyConfig::parse(&document).map_err(|e| {
+                self.invalid(
+                    "proxy_config.file",
+                    f.span().start,
+                    format!("{}: {e}", path.display()),
+                )
+            })?;
+            self.proxy = Some(parsed);
+            return Ok(ProxyConfigSettings {
+                file: Some(path),
+                url: None,
+                access_token: None,
+                environment: None,
+                refresh,
+                ca_file: None,
+                portal: None,
+                loaded: Loaded {
+                    document,
+                    fallback: None,
+                },
+            });
+        }
+        let u = url.expect("one of file and url");
+        let url_at = u.span().start;
+        let mut parsed = reqwest::Url::parse(u.get_ref().trim())
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .ok_or_else(|| {
+                self.invalid(
+                    "proxy_config.url",
+                    url_at,
+                    "use the admin portal's http:// or https:// URL, e.g. https://ACCOUNT-admin.3scale.net",
+                )
+            })?;
+        // APIcast's THREESCALE_PORTAL_ENDPOINT carries the token as the URL's user.
+        let in_url = (!parsed.username().is_empty()).then(|| Secret {
+            value: parsed.username().to_string(),
+            origin: "given in proxy_config.url".into(),
+            file: None,
+        });
+        let _ = parsed.set_username("");
+        let _ = parsed.set_password(None);
+        let token = self.secret(
+            "proxy_config",
+            "access_token",
+            [
+                p.access_token.as_ref(),
+                p.access_token_env.as_ref(),
+                p.access_token_file.as_ref(),
+            ],
+        )?;
+        let access_token = match (in_url, token) {
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    "proxy_config.url",
+                    url_at,
+                    "the URL holds a token and access_token gives one too: give one",
+                ))
+            }
+            (Some(t), None) | (None, Some(t)) => t,
+            (None, None) => {
+                return Err(self.invalid(
+                    "proxy_config",
+                    at,
+                    "the admin portal needs an access token (Account Management API, read): set access_token, access_token_env or access_token_file",
+                ))
+            }
+        };
+        let (environment, path_name) = match p.environment.as_ref().map(|e| (e, e.get_ref().trim()))
+        {
+            None => (defaults::proxy_config::ENVIRONMENT, "production"),
+            Some((_, "production")) => ("production", "production"),
+            // The API calls the staging environment `sandbox`.
+            Some((_, "staging" | "sandbox")) => ("staging", "sandbox"),
+            Some((e, other)) => {
+                return Err(self.invalid(
+                    "proxy_config.environment",
+                    e.span().start,
+                    format!("`{other}` is no environment: give \"production\" or \"staging\""),
+                ))
+            }
+        };
+        let ca_file = self.ca_file("proxy_config.ca_file", &p.ca_file)?;
+        let portal = crate::proxy_config::Portal {
+            url: parsed.clone(),
+            access_token: access_token.clone(),
+            environment: path_name,
+            ca_certificates: ca_file.as_ref().map(|(_, c)| c.clone()).unwrap_or_default(),
+        };
+        let saved = crate::proxy_config::saved_copy(state_dir);
+        let (document, proxy, fallback) = match given {
+            Some(document) => {
+                let proxy = ProxyConfig::parse(&document)
+                    .map_err(|e| self.invalid("proxy_config.url", url_at, e))?;
+                (document, proxy, None)
+            }
+            None => {
+                let fetched = portal.fetch_now().and_then(|d| {
+                    let proxy = ProxyConfig::parse(&d)
+                        .map_err(|e| format!("the admin portal's answer: {e}"))?;
+                    Ok((Arc::<[u8]>::from(d), proxy))
+                });
+                match fetched {
+                    Ok((document, proxy)) => (document, proxy, None),
+                    Err(why) => {
+                        let copy = std::fs::read(&saved)
+                            .map_err(|e| format!("{}: {e}", saved.display()))
+                            .and_then(|d| {
+                                let proxy = ProxyConfig::parse(&d)
+                                    .map_err(|e| format!("{}: {e}", saved.display()))?;
+                                Ok((Arc::<[u8]>::from(d), proxy))
+                            });
+                        match copy {
+                            Ok((document, proxy)) => (
+                                document,
+                                proxy,
+                                Some(format!(
+                                    "proxy_config.url: cannot fetch the proxy configuration ({why}): using the copy saved at {}",
+                                    saved.display()
+                                )),
+                            ),
+                            Err(no_copy) => {
+                                return Err(self.invalid(
+                                    "proxy_config.url",
+                                    url_at,
+                                    format!(
+                                        "cannot fetch the proxy configuration ({why}), and there is no saved copy to start from ({no_copy})"
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        self.proxy = Some(proxy);
+        Ok(ProxyConfigSettings {
+            file: None,
+            url: Some(parsed.to_string()),
+            access_token: Some(access_token),
+            environment: Some(environment.to_string()),
+            refresh,
+            ca_file,
+            portal: Some(portal),
+            loaded: Loaded { document, fallback },
         })
     }
 
@@ -1379,6 +1662,20 @@ impl Config {
     /// Validates `text` as the content of the file at `path` (relative paths in it are taken
     /// against that file's folder).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::resolve(path, text, None)
+    }
+
+    /// This configuration with another proxy configuration document (a refresh of its
+    /// `[proxy_config]`): the file as it was read at start, resolved again.
+    pub(crate) fn with_proxy_document(&self, document: Arc<[u8]>) -> Result<Config, ConfigError> {
+        Config::resolve(&self.origin.path, &self.origin.text, Some(document))
+    }
+
+    fn resolve(
+        path: &Path,
+        text: &str,
+        proxy_document: Option<Arc<[u8]>>,
+    ) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_path_buf(),
             message: redact_excerpt(e.to_string().trim_end()),
@@ -1394,16 +1691,10 @@ impl Config {
             dir: &dir,
             proxy: None,
         };
+        let state_dir = ctx.resolve(raw.state.dir.as_deref().unwrap_or(defaults::state::DIR));
         let proxy_config = match &raw.proxy_config {
             None => None,
-            Some(p) => {
-                let file = ctx.resolve(p.get_ref().file.get_ref());
-                let loaded = ProxyConfig::load(&file).map_err(|e| {
-                    ctx.invalid("proxy_config.file", p.get_ref().file.span().start, e)
-                })?;
-                ctx.proxy = Some(loaded);
-                Some(ProxyConfigFile { file })
-            }
+            Some(p) => Some(ctx.proxy_config(p, &state_dir, proxy_document)?),
         };
         let backend = ctx.backend(&raw.backend)?;
         if raw.sources.is_empty() {
@@ -1554,9 +1845,7 @@ impl Config {
                 .unwrap_or(defaults::tail::ROTATE_GRACE),
             max_line_length,
         };
-        let state = State {
-            dir: ctx.resolve(raw.state.dir.as_deref().unwrap_or(defaults::state::DIR)),
-        };
+        let state = State { dir: state_dir };
         let log = Logging {
             format: raw.log.format.unwrap_or(defaults::log::FORMAT),
             level: raw
@@ -1608,6 +1897,10 @@ impl Config {
             backend,
             telemetry,
             proxy_config,
+            origin: Origin {
+                path: path.to_path_buf(),
+                text: text.to_string(),
+            },
             sources,
             report,
             tail,
@@ -2122,6 +2415,85 @@ service_id = "42"
         assert_eq!(c.sources[0].path, "/etc/tally/logs/*.log");
     }
 
+    /// `[proxy_config]` with the admin portal: each wrong combination of keys says which key is
+    /// wrong; a token in the URL (APIcast's THREESCALE_PORTAL_ENDPOINT) is the access token, shown
+    /// masked and never in the URL; a portal that cannot be reached at start falls back to the
+    /// saved copy.
+    #[test]
+    fn a_proxy_configuration_from_the_admin_portal() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tally.toml");
+        let config = |proxy: &str| {
+            format!("[proxy_config]\n{proxy}\n[backend]\n[[sources]]\npath = \"a.log\"\nservice_id = \"42\"\n[state]\ndir = \"state\"\n")
+        };
+        // Port 1 refuses connections at once.
+        let portal = "url = \"http://127.0.0.1:1\"";
+        for (proxy, says) in [
+            ("refresh = \"1m\"", "proxy_config: give the file (file = "),
+            (
+                &format!("file = \"p.json\"\n{portal}"),
+                "proxy_config.url: give the file or the admin portal's url, not both",
+            ),
+            (
+                "file = \"p.json\"\nenvironment = \"staging\"",
+                "proxy_config.environment: only with the admin portal's url",
+            ),
+            (portal, "proxy_config: the admin portal needs an access token"),
+            (
+                "url = \"http://t0ken@127.0.0.1:1\"\naccess_token = \"x\"",
+                "proxy_config.url: the URL holds a token and access_token gives one too",
+            ),
+            (
+                "url = \"ftp://portal.example\"\naccess_token = \"x\"",
+                "proxy_config.url: use the admin portal's http:// or https:// URL",
+            ),
+            (
+                &format!("{portal}\naccess_token = \"x\"\nenvironment = \"prod\""),
+                "proxy_config.environment: `prod` is no environment",
+            ),
+            (
+                &format!("{portal}\naccess_token = \"s3cr3t-tok\""),
+                "proxy_config.url: cannot fetch the proxy configuration (GET http://127.0.0.1:1/admin/api/account/proxy_configs/production.json page 1: ",
+            ),
+        ] {
+            let e = Config::parse(&file, &config(proxy)).unwrap_err().to_string();
+            assert!(e.contains(says), "{proxy}: {e}");
+            assert!(!e.contains("s3cr3t") && !e.contains("t0ken"), "{e}");
+        }
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        std::fs::write(
+            dir.path().join("state/proxy-config.json"),
+            r#"{"proxy_configs":[{"proxy_config":{"content":{"id":42,"backend_authentication_type":"service_token","backend_authentication_value":"tok-42"}}}]}"#,
+        )
+        .unwrap();
+        let c = Config::parse(
+            &file,
+            &config("url = \"http://s3cr3t-tok@127.0.0.1:1/\"\nenvironment = \"staging\""),
+        )
+        .unwrap();
+        let settings = c.proxy_config.as_ref().unwrap();
+        let fallback = settings.loaded.fallback.clone().unwrap();
+        assert!(
+            fallback.contains("sandbox.json") && fallback.contains("using the copy saved at"),
+            "{fallback}"
+        );
+        assert_eq!(
+            settings.portal.as_ref().unwrap().access_token.expose(),
+            "s3cr3t-tok"
+        );
+        let effective = c.effective().unwrap();
+        assert!(
+            effective.contains(
+                "url = \"http://127.0.0.1:1/\"\naccess_token = \"<secret given in proxy_config.url"
+            ),
+            "{effective}"
+        );
+        assert!(
+            !effective.contains("s3cr3t") && !fallback.contains("s3cr3t"),
+            "{effective}"
+        );
+    }
+
     /// Every key set, none to its default (a source's own token in the second source).
     fn full(dir: &Path) -> String {
         // Certificates are only decoded from PEM here; the TLS client checks them.
@@ -2131,14 +2503,15 @@ service_id = "42"
         )
         .unwrap();
         // The services' settings are all given here: the proxy configuration only lists them.
-        std::fs::write(
-            dir.join("proxy.json"),
-            r#"{"services":[{"id":42},{"id":43},{"id":44},{"id":45},{"id":46}]}"#,
-        )
-        .unwrap();
+        let services = r#"{"services":[{"id":42},{"id":43},{"id":44},{"id":45},{"id":46}]}"#;
+        std::fs::write(dir.join("proxy.json"), services).unwrap();
+        // And as the admin portal's saved copy, for the configuration that fetches it.
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        std::fs::write(dir.join("state/proxy-config.json"), services).unwrap();
         r#"
 [proxy_config]
 file = "proxy.json"
+refresh = "1m"
 
 [backend]
 url = "http://backend.example:3001/"
@@ -2343,8 +2716,12 @@ stalled_after = "10m"
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tally.toml");
         let with_token = full(dir.path());
-        // The token and the provider key exclude each other: one configuration shows each.
-        let with_key = with_token.replace("service_token", "provider_key");
+        // The token and the provider key exclude each other, and so do the proxy configuration's
+        // file and url: one configuration shows each (the portal, unreachable, from its saved copy).
+        let with_key = with_token.replace("service_token", "provider_key").replace(
+            "file = \"proxy.json\"",
+            "url = \"http://127.0.0.1:1\"\naccess_token = \"tok-portal\"\nenvironment = \"staging\"\nca_file = \"ca.pem\"",
+        );
         let mut shown = std::collections::BTreeSet::new();
         for text in [&with_token, &with_key] {
             let effective = Config::parse(&file, text).unwrap().effective().unwrap();

@@ -33,6 +33,12 @@ pub fn inspect(config: &Config, state: bool) -> Findings {
         }
     }
     found.warnings.extend(config.deprecated.iter().cloned());
+    found.warnings.extend(
+        config
+            .proxy_config
+            .as_ref()
+            .and_then(|p| p.loaded.fallback.clone()),
+    );
     found.warnings.extend(unmatched(config));
     found.warnings.extend(shared_files(config));
     if state {

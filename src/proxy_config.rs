@@ -3,9 +3,12 @@
 //! place as the gateway would. Read from a file: the admin portal's
 //! `/admin/api/account/proxy_configs/<environment>.json`
 //! (`{"proxy_configs":[{"proxy_config":{"content":{…}}}]}`), one service's
-//! (`{"proxy_config":{"content":{…}}}`), or APIcast's own configuration file (`{"services":[…]}`).
+//! (`{"proxy_config":{"content":{…}}}`), or APIcast's own configuration file (`{"services":[…]}`);
+//! or fetched from the admin portal as APIcast does, page by page, and saved in the state folder
+//! so that a start while the portal is down still has it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -13,13 +16,13 @@ use crate::mapping::MappingRule;
 use crate::parse::{CredentialLocation, CredentialMode, CredentialRule};
 
 /// The services of a proxy configuration.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct ProxyConfig {
     pub(crate) services: Vec<ProxyService>,
 }
 
 /// One service of it, as tally uses it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ProxyService {
     pub(crate) id: String,
     /// Where and under which names its requests carry their credential, and which kind.
@@ -34,13 +37,6 @@ pub(crate) struct ProxyService {
 }
 
 impl ProxyConfig {
-    /// Reads and checks `path`; the error says what is wrong with it.
-    pub(crate) fn load(path: &Path) -> Result<ProxyConfig, String> {
-        let text =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        ProxyConfig::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
-    }
-
     /// Reads a proxy configuration document.
     pub(crate) fn parse(text: &[u8]) -> Result<ProxyConfig, String> {
         let document: Document = serde_json::from_slice(text)
@@ -77,6 +73,165 @@ impl ProxyConfig {
     pub(crate) fn service(&self, id: &str) -> Option<&ProxyService> {
         self.services.iter().find(|s| s.id == id)
     }
+}
+
+/// The admin portal's proxy configuration of one environment, fetched as APIcast fetches it.
+#[derive(Debug, Clone)]
+pub(crate) struct Portal {
+    /// The admin portal (`https://ACCOUNT-admin.3scale.net`), without credentials.
+    pub(crate) url: reqwest::Url,
+    /// An access token with read access to the Account Management API.
+    pub(crate) access_token: crate::config::Secret,
+    /// The environment's name in the API: `production`, or `sandbox` for staging.
+    pub(crate) environment: &'static str,
+    /// Extra root certificates (a portal behind a private CA).
+    pub(crate) ca_certificates: Vec<reqwest::Certificate>,
+}
+
+/// Pages of 500 configurations, as APIcast asks for (the API's largest page).
+const PER_PAGE: usize = 500;
+/// A portal that ignores `page` would be asked forever; 200 pages are 100,000 services.
+const MAX_PAGES: usize = 200;
+/// Per page: the portal answers in well under a second; a minute means it is in trouble.
+const PAGE_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Deserialize)]
+struct Page {
+    #[serde(default)]
+    proxy_configs: Vec<serde_json::Value>,
+}
+
+impl Portal {
+    /// The HTTP client for it (one, so one connection pool, for every refresh).
+    pub(crate) fn client(&self) -> Result<reqwest::Client, String> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(PAGE_TIMEOUT)
+            .user_agent(concat!("tally/", env!("CARGO_PKG_VERSION")));
+        for certificate in &self.ca_certificates {
+            builder = builder.add_root_certificate(certificate.clone());
+        }
+        builder
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))
+    }
+
+    /// Every service's latest configuration in the environment, every page's list joined into one
+    /// document (`{"proxy_configs":[…]}`, the shape [`ProxyConfig::parse`] reads and the saved
+    /// copy keeps). The error never holds the token.
+    pub(crate) async fn fetch(&self, client: &reqwest::Client) -> Result<Vec<u8>, String> {
+        let mut base = self.url.clone();
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        let endpoint = base
+            .join(&format!(
+                "admin/api/account/proxy_configs/{}.json",
+                self.environment
+            ))
+            .map_err(|e| format!("{}: {e}", self.url))?;
+        let mut all: Vec<serde_json::Value> = Vec::new();
+        let mut previous_first: Option<serde_json::Value> = None;
+        for page in 1..=MAX_PAGES {
+            let mut url = endpoint.clone();
+            url.query_pairs_mut()
+                .append_pair("version", "latest")
+                .append_pair("page", &page.to_string())
+                .append_pair("per_page", &PER_PAGE.to_string());
+            // As APIcast sends it (the token as the user of HTTP Basic): not in the URL, which
+            // proxies and the portal's access log keep.
+            let answer = client
+                .get(url.clone())
+                .basic_auth(self.access_token.expose(), Some(""))
+                .send()
+                .await
+                .map_err(|e| {
+                    format!("GET {endpoint} page {page}: {}", crate::report::describe(e))
+                })?;
+            let status = answer.status();
+            let body = answer.bytes().await.map_err(|e| {
+                format!("GET {endpoint} page {page}: {}", crate::report::describe(e))
+            })?;
+            if !status.is_success() {
+                return Err(refused(&endpoint, status, &body));
+            }
+            let listed: Page = serde_json::from_slice(&body).map_err(|e| {
+                format!("GET {endpoint} page {page}: not a list of proxy configurations: {e}")
+            })?;
+            let count = listed.proxy_configs.len();
+            let first = listed.proxy_configs.first().cloned();
+            // A portal without pagination answers every page alike: its second page is its first.
+            if page > 1 && first.is_some() && first == previous_first {
+                break;
+            }
+            all.extend(listed.proxy_configs);
+            if count < PER_PAGE {
+                break;
+            }
+            if page == MAX_PAGES {
+                return Err(format!(
+                    "GET {endpoint}: still full pages after {MAX_PAGES} pages of {PER_PAGE}"
+                ));
+            }
+            previous_first = first;
+        }
+        serde_json::to_vec(&serde_json::json!({ "proxy_configs": all }))
+            .map_err(|e| format!("cannot encode the proxy configuration: {e}"))
+    }
+
+    /// [`Portal::fetch`] from code that is not async (the configuration's loading), on a thread
+    /// of its own so that it works inside a runtime or outside of one.
+    pub(crate) fn fetch_now(&self) -> Result<Vec<u8>, String> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+                    runtime.block_on(async { self.fetch(&self.client()?).await })
+                })
+                .join()
+                .unwrap_or_else(|_| Err("the fetch stopped abnormally".into()))
+        })
+    }
+}
+
+/// What a refusal of the portal means, with the start of its answer (3scale's errors are short).
+fn refused(endpoint: &reqwest::Url, status: reqwest::StatusCode, body: &[u8]) -> String {
+    let hint = match status.as_u16() {
+        401 | 403 => {
+            ": the access token was refused (it needs read access to the Account Management API)"
+        }
+        404 => {
+            ": no such page (is the URL the admin portal's, e.g. https://ACCOUNT-admin.3scale.net?)"
+        }
+        422 => ": the portal does not know this environment",
+        _ => "",
+    };
+    let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+    format!(
+        "GET {endpoint}: HTTP {status}{hint}: {}",
+        text.trim().replace('\n', " ")
+    )
+}
+
+/// The copy of the last proxy configuration fetched, in the state folder.
+pub(crate) fn saved_copy(state_dir: &Path) -> PathBuf {
+    state_dir.join("proxy-config.json")
+}
+
+/// Saves `document` as the last good copy: whole or not at all (a temp file renamed over it).
+pub(crate) fn save(state_dir: &Path, document: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = saved_copy(state_dir);
+    let temp = state_dir.join("proxy-config.json.tmp");
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(document)?;
+    file.sync_data()?;
+    drop(file);
+    std::fs::rename(&temp, &path)
 }
 
 #[derive(Deserialize)]

@@ -2,6 +2,7 @@
 //! and the orderly stop on SIGTERM / SIGINT.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::aggregate::{self, Aggregator, Counted, ServiceLines};
+use crate::aggregate::{self, Aggregator, Counted, FeedSettings, Reconfiguration, ServiceLines};
 use crate::config::Config;
 use crate::config::ReadFrom;
 use crate::mapping::MappingRules;
@@ -221,6 +222,28 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         let task = reporters.spawn(report::run(service, batch_rx, metrics.clone()));
         stage_of.insert(task.id(), format!("reporting of service {service_id}"));
     }
+    // A refreshed proxy configuration reaches the services through their followers, so that all
+    // the services of a file switch at the same line.
+    let (reconfigure, reconfigurations) = tokio::sync::watch::channel(None);
+    let feed_paths: Vec<String> = feeds
+        .iter()
+        .map(|f| config.sources[f[0]].path.clone())
+        .collect();
+    let refresher = config.proxy_config.as_ref().map(|settings| {
+        // Logged with the configuration's other warnings.
+        if let Some(why) = &settings.loaded.fallback {
+            metrics.set_warning("proxy_config", Some(why.clone()));
+        } else if settings.portal.is_some() && !options.dry_run {
+            save_proxy_config(&config.state.dir, &settings.loaded.document, &metrics);
+        }
+        tokio::spawn(refresh_proxy_config(ProxyRefresh {
+            config: config.clone(),
+            feeds: feed_paths,
+            reconfigure,
+            metrics: metrics.clone(),
+            save: !options.dry_run,
+        }))
+    });
     let mut followers = Vec::new();
     for (feed, ((sources, plan), out)) in feeds.iter().zip(plans).zip(feed_out).enumerate() {
         let path = &config.sources[sources[0]].path;
@@ -236,6 +259,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
             records: config.sources[sources[0]]
                 .container
                 .map(|c| Arc::new(c) as Arc<dyn crate::tail::Records>),
+            reconfigurations: refresher.as_ref().map(|_| reconfigurations.clone()),
         };
         let events: Arc<dyn TailEvents> = metrics.clone();
         let follower = Follower::spawn(feed, path.clone(), tail, out, events)
@@ -295,6 +319,9 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
             }
         }
     };
+    if let Some(refresher) = &refresher {
+        refresher.abort();
+    }
     let read_everything = followers.iter().all(Follower::is_finished);
     tracing::info!(
         why,
@@ -335,6 +362,172 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
     } else {
         Outcome::Unfinished
     })
+}
+
+/// What refreshes the proxy configuration.
+struct ProxyRefresh {
+    /// The configuration in use.
+    config: Config,
+    /// The path of each follower, by feed.
+    feeds: Vec<String>,
+    reconfigure: tokio::sync::watch::Sender<Option<Arc<Reconfiguration>>>,
+    metrics: Arc<Metrics>,
+    /// Keep a copy of what the admin portal gives (not with --dry-run).
+    save: bool,
+}
+
+/// Every `refresh`: reads the proxy configuration again and, when it changed, passes it to the
+/// followers. A failure keeps the last good one (and says so on /healthz); a new version that
+/// changes what runs (services, their backend credentials) waits for a restart.
+async fn refresh_proxy_config(mut r: ProxyRefresh) {
+    let Some(settings) = r.config.proxy_config.clone() else {
+        return;
+    };
+    let client = match settings.portal.as_ref().map(|p| p.client()).transpose() {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(error = %e, "the proxy configuration cannot be refreshed");
+            return;
+        }
+    };
+    let mut in_use = settings.loaded.document.clone();
+    let mut ticks = tokio::time::interval(settings.refresh);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let fetched = match (&settings.portal, &client, &settings.file) {
+            (Some(portal), Some(client), _) => portal.fetch(client).await,
+            // A small file, read once per refresh.
+            (_, _, Some(file)) => {
+                std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))
+            }
+            _ => return,
+        };
+        let document: Arc<[u8]> = match fetched {
+            Ok(d) => d.into(),
+            Err(e) => {
+                proxy_config_failed(&r.metrics, &e);
+                continue;
+            }
+        };
+        if document == in_use {
+            r.metrics.proxy_config_unchanged.fetch_add(1, Relaxed);
+            r.metrics.set_warning("proxy_config", None);
+            continue;
+        }
+        let new = match r.config.with_proxy_document(document.clone()) {
+            Ok(new) => new,
+            Err(e) => {
+                proxy_config_failed(&r.metrics, &format!("the new version is not usable: {e}"));
+                continue;
+            }
+        };
+        if let Some(change) = needs_restart(&r.config, &new) {
+            r.metrics.proxy_config_not_applied.fetch_add(1, Relaxed);
+            let why =
+                format!("a new version {change}: restart tally to apply it (the one in use stays)");
+            tracing::warn!("proxy configuration: {why}");
+            r.metrics.set_warning("proxy_config", Some(why));
+            continue;
+        }
+        let feeds = new
+            .sources
+            .iter()
+            .filter_map(|s| {
+                let feed = r.feeds.iter().position(|p| *p == s.path)?;
+                let settings = FeedSettings {
+                    parser: s.parser(new.tail.max_line_length),
+                    rules: s.mapping_rules.clone(),
+                    route: s.route.as_ref().map(|route| route.hosts.clone()),
+                };
+                Some(((s.service_id.clone(), feed), settings))
+            })
+            .collect();
+        if r.save && settings.portal.is_some() {
+            save_proxy_config(&r.config.state.dir, &document, &r.metrics);
+        }
+        let _ = r
+            .reconfigure
+            .send(Some(Arc::new(Reconfiguration { feeds })));
+        r.metrics.proxy_config_applied.fetch_add(1, Relaxed);
+        r.metrics.set_warning("proxy_config", None);
+        tracing::info!(
+            services = new.services().len(),
+            "proxy configuration: a new version, in use from the next line read"
+        );
+        in_use = document;
+        r.config = new;
+    }
+}
+
+/// A refresh that failed: the last good proxy configuration stays.
+fn proxy_config_failed(metrics: &Metrics, why: &str) {
+    metrics.proxy_config_failed.fetch_add(1, Relaxed);
+    tracing::warn!(error = %why, "proxy configuration: the refresh failed, the last good one stays");
+    metrics.set_warning(
+        "proxy_config",
+        Some(format!(
+            "the last refresh failed ({why}): the last good one stays"
+        )),
+    );
+}
+
+/// Saves the admin portal's proxy configuration in the state folder, for a start while it is down.
+fn save_proxy_config(dir: &std::path::Path, document: &[u8], metrics: &Metrics) {
+    if let Err(e) = crate::proxy_config::save(dir, document) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot save the proxy configuration");
+        metrics.set_warning(
+            "proxy_config",
+            Some(format!("cannot save a copy in {}: {e}", dir.display())),
+        );
+    }
+}
+
+/// What in `new` cannot change while tally runs, if anything does: the services and the files
+/// they read, and how each authenticates with 3scale.
+fn needs_restart(old: &Config, new: &Config) -> Option<String> {
+    let layout = |c: &Config| {
+        c.sources
+            .iter()
+            .map(|s| (s.service_id.clone(), s.path.clone()))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let (before, after) = (old.services(), new.services());
+    let added: Vec<&str> = after
+        .iter()
+        .filter(|s| !before.contains(s))
+        .map(|s| s.as_str())
+        .collect();
+    let removed: Vec<&str> = before
+        .iter()
+        .filter(|s| !after.contains(s))
+        .map(|s| s.as_str())
+        .collect();
+    if !added.is_empty() || !removed.is_empty() {
+        return Some(format!(
+            "changes the services reported to (added: [{}], removed: [{}])",
+            added.join(", "),
+            removed.join(", ")
+        ));
+    }
+    if layout(old) != layout(new) {
+        return Some("changes which files feed which services".into());
+    }
+    if old.backend.url != new.backend.url {
+        return Some("changes the backend endpoint".into());
+    }
+    let auth = |c: &Config, service: &str| {
+        c.sources
+            .iter()
+            .find(|s| s.service_id == service)
+            .and_then(|s| s.auth.clone())
+            .or_else(|| c.backend.auth.clone())
+    };
+    before
+        .iter()
+        .find(|s| auth(old, s) != auth(new, s))
+        .map(|s| format!("changes the backend credentials of service {s}"))
 }
 
 /// The name of the test-only hook: a line holding its value makes the aggregation panic, so that a

@@ -48,6 +48,14 @@ pub enum Tailed {
         /// The file is gone (else replaced).
         gone: bool,
     },
+    /// The services' settings change (a new proxy configuration) for the lines that follow: every
+    /// service the follower feeds switches at the same line.
+    Reconfigured {
+        /// The follower (`[[sources]]` path).
+        feed: usize,
+        /// Per service and feed, what it reads the lines with.
+        settings: Arc<crate::aggregate::Reconfiguration>,
+    },
 }
 
 /// Complete lines read from one file, each ending with `\n`.
@@ -159,7 +167,13 @@ pub struct TailOptions {
     /// How physical lines make up lines, when a line may be split over several (a container
     /// runtime's log); None: each physical line is a line.
     pub records: Option<Arc<dyn Records>>,
+    /// New settings of the services, passed on before the next lines read.
+    pub reconfigurations: Option<Reconfigurations>,
 }
+
+/// Where a follower learns of new settings of the services it feeds.
+pub(crate) type Reconfigurations =
+    tokio::sync::watch::Receiver<Option<Arc<crate::aggregate::Reconfiguration>>>;
 
 /// How a feed's physical lines make up its lines, when one may be split over several records: a
 /// chunk (and so a checkpoint) never ends inside a line whose records are not all there.
@@ -439,11 +453,28 @@ struct Tail {
     started: bool,
 }
 
-/// Tells every service fed by the follower; blocks while one of them is behind (the file is the
-/// buffer). False when a service is gone.
-fn send(out: &[mpsc::Sender<Tailed>], message: Tailed) -> bool {
-    out.iter()
-        .all(|service| service.blocking_send(message.clone()).is_ok())
+/// Tells every service fed by the follower, after new settings if there are any; blocks while one
+/// of them is behind (the file is the buffer). False when a service is gone.
+fn send(
+    out: &[mpsc::Sender<Tailed>],
+    feed: usize,
+    reconfigurations: &mut Option<Reconfigurations>,
+    message: Tailed,
+) -> bool {
+    let tell = |message: Tailed| {
+        out.iter()
+            .all(|service| service.blocking_send(message.clone()).is_ok())
+    };
+    if let Some(changes) = reconfigurations {
+        if changes.has_changed().unwrap_or(false) {
+            if let Some(settings) = changes.borrow_and_update().clone() {
+                if !tell(Tailed::Reconfigured { feed, settings }) {
+                    return false;
+                }
+            }
+        }
+    }
+    tell(message)
 }
 
 impl Tail {
@@ -573,9 +604,11 @@ impl Tail {
     }
 
     /// Tells the pipeline that a checkpoint no longer applies.
-    fn forget(&self, at: FilePosition, gone: bool) {
+    fn forget(&mut self, at: FilePosition, gone: bool) {
         send(
             &self.out,
+            self.feed,
+            &mut self.options.reconfigurations,
             Tailed::Forget {
                 feed: self.feed,
                 at,
@@ -617,6 +650,8 @@ impl Tail {
         };
         send(
             &self.out,
+            self.feed,
+            &mut self.options.reconfigurations,
             Tailed::Opened {
                 feed: self.feed,
                 at: reader.at(offset),
@@ -781,7 +816,12 @@ impl Tail {
             }
             let chunk = Chunk::new(*feed, r.at(chunk_end), data);
             events.read(*feed, r.key, &r.shown, r.offset);
-            if !send(out, Tailed::Lines(Arc::new(chunk))) {
+            if !send(
+                out,
+                *feed,
+                &mut options.reconfigurations,
+                Tailed::Lines(Arc::new(chunk)),
+            ) {
                 return false;
             }
         }
@@ -812,7 +852,12 @@ impl Tail {
             }
             self.events.finished(&r.shown, r.offset);
             let chunk = Chunk::new(self.feed, r.at(r.offset), data);
-            if !send(&self.out, Tailed::Finished(Arc::new(chunk))) {
+            if !send(
+                &self.out,
+                self.feed,
+                &mut self.options.reconfigurations,
+                Tailed::Finished(Arc::new(chunk)),
+            ) {
                 return false;
             }
         }
@@ -1030,6 +1075,7 @@ mod model {
                 max_line_length: 64 * 1024,
                 once: false,
                 records: None,
+                reconfigurations: None,
             };
             let tail = Tail {
                 feed: 0,
@@ -1224,6 +1270,7 @@ mod container_records {
                 max_line_length: max,
                 once: false,
                 records: Some(Arc::new(CRI)),
+                reconfigurations: None,
             };
             let tail = Tail {
                 feed: 0,

@@ -168,6 +168,13 @@ for_each_skip!(declare_metrics! {
         Counter authorize_calls_total "Authorize calls checking new credentials." { authorize_calls }
         Counter rotations_total "Log files rotated or deleted." { rotations }
         Counter truncations_total "Log files truncated or replaced in place." { truncations }
+        Counter proxy_config_refreshes_total
+            "Refreshes of the 3scale proxy configuration, by result: applied (a new version, in use from the next line), unchanged, failed (unreachable, refused or invalid: the last good one stays), not_applied (it adds or removes services, or changes their backend credentials: restart tally to apply it)." {
+            proxy_config_applied(result = "applied"),
+            proxy_config_unchanged(result = "unchanged"),
+            proxy_config_failed(result = "failed"),
+            proxy_config_not_applied(result = "not_applied"),
+        }
     }
 
     /// Process-wide counters. Every line read ends up counted as reported or as skipped under a
@@ -188,6 +195,9 @@ for_each_skip!(declare_metrics! {
         /// What keeps tally from doing its job now (a service 3scale rejects, a state it cannot write, a
         /// log it cannot open), by what it is about.
         problems: Mutex<BTreeMap<String, String>>,
+        /// What `/healthz` shows without failing (tally reports, but something needs a look), by
+        /// what it is about.
+        warnings: Mutex<BTreeMap<String, String>>,
         /// Per service: since when requests wait with nothing accepted, and the last failure.
         services: Mutex<BTreeMap<String, Waiting>>,
         /// Stages that stopped abnormally (a panic), and a wake-up for whoever waits for one.
@@ -372,6 +382,28 @@ impl Metrics {
             None => m.remove(what).is_some(),
             Some(_) => false,
         }
+    }
+
+    /// Sets (or, with None, clears) a warning `/healthz` shows while it stays healthy.
+    pub fn set_warning(&self, what: &str, why: Option<String>) {
+        if let Ok(mut m) = self.warnings.lock() {
+            match why {
+                Some(why) => m.insert(what.to_string(), why),
+                None => m.remove(what),
+            };
+        }
+    }
+
+    /// The warnings `/healthz` shows.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(what, why)| format!("{what}: {why}"))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Why the process is unhealthy, if it is.
@@ -688,7 +720,20 @@ async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) -> std::io
         ),
         (b"GET", b"/livez") => ("200 OK", "text/plain", "ok\n".to_string()),
         (b"GET", b"/healthz") => match metrics.problems() {
-            problems if problems.is_empty() => ("200 OK", "text/plain", "ok\n".to_string()),
+            problems if problems.is_empty() => (
+                "200 OK",
+                "text/plain",
+                std::iter::once("ok".to_string())
+                    .chain(
+                        metrics
+                            .warnings()
+                            .into_iter()
+                            .map(|w| format!("warning: {w}")),
+                    )
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    + "\n",
+            ),
             problems => (
                 "503 Service Unavailable",
                 "text/plain",
@@ -840,6 +885,12 @@ fn prometheus(m: &Metrics) -> String {
         Kind::Gauge,
         "1 unless something keeps tally from reporting (see /healthz).",
         &one(healthy),
+    );
+    metric(
+        "warnings",
+        Kind::Gauge,
+        "Things that need a look though tally reports (a proxy configuration that cannot be refreshed or applied): listed by /healthz.",
+        &one(m.warnings().len() as u64),
     );
     out
 }

@@ -377,6 +377,14 @@ impl Parser {
         read(format, credentials, last_time, captures, line).map(Some)
     }
 
+    /// Takes over what `old` (the parser this one replaces) holds of lines under way: a line whose
+    /// container records are partly read goes on across the switch.
+    pub(crate) fn carry_over(&mut self, old: Parser) {
+        if self.unwrapper.is_some() {
+            self.unwrapper = old.unwrapper;
+        }
+    }
+
     /// The line a physical line of the source's file makes, for `tally parse`: unwrapped and
     /// joined (a copy) with a container wrapper; None as for [`Parser::parse_record`].
     pub(crate) fn unwrap(&mut self, record: &[u8]) -> Result<Option<Vec<u8>>, Skip> {

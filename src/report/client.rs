@@ -411,7 +411,7 @@ pub(super) fn shown(d: Duration) -> humantime::FormattedDuration {
 
 /// reqwest's error with its causes, which say what actually went wrong (refused, reset, timed out).
 /// Without the URL: an authorize URL holds the service token.
-fn describe(e: reqwest::Error) -> String {
+pub(crate) fn describe(e: reqwest::Error) -> String {
     let e = e.without_url();
     let mut text = if e.is_timeout() {
         "timed out".to_string()

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use client::MetricAnswer;
-pub(crate) use client::{Client, Existence, Failure, Kind, ReportError};
+pub(crate) use client::{describe, Client, Existence, Failure, Kind, ReportError};
 pub(crate) use credentials::Credentials;
 pub(crate) use form::{encode, ReportForm};
 use known_metrics::{Answer as MetricKnown, KnownMetrics};

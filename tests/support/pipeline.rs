@@ -94,6 +94,7 @@ pub fn read_once(
         max_line_length: MAX_LINE_LENGTH,
         once: true,
         records: None,
+        reconfigurations: None,
     };
     let events: Arc<dyn TailEvents> = metrics;
     let follower = Follower::spawn(0, log.display().to_string(), options, vec![tx], events)
