@@ -13,6 +13,7 @@ mod config;
 mod explain;
 mod identity;
 mod mapping;
+mod online;
 mod parse;
 mod preflight;
 mod proxy_config;
@@ -26,6 +27,7 @@ mod usage;
 // What the `tally` binary runs.
 pub use config::{Config, ConfigError, LogOutput};
 pub use explain::{explain, ExplainError, ExplainInput, ExplainOptions};
+pub use online::check_online;
 pub use preflight::{inspect, Findings};
 pub use run::{run, Outcome, RunOptions};
 pub use telemetry::init_logging;

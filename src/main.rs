@@ -46,6 +46,10 @@ enum Command {
     Check {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Also ask 3scale (reporting nothing): whether each service takes its token and has every
+        /// metric its mapping rules name, checked with credentials from the end of its logs.
+        #[arg(long)]
+        online: bool,
     },
     /// Show what tally reads from each line of a source's log, and what it would report, or why
     /// it skips the line and where parsing failed. Reports nothing.
@@ -87,9 +91,24 @@ fn report_errors(file: &Path, found: &Findings) -> bool {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config: file } => match Config::load(&file) {
+        Command::Check {
+            config: file,
+            online,
+        } => match Config::load(&file) {
             Ok(c) => {
-                let found = tally::inspect(&c, true);
+                let mut found = tally::inspect(&c, true);
+                if online {
+                    let asked = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map(|runtime| runtime.block_on(tally::check_online(&c, &mut found)));
+                    match asked {
+                        Ok(said) => said.iter().for_each(|line| eprintln!("{line}")),
+                        Err(e) => found
+                            .errors
+                            .push(format!("online: cannot start the runtime: {e}")),
+                    }
+                }
                 for w in &found.warnings {
                     eprintln!("warning: {}: {w}", file.display());
                 }

@@ -112,16 +112,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         services.entry(s.service_id.as_str()).or_default().push(i);
     }
     // One client, so one keep-alive connection pool, for every service.
-    let client = Arc::new(report::Client::new(
-        &config.backend.url,
-        config.backend.connect_timeout,
-        config.backend.timeout,
-        config
-            .backend
-            .ca_file
-            .as_ref()
-            .map_or(&[][..], |(_, certificates)| certificates),
-    )?);
+    let client = Arc::new(report::Client::for_backend(&config.backend)?);
     if let Some(listen) = config.telemetry.listen {
         telemetry::serve(listen, metrics.clone())
             .await

@@ -12,21 +12,11 @@ use serde_json::json;
 use support::backend::Backend;
 use support::portal::{Asked, Portal};
 use support::{
-    combined_line, now, poll_until, sample, telemetry_get, telemetry_port, wait_for_health, Tally,
-    JSON_LOGS,
+    append, combined_line, now, poll_until, sample, telemetry_get, telemetry_port, wait_for_health,
+    Tally, JSON_LOGS,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn append(path: &Path, text: &str) {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    f.write_all(text.as_bytes()).unwrap();
-}
 
 /// A service as the admin portal has it: user_key in the query, its Host names, its rules
 /// (method, pattern, metric).

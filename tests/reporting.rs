@@ -3,26 +3,16 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
 use support::backend::Backend;
 use support::{
-    combined_line, events_with, last_summary, now, number, poll_until, write_config, Scenario,
-    Tally, JSON_LOGS,
+    append, combined_line, events_with, last_summary, now, number, poll_until, write_config,
+    Scenario, Tally, JSON_LOGS,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn append(path: &Path, text: &str) {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .unwrap();
-    f.write_all(text.as_bytes()).unwrap();
-}
 
 /// (credential, code) → count, of what the backend accepted.
 fn by_credential_and_code(b: &Backend) -> BTreeMap<(String, String), u64> {
@@ -961,4 +951,62 @@ fn lines_are_routed_to_services_by_host() {
     // api.example without a user_key are service 2's, not skips of service 1).
     assert_eq!(number(&summary, "skipped_no_credential"), 1, "{logs}");
     assert!(backend.refusals().is_empty(), "{:?}", backend.refusals());
+}
+
+/// `tally check --online` asks 3scale, reporting nothing: the token is accepted, the metrics the
+/// rules name exist or not (checked with an application of the log that 3scale knows, the newest
+/// unknown one passed over), and a wrong token is an error that shows no token.
+#[test]
+fn check_online_lists_the_metrics_a_service_does_not_have() {
+    let s = Scenario::new();
+    s.backend.set_metrics(&["get_product"]);
+    s.backend.set_applications(&["k1"]);
+    let t = now() - 30;
+    append(
+        &s.log,
+        &[
+            combined_line(t, "GET", "/products/1?user_key=k1", 200),
+            combined_line(t, "GET", "/products/2?user_key=nobody", 200),
+        ]
+        .concat(),
+    );
+    let rules = "[[sources.mapping_rules]]\nmethod = \"GET\"\npattern = \"/products/{id}\"\nmetric = \"get_product\"\n\
+                 [[sources.mapping_rules]]\nmethod = \"ANY\"\npattern = \"/\"\nmetric = \"no_such_metric\"\n";
+    let config = s.config("", rules);
+    let check = |config: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["check", "--online", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    let out = check(&config);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("online: service 42: it has no metric `no_such_metric`"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "online: service 42: the token is accepted; checked with user_key k… from its logs"
+        ) && err.contains("metrics that exist: hits, get_product"),
+        "{err}"
+    );
+    assert!(s.backend.reports().is_empty());
+    assert_eq!(s.backend.authorizations()[..2], ["nobody", "k1"]);
+
+    let wrong = std::fs::read_to_string(&config).unwrap().replace(
+        "service_token = \"tok\"",
+        "service_token = \"wrong-token-9\"",
+    );
+    std::fs::write(&config, wrong).unwrap();
+    let out = check(&config);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("online: service 42: 3scale rejects the call: service_token_invalid"),
+        "{err}"
+    );
+    assert!(!err.contains("wrong-token-9"), "{err}");
 }

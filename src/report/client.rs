@@ -224,6 +224,19 @@ impl Client {
         })
     }
 
+    /// The client of `[backend]`'s Service Management API, with its timeouts and CA certificates.
+    pub(crate) fn for_backend(backend: &crate::config::Backend) -> anyhow::Result<Client> {
+        Client::new(
+            &backend.url,
+            backend.connect_timeout,
+            backend.timeout,
+            backend
+                .ca_file
+                .as_ref()
+                .map_or(&[][..], |(_, certificates)| certificates),
+        )
+    }
+
     /// Sends a request with the current response timeout and reads the answer's status and body.
     /// The answer time of a report call (the call that matters) lets the timeout decay.
     async fn exchange(

@@ -18,8 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use client::MetricAnswer;
-pub(crate) use client::{describe, Client, Existence, Failure, Kind, ReportError};
+pub(crate) use client::{describe, Client, Existence, Failure, Kind, MetricAnswer, ReportError};
 pub(crate) use credentials::Credentials;
 pub(crate) use form::{encode, ReportForm};
 use known_metrics::{Answer as MetricKnown, KnownMetrics};

@@ -182,6 +182,17 @@ pub fn write_config_with(
     config
 }
 
+/// Appends `text` to the file at `path` (created if need be).
+pub fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open the log");
+    f.write_all(text.as_bytes()).expect("append to the log");
+}
+
 /// A combined-format line.
 pub fn combined_line(epoch: i64, method: &str, target: &str, status: u16) -> String {
     format!("203.0.113.9 - - [{}] \"{method} {target} HTTP/1.1\" {status} 12 \"-\" \"test-agent/1.0\"\n", time_local(epoch))
@@ -263,13 +274,7 @@ impl Scenario {
 
     /// Appends text to the access log.
     pub fn append(&self, text: &str) {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open the log");
-        f.write_all(text.as_bytes()).expect("append to the log");
+        append(&self.log, text);
     }
 
     /// A configuration reporting the access log to service 42 with token `tok`.
