@@ -682,8 +682,8 @@ pub(crate) fn parse_chunk(
     let unwrapping = parser.as_deref().is_some_and(|p| p.container().is_some());
     // A source routed by Host: one of its services counts every line read and skipped; the
     // others take their own lines and count nothing else (each line once).
-    let route = lines.routes.get(chunk.feed).and_then(Option::as_ref);
-    let counts = route.is_none_or(HostRoute::counts_all);
+    let mut route = lines.routes.get_mut(chunk.feed).and_then(Option::as_mut);
+    let counts = route.as_deref().is_none_or(HostRoute::counts_all);
     let escape = parser
         .as_deref()
         .map_or(crate::parse::LogEscape::Default, Parser::escape);
@@ -724,7 +724,10 @@ pub(crate) fn parse_chunk(
                     if first_line_time == 0 {
                         first_line_time = line_time;
                     }
-                    match route.map(|r| r.owner(request.host)) {
+                    match route
+                        .as_deref()
+                        .map(|r| r.owner_of_request(&request, escape))
+                    {
                         Some(Owner::Other) => {
                             read += u64::from(counts);
                             continue;
@@ -741,7 +744,8 @@ pub(crate) fn parse_chunk(
                 // Routed by Host, a line whose credential tally cannot read is its service's to
                 // count: the Host is read again without it (the rare path).
                 Err(skip @ (Skip::NoCredential | Skip::InvalidCredential)) if route.is_some() => {
-                    match route.map(|r| r.owner(parser.host_of(line))) {
+                    let host = parser.host_of(line);
+                    match route.as_deref_mut().map(|r| r.owner_of_line(host, line)) {
                         Some(Owner::Other) => {
                             read += u64::from(counts);
                             continue;

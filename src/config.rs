@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize, Serializer};
 use toml::Spanned;
 
-use crate::mapping::{host_name, HostRoute, MappingRule, MappingRules};
+use crate::mapping::{host_name, HostRoute, MappingRule, MappingRules, PathRouting};
 use crate::proxy_config::{ProxyConfig, ProxyService};
 use crate::usage::MetricNames;
 use std::sync::Arc;
@@ -105,6 +105,7 @@ pub(crate) mod defaults {
         use std::time::Duration;
         pub(crate) const ENVIRONMENT: &str = "production";
         pub(crate) const REFRESH: Duration = Duration::from_secs(300);
+        pub(crate) const PATH_ROUTING: bool = false;
     }
     pub(crate) mod telemetry {
         use std::time::Duration;
@@ -481,6 +482,8 @@ pub struct ProxyConfigSettings {
     pub refresh: Duration,
     #[serde(serialize_with = "ca_file", skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<(PathBuf, Vec<reqwest::Certificate>)>,
+    /// APIcast's path routing, for sources routed by Host.
+    pub path_routing: bool,
     /// Where it is fetched from, with a url.
     #[serde(skip)]
     pub(crate) portal: Option<crate::proxy_config::Portal>,
@@ -627,6 +630,7 @@ struct RawProxyConfig {
     #[serde(default, deserialize_with = "duration::optional")]
     refresh: Option<Duration>,
     ca_file: Option<Spanned<String>>,
+    path_routing: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -813,6 +817,8 @@ struct Ctx<'a> {
     dir: &'a Path,
     /// The proxy configuration, if one is given.
     proxy: Option<ProxyConfig>,
+    /// `proxy_config.path_routing`.
+    path_routing: bool,
 }
 
 impl Ctx<'_> {
@@ -1024,6 +1030,10 @@ impl Ctx<'_> {
             ("access_token_file", &p.access_token_file),
         ];
         let refresh = p.refresh.unwrap_or(defaults::proxy_config::REFRESH);
+        let path_routing = p
+            .path_routing
+            .unwrap_or(defaults::proxy_config::PATH_ROUTING);
+        self.path_routing = path_routing;
         let (file, url) = match (&p.file, &p.url) {
             (None, None) => {
                 return Err(self.invalid(
@@ -1081,6 +1091,7 @@ impl Ctx<'_> {
                 environment: None,
                 refresh,
                 ca_file: None,
+                path_routing,
                 portal: None,
                 loaded: Loaded {
                     document,
@@ -1209,6 +1220,7 @@ impl Ctx<'_> {
             environment: Some(environment.to_string()),
             refresh,
             ca_file,
+            path_routing,
             portal: Some(portal),
             loaded: Loaded { document, fallback },
         })
@@ -1262,8 +1274,9 @@ impl Ctx<'_> {
                 "give the service id, or a [proxy_config] whose services' Host names (proxy.hosts) route each line to its service",
             ));
         }
-        // A Host listed by several services is the first's, as APIcast finds a service by Host
-        // (without path routing): a line never goes to two services.
+        // Without path routing, a Host listed by several services is the first's, as APIcast
+        // finds a service by Host: a line never goes to two services. With it, each line's
+        // service is chosen among those of its Host (see `PathRouting`).
         let mut claimed: Vec<String> = Vec::new();
         let mut owned: Vec<(&ProxyService, Vec<String>)> = Vec::new();
         for service in routed {
@@ -1271,6 +1284,8 @@ impl Ctx<'_> {
             for host in service.hosts.iter().map(|h| host_name(h)) {
                 if !claimed.contains(&host) {
                     claimed.push(host.clone());
+                    hosts.push(host);
+                } else if self.path_routing && !hosts.contains(&host) {
                     hosts.push(host);
                 }
             }
@@ -1286,6 +1301,7 @@ impl Ctx<'_> {
                     hosts,
                     // One of them counts the lines read and skipped (each line once).
                     all_hosts: (k == 0).then(|| all.clone()),
+                    path_routing: None,
                 },
                 given: Given {
                     credentials: s.credentials.is_some() || s.credential.is_some(),
@@ -1318,6 +1334,9 @@ impl Ctx<'_> {
                 ));
             }
             sources.push(source);
+        }
+        if self.path_routing {
+            path_routing(&mut sources);
         }
         Ok(sources)
     }
@@ -1690,6 +1709,7 @@ impl Config {
             text,
             dir: &dir,
             proxy: None,
+            path_routing: false,
         };
         let state_dir = ctx.resolve(raw.state.dir.as_deref().unwrap_or(defaults::state::DIR));
         let proxy_config = match &raw.proxy_config {
@@ -1915,6 +1935,38 @@ impl Config {
     /// that is unset is left out, or shown as the value that means unset where the file has one.
     pub fn effective(&self) -> Result<String, toml::ser::Error> {
         toml::to_string(self)
+    }
+}
+
+/// Gives each service of a source routed by Host what APIcast's path routing needs: every
+/// service's Host names and rules, in the configuration's order, and their parsers.
+fn path_routing(sources: &mut [Source]) {
+    let mut by_host: std::collections::HashMap<String, Vec<(usize, MappingRules)>> =
+        std::collections::HashMap::new();
+    for (place, source) in sources.iter().enumerate() {
+        // Checked with the source: they compile.
+        let rules = MappingRules::on_their_own(&source.mapping_rules).unwrap_or_default();
+        for host in source.route.iter().flat_map(|r| &r.hosts.hosts) {
+            by_host
+                .entry(host.clone())
+                .or_default()
+                .push((place, rules.clone()));
+        }
+    }
+    let by_host = Arc::new(by_host);
+    // Routed sources have no container wrapper: the line length limit plays no part.
+    let parsers: Vec<crate::parse::Parser> = sources
+        .iter()
+        .map(|s| s.parser(defaults::tail::MAX_LINE_LENGTH))
+        .collect();
+    for (place, source) in sources.iter_mut().enumerate() {
+        if let Some(route) = &mut source.route {
+            route.hosts.path_routing = Some(PathRouting {
+                me: place,
+                by_host: by_host.clone(),
+                parsers: parsers.clone(),
+            });
+        }
     }
 }
 
@@ -2512,6 +2564,7 @@ service_id = "42"
 [proxy_config]
 file = "proxy.json"
 refresh = "1m"
+path_routing = true
 
 [backend]
 url = "http://backend.example:3001/"

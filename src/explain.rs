@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use crate::aggregate::MAX_CREDENTIAL_BYTES;
 use crate::config::Config;
-use crate::mapping::{apicast_path, host_name, HostRoute, MappingRules};
+use crate::mapping::{apicast_path, host_name, HostRoute, MappingRules, Owner};
 use crate::parse::{Failure, Parser, Request, Skip, Wrapper};
 use crate::telemetry::{mask, masked_line, printable, shown_path};
 use crate::usage::{MetricNames, Usage};
@@ -204,8 +204,9 @@ impl Lines<'_> {
         &mut self.services[self.current].parser
     }
 
-    /// Chooses the service of `line` (routed by Host: the one of its Host; a line whose Host
-    /// cannot be read is explained with the first's settings), or says no service has its Host.
+    /// Chooses the service of `line` (routed by Host: the one of its Host, or with path routing
+    /// the one its request goes to; a line whose Host cannot be read is explained with the first's
+    /// settings), or says no service has its Host.
     fn route(&mut self, line: &[u8]) -> Result<(), Failure> {
         self.current = 0;
         let Some(first) = self.services.first() else {
@@ -217,30 +218,27 @@ impl Lines<'_> {
         let Some(host) = first.parser.host_of(line) else {
             return Ok(());
         };
-        let name = host_name(&String::from_utf8_lossy(host));
-        match self
-            .services
-            .iter()
-            .position(|s| s.route.as_ref().is_some_and(|r| r.hosts.contains(&name)))
-        {
-            Some(i) => {
-                self.current = i;
-                Ok(())
+        let known = route
+            .all_hosts
+            .as_deref()
+            .map(|h| h.join(", "))
+            .unwrap_or_default();
+        for (i, service) in self.services.iter_mut().enumerate() {
+            if let Some(route) = &mut service.route {
+                if route.owner_of_line(Some(host), line) == Owner::This {
+                    self.current = i;
+                    return Ok(());
+                }
             }
-            None => Err(Failure {
-                skip: Skip::UnknownHost,
-                at: None,
-                expected: format!(
-                    "a Host of the proxy configuration's services ({}), not `{}`",
-                    route
-                        .all_hosts
-                        .as_deref()
-                        .map(|h| h.join(", "))
-                        .unwrap_or_default(),
-                    printable(&name)
-                ),
-            }),
         }
+        Err(Failure {
+            skip: Skip::UnknownHost,
+            at: None,
+            expected: format!(
+                "a Host of the proxy configuration's services ({known}), not `{}`",
+                printable(&host_name(&String::from_utf8_lossy(host)))
+            ),
+        })
     }
 
     /// Every line of `input`; `header`: name the file first (a source's path may name several).

@@ -4,6 +4,8 @@
 //! with `last` ends the walk; no rule matching means APIcast would have answered 404 and reported
 //! nothing. Without rules, each request is one hit.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::parse::{LogEscape, Request, Skip};
@@ -42,6 +44,22 @@ pub struct HostRoute {
     /// Every service's, on the one service of the source that counts the lines read and skipped:
     /// a line whose host is none of them is skipped there as `unknown_host`.
     pub(crate) all_hosts: Option<std::sync::Arc<Vec<String>>>,
+    /// With APIcast's path routing: every service of the source, so that each service chooses
+    /// a line's service as every other does.
+    pub(crate) path_routing: Option<PathRouting>,
+}
+
+/// APIcast's path routing: of the services that list a line's Host, in the configuration's order,
+/// the first one whose mapping rules match the request; none matching, the first one.
+#[derive(Debug, Clone)]
+pub(crate) struct PathRouting {
+    /// This service's place among the source's services.
+    pub(crate) me: usize,
+    /// Per Host, the services listing it (by place), with their rules compiled for matching.
+    pub(crate) by_host: std::sync::Arc<HashMap<String, Vec<(usize, MappingRules)>>>,
+    /// Each service's parser, by place: a line whose credential this service cannot read is read
+    /// with the others' to find its path (the rare path).
+    pub(crate) parsers: Vec<crate::parse::Parser>,
 }
 
 /// Whose a line routed by Host is.
@@ -61,19 +79,85 @@ impl HostRoute {
         self.all_hosts.is_some()
     }
 
-    /// Whose a line of `host` (as logged) is.
+    /// Whose a line of `host` (as logged) is, by its Host alone.
     pub(crate) fn owner(&self, host: Option<&[u8]>) -> Owner {
-        let name = host
-            .map(|h| host_name(&String::from_utf8_lossy(h)))
+        self.owner_by(&name_of(host), |_| None)
+    }
+
+    /// Whose `request` is (with path routing, by its method, path and query too).
+    pub(crate) fn owner_of_request(&self, request: &Request<'_>, escape: LogEscape) -> Owner {
+        self.owner_by(&name_of(request.host), |services| {
+            services
+                .iter()
+                .find(|(_, rules)| rules.matches(request, escape))
+                .map(|(place, _)| *place)
+        })
+    }
+
+    /// Whose `line` is, read without this service's credential (which it lacks): with path
+    /// routing, its request as another service of its Host reads it (none can: by its Host).
+    pub(crate) fn owner_of_line(&mut self, host: Option<&[u8]>, line: &[u8]) -> Owner {
+        let name = name_of(host);
+        let Some(routing) = &mut self.path_routing else {
+            return self.owner(host);
+        };
+        let services = routing
+            .by_host
+            .get(&name)
+            .map(Vec::as_slice)
             .unwrap_or_default();
-        if self.hosts.contains(&name) {
+        let mut chosen = None;
+        for &(place, _) in services {
+            let Some(parser) = routing.parsers.get_mut(place) else {
+                continue;
+            };
+            let escape = parser.escape();
+            if let Ok(Some(request)) = parser.parse_record(line) {
+                chosen = services
+                    .iter()
+                    .find(|(_, rules)| rules.matches(&request, escape))
+                    .map(|(p, _)| *p);
+                break;
+            }
+        }
+        self.owner_by(&name, |_| chosen)
+    }
+
+    /// Whose a line of Host `name` is, `matching` choosing among the services of that Host with
+    /// path routing (None: the first one).
+    fn owner_by(
+        &self,
+        name: &str,
+        matching: impl FnOnce(&[(usize, MappingRules)]) -> Option<usize>,
+    ) -> Owner {
+        if let Some(routing) = &self.path_routing {
+            return match routing.by_host.get(name) {
+                Some(services) => {
+                    let first = services.first().map(|(place, _)| *place);
+                    if matching(services).or(first) == Some(routing.me) {
+                        Owner::This
+                    } else {
+                        Owner::Other
+                    }
+                }
+                None if self.counts_all() => Owner::Nobody,
+                None => Owner::Other,
+            };
+        }
+        if self.hosts.iter().any(|h| h == name) {
             return Owner::This;
         }
         match &self.all_hosts {
-            Some(all) if !all.contains(&name) => Owner::Nobody,
+            Some(all) if !all.iter().any(|h| h == name) => Owner::Nobody,
             _ => Owner::Other,
         }
     }
+}
+
+/// A logged Host as APIcast compares it (none: the empty name, which no service has).
+fn name_of(host: Option<&[u8]>) -> String {
+    host.map(|h| host_name(&String::from_utf8_lossy(h)))
+        .unwrap_or_default()
 }
 
 /// A Host name as APIcast compares it: lower case, without a port.
@@ -139,8 +223,18 @@ impl MappingRules {
     /// Checks `rules` on their own (their metrics as the service's, which 3scale checks later):
     /// the error gives the rule and what is wrong with it.
     pub(crate) fn check(rules: &[MappingRule]) -> Result<(), (usize, String)> {
+        MappingRules::on_their_own(rules).map(|_| ())
+    }
+
+    /// `rules` compiled against their own metrics: for matching requests, not for their usage.
+    pub(crate) fn on_their_own(rules: &[MappingRule]) -> Result<MappingRules, (usize, String)> {
         let metrics: Vec<&str> = rules.iter().map(|r| r.metric.trim()).collect();
-        MappingRules::compile(rules, &MetricNames::new(&metrics)).map(|_| ())
+        MappingRules::compile(rules, &MetricNames::new(&metrics))
+    }
+
+    /// Whether a rule matches `request` (APIcast's path routing asks this of a service).
+    pub(crate) fn matches(&self, request: &Request<'_>, escape: LogEscape) -> bool {
+        !self.rules.is_empty() && !matches!(self.matched(request, escape), Err(Skip::NoMappingRule))
     }
 
     /// Whether there are rules (without, each request is one hit).
@@ -659,10 +753,12 @@ mod tests {
         let counting = HostRoute {
             hosts: vec!["a.example".into()],
             all_hosts: Some(all),
+            path_routing: None,
         };
         let other = HostRoute {
             hosts: vec!["b.example".into()],
             all_hosts: None,
+            path_routing: None,
         };
         assert_eq!(counting.owner(Some(b"A.example:80")), Owner::This);
         assert_eq!(counting.owner(Some(b"b.example")), Owner::Other);
@@ -670,6 +766,105 @@ mod tests {
         assert_eq!(counting.owner(None), Owner::Nobody);
         assert_eq!(other.owner(Some(b"c.example")), Owner::Other);
         assert_eq!(other.owner(Some(b"b.example")), Owner::This);
+    }
+
+    /// APIcast's path routing: of the services of a Host, the first whose rules match the request,
+    /// else the first; every service chooses the same one for every line, its own credential
+    /// readable or not (a line whose credential no service can read: by its Host alone).
+    #[test]
+    fn path_routing_chooses_the_same_service_from_every_service() {
+        use crate::parse::testing::{headers, nginx};
+        use crate::parse::{CredentialMode, CredentialRule};
+        let format = "$host [$time_local] \"$request\" $status $http_x_app_id";
+        let rule = |pattern: &str| MappingRule {
+            method: "GET".into(),
+            pattern: pattern.into(),
+            metric: "hits".into(),
+            delta: 1,
+            last: false,
+        };
+        // A: user_key in the query, GET /a; B: app_id in a header, GET /b (both api.example);
+        // C: other.example, no rules.
+        let services: [(CredentialRule, Vec<MappingRule>, &[&str]); 3] = [
+            (
+                CredentialRule::query(CredentialMode::UserKey),
+                vec![rule("/a")],
+                &["api.example"],
+            ),
+            (
+                headers(CredentialMode::AppId),
+                vec![rule("/b")],
+                &["api.example"],
+            ),
+            (
+                CredentialRule::query(CredentialMode::UserKey),
+                vec![],
+                &["other.example"],
+            ),
+        ];
+        let mut by_host: HashMap<String, Vec<(usize, MappingRules)>> = HashMap::new();
+        let mut parsers = Vec::new();
+        for (place, (credentials, rules, hosts)) in services.iter().enumerate() {
+            for host in *hosts {
+                by_host
+                    .entry(host.to_string())
+                    .or_default()
+                    .push((place, MappingRules::on_their_own(rules).unwrap()));
+            }
+            parsers.push(nginx(format, LogEscape::Default, credentials.clone()));
+        }
+        let by_host = std::sync::Arc::new(by_host);
+        let mut routes: Vec<(crate::parse::Parser, HostRoute)> = (0..3)
+            .map(|me| {
+                let route = HostRoute {
+                    hosts: services[me].2.iter().map(|h| h.to_string()).collect(),
+                    all_hosts: (me == 0).then(|| {
+                        std::sync::Arc::new(vec!["api.example".into(), "other.example".into()])
+                    }),
+                    path_routing: Some(PathRouting {
+                        me,
+                        by_host: by_host.clone(),
+                        parsers: parsers.clone(),
+                    }),
+                };
+                (parsers[me].clone(), route)
+            })
+            .collect();
+        let line = |host: &str, target: &str, app: &str| {
+            format!("{host} [26/Nov/2026:10:00:00 +0000] \"GET {target} HTTP/1.1\" 200 {app}")
+        };
+        for (line, owner) in [
+            (line("api.example", "/a?user_key=k", "-"), Some(0)),
+            (line("API.example:443", "/b", "app"), Some(1)),
+            // No rule matches: the first service of the Host.
+            (line("api.example", "/c?user_key=k", "-"), Some(0)),
+            // B's path, A's kind of credential: B's (which cannot read it).
+            (line("api.example", "/b?user_key=k", "-"), Some(1)),
+            // No credential any service can read: by its Host alone.
+            (line("api.example", "/b", "-"), Some(0)),
+            (line("other.example", "/x?user_key=k", "-"), Some(2)),
+            (line("unknown.example", "/a?user_key=k", "-"), None),
+        ] {
+            let owners: Vec<Owner> = routes
+                .iter_mut()
+                .map(|(parser, route)| {
+                    let escape = parser.escape();
+                    let host = parser.host_of(line.as_bytes());
+                    match parser.parse_record(line.as_bytes()) {
+                        Ok(Some(request)) => route.owner_of_request(&request, escape),
+                        _ => route.owner_of_line(host, line.as_bytes()),
+                    }
+                })
+                .collect();
+            let expected: Vec<Owner> = (0..3)
+                .map(|place| match owner {
+                    Some(o) if o == place => Owner::This,
+                    None if place == 0 => Owner::Nobody,
+                    _ => Owner::Other,
+                })
+                .collect();
+            assert_eq!(owners, expected, "{line}");
+        }
     }
 
     /// An independent reference: APIcast's steps written plainly, on paths without escapes.

@@ -124,6 +124,7 @@ fn credentials_in_logs(sources: &[&Source], max_line_length: usize) -> Vec<Appli
     let mut seen: Vec<Application> = Vec::new();
     for source in sources {
         let mut parser = source.parser(max_line_length);
+        let escape = parser.escape();
         let route = source.route.as_ref().map(|r| &r.hosts);
         for path in matching_files(&source.path).into_keys() {
             let Some(end) = file_end(&path) else { continue };
@@ -131,7 +132,7 @@ fn credentials_in_logs(sources: &[&Source], max_line_length: usize) -> Vec<Appli
                 let Ok(Some(request)) = parser.parse_record(line) else {
                     continue;
                 };
-                if route.is_some_and(|r| r.owner(request.host) != Owner::This) {
+                if route.is_some_and(|r| r.owner_of_request(&request, escape) != Owner::This) {
                     continue;
                 }
                 let Ok(name) = request.credential.decode() else {

@@ -1010,3 +1010,79 @@ fn check_online_lists_the_metrics_a_service_does_not_have() {
     );
     assert!(!err.contains("wrong-token-9"), "{err}");
 }
+
+/// APIcast's path routing: two services share a Host and are told apart by their mapping rules
+/// (the first whose rules match; none matching, the first); each reads its own kind of
+/// credential; every line is reported or skipped once.
+#[test]
+fn path_routing_tells_services_of_one_host_apart_by_their_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("1", "t1"), ("2", "t2")]);
+    backend.set_metrics(&["orders", "products"]);
+    let proxy = format!(
+        r#"{{"services":[
+          {{"id":1,"backend_version":"1","backend_authentication_type":"service_token","backend_authentication_value":"t1",
+            "proxy":{{"hosts":["api.example"],"credentials_location":"query","backend":{{"endpoint":"{url}"}},
+            "proxy_rules":[{{"http_method":"GET","pattern":"/orders","metric_system_name":"orders","delta":1}}]}}}},
+          {{"id":2,"backend_version":"2","backend_authentication_type":"service_token","backend_authentication_value":"t2",
+            "proxy":{{"hosts":["api.example"],"credentials_location":"headers","auth_app_id":"X-App-Id",
+            "proxy_rules":[{{"http_method":"GET","pattern":"/products","metric_system_name":"products","delta":1}}]}}}}]}}"#,
+        url = backend.url()
+    );
+    std::fs::write(dir.path().join("proxy.json"), proxy).unwrap();
+    let log = dir.path().join("access.log");
+    let t = support::time_local(now() - 30);
+    let line = |target: &str, app: &str| {
+        format!("api.example [{t}] \"GET {target} HTTP/1.1\" 200 {app}\n")
+    };
+    append(
+        &log,
+        &[
+            line("/orders/1?user_key=k1", "-"),
+            line("/products/7", "web"),
+            line("/products/8", "web"),
+            // Service 2's path, a user_key: service 2's, without its credential.
+            line("/products/9?user_key=k1", "-"),
+            // No rule matches: service 1's (the first of the Host), which has no rule for it.
+            line("/health?user_key=k1", "-"),
+        ]
+        .concat(),
+    );
+    let config = dir.path().join("tally.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy_config]\nfile = \"proxy.json\"\npath_routing = true\n[backend]\n[[sources]]\npath = \"{}\"\nread_from = \"beginning\"\nlog_format = '$host [$time_local] \"$request\" $status $http_x_app_id'\n[state]\ndir = \"{}\"\n{JSON_LOGS}",
+            log.display(),
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let logs = Tally::run_once(&config).logs();
+    let of = |service: &str| -> Vec<(String, Vec<String>)> {
+        let mut list: Vec<_> = backend
+            .transactions_of(service)
+            .into_iter()
+            .map(|t| (t.credential(), t.usage.into_keys().collect()))
+            .collect();
+        list.sort();
+        list
+    };
+    assert_eq!(
+        of("1"),
+        vec![("k1".into(), vec!["orders".into()])],
+        "{logs}"
+    );
+    assert_eq!(
+        of("2"),
+        vec![
+            ("web".into(), vec!["products".into()]),
+            ("web".into(), vec!["products".into()])
+        ],
+        "{logs}"
+    );
+    let summary = last_summary(&logs);
+    assert_eq!(number(&summary, "lines_read"), 5, "{logs}");
+    assert_eq!(number(&summary, "skipped_no_credential"), 1, "{logs}");
+    assert_eq!(number(&summary, "skipped_no_mapping_rule"), 1, "{logs}");
+}
