@@ -282,14 +282,14 @@ fn nginx_failure(format: &NginxFormat, line: &[u8]) -> (Option<usize>, String) {
             }
         }
     }
-    match v.status {
+    match v.status() {
         None => return (None, "a 3-digit $status, not `-`".into()),
         Some(s) if status_digits(s).is_none() => {
             return (at(s), format!("a 3-digit $status, not `{}`", shown(s)))
         }
         Some(_) => {}
     }
-    if let Some(request) = v.request.filter(|r| request_line(r).is_none()) {
+    if let Some(request) = v.request().filter(|r| request_line(r).is_none()) {
         return (
             at(request),
             "$request as `METHOD /path HTTP/1.1`".to_string(),

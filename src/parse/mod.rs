@@ -592,23 +592,23 @@ fn nginx_line<'a>(
         (nginx::Variable::TimeIso8601, t) => time_iso8601(t).ok_or(Skip::Malformed)?,
         (_, t) => msec(t).ok_or(Skip::Malformed)?,
     };
-    let status = v.status.and_then(status_digits).ok_or(Skip::Malformed)?;
+    let status = v.status().and_then(status_digits).ok_or(Skip::Malformed)?;
     // `$request` is `METHOD TARGET PROTOCOL`; without it, its parts may be logged one by one.
-    let (method, target) = match v.request.map(request_line) {
+    let (method, target) = match v.request().map(request_line) {
         Some(Some((method, target))) => (Some(method), Some(target)),
         Some(None) => return Err(Skip::Malformed),
-        None => (v.method, v.request_uri),
+        None => (v.method(), v.request_uri()),
     };
     let (path, query) = match target.map(split_target) {
         Some((path, query)) => (Some(path), Some(query)),
-        None => (v.uri, v.args),
+        None => (v.uri(), v.args()),
     };
     let escape = format.format.escape;
     let value = |slot: Option<Slot>, kind: CredentialKind| {
         let (raw, encoding) = match slot? {
-            Slot::Header(i) => (v.headers[i as usize]?, Encoding::Header(escape)),
-            Slot::Arg(i) => (v.arg_values[i as usize]?, Encoding::Query(escape)),
-            Slot::BasicUser(i) => (v.headers[i as usize]?, Encoding::BasicUser(escape)),
+            Slot::Header(i) => (v.headers()[i as usize]?, Encoding::Header(escape)),
+            Slot::Arg(i) => (v.arg_values()[i as usize]?, Encoding::Query(escape)),
+            Slot::BasicUser(i) => (v.headers()[i as usize]?, Encoding::BasicUser(escape)),
             // Read apart: a token that is not a JWT is no credential to pick.
             Slot::Bearer(_) | Slot::AccessToken(_) => return None,
         };
@@ -622,14 +622,14 @@ fn nginx_line<'a>(
                 app_id: Some(Slot::Bearer(i)),
                 ..
             },
-        ) => rule.bearer(v.headers[i as usize])?,
+        ) => rule.bearer(v.headers()[i as usize])?,
         (
             _,
             Slots {
                 app_id: Some(Slot::AccessToken(i)),
                 ..
             },
-        ) => rule.access_token(v.arg_values[i as usize])?,
+        ) => rule.access_token(v.arg_values()[i as usize])?,
         // `$arg_<name>` logged: its value; else the query string's parameter.
         (
             CredentialLocation::Query,
@@ -649,7 +649,7 @@ fn nginx_line<'a>(
     };
     let mut headers = [None; LOGGED_HEADERS];
     headers[..nginx::SLOTS.min(LOGGED_HEADERS)]
-        .copy_from_slice(&v.headers[..nginx::SLOTS.min(LOGGED_HEADERS)]);
+        .copy_from_slice(&v.headers()[..nginx::SLOTS.min(LOGGED_HEADERS)]);
     Ok(Request {
         timestamp,
         method,
