@@ -15,6 +15,7 @@ use rustc_hash::FxHashMap;
 
 use tokio::sync::mpsc;
 
+use crate::codes::{Outcome, Seen};
 use crate::identity::FileKey;
 use crate::mapping::{HostRoute, MappingRule, MappingRules, Owner};
 use crate::parse::{Credential, CredentialKind, Parser, Request, Skip};
@@ -702,6 +703,9 @@ pub(crate) fn parse_chunk(
     };
     let (mut read, mut skipped) = (0u64, [0u64; Skip::ALL.len()]);
     let mut first_line_time = 0;
+    // The lines of this service with their status, for the Response codes page.
+    let recording = metrics.codes.is_on();
+    let mut seen: Vec<Seen> = Vec::new();
     for (line, next) in chunk.lines() {
         if base + (next as u64) <= counted {
             continue;
@@ -713,6 +717,8 @@ pub(crate) fn parse_chunk(
         // A skip this service counts though it does not count the source's lines (routed by Host:
         // a line of its own whose credential it cannot read).
         let mut ours = false;
+        // The line's status and time, once read.
+        let mut noted: Option<(u16, i64)> = None;
         let added = match parser.as_deref_mut() {
             // A container's record is measured once joined, by the parser.
             _ if line.len() > lines.max_line_length && !unwrapping => Err(Skip::TooLong),
@@ -720,6 +726,7 @@ pub(crate) fn parse_chunk(
                 // A container record of the other stream, or a part of a line that goes on.
                 Ok(None) => continue,
                 Ok(Some(request)) => {
+                    noted = Some((request.status, request.timestamp));
                     line_time = request.timestamp;
                     if first_line_time == 0 {
                         first_line_time = line_time;
@@ -762,6 +769,32 @@ pub(crate) fn parse_chunk(
             None => Err(Skip::Malformed),
         };
         read += u64::from(counts);
+        // A line skipped for its credential: its status as read without it.
+        if recording && noted.is_none() {
+            if let (Some(p), Err(Skip::NoCredential | Skip::InvalidCredential)) =
+                (parser.as_deref_mut(), &added)
+            {
+                noted = p.failed_status();
+            }
+        }
+        if let (true, Some((status, time))) = (recording, noted) {
+            let outcome = match &added {
+                Ok(_) => Some(Outcome::Reported),
+                Err(skip) if counts || ours => Some(Outcome::Skipped(skip.reason())),
+                Err(_) => None,
+            };
+            if let Some(outcome) = outcome {
+                // Where the line is in the chunk (it is a slice of it).
+                let start = (line.as_ptr() as usize).saturating_sub(chunk.data().as_ptr() as usize);
+                seen.push(Seen {
+                    time,
+                    status,
+                    outcome,
+                    start,
+                    end: start + line.len(),
+                });
+            }
+        }
         match added {
             Ok(batch_full) => {
                 if batch_full {
@@ -799,6 +832,9 @@ pub(crate) fn parse_chunk(
     }
     // Counted once per chunk: an atomic add per line would cost more than the parsing.
     Metrics::add(&metrics.lines_read, read);
+    metrics
+        .codes
+        .add(&lines.service_id, chunk.feed, chunk.data(), &seen);
     metrics
         .files
         .parsed(chunk.feed, chunk.at.key, first_line_time);

@@ -112,6 +112,8 @@ pub(crate) mod defaults {
         /// Not served.
         pub(crate) const LISTEN: Option<std::net::SocketAddr> = None;
         pub(crate) const STALLED_AFTER: Duration = Duration::from_secs(300);
+        pub(crate) const CALLS_PER_CODE: usize = 50;
+        pub(crate) const CALLS_ON_PUBLIC_LISTENER: bool = false;
     }
 }
 
@@ -429,6 +431,22 @@ pub struct Telemetry {
     /// /healthz fails when a service has had nothing accepted for this long while requests wait.
     #[serde(serialize_with = "duration::serialize")]
     pub stalled_after: Duration,
+    /// The latest calls the Response codes page keeps per code and service (0: none).
+    pub calls_per_code: usize,
+    /// Whether the page shows call details (paths) on a listener that is not on loopback.
+    pub calls_on_public_listener: bool,
+}
+
+impl Telemetry {
+    /// The calls kept per code: none without a listener, nor on a public one unless allowed.
+    pub(crate) fn calls_kept(&self) -> usize {
+        match self.listen {
+            Some(addr) if addr.ip().is_loopback() || self.calls_on_public_listener => {
+                self.calls_per_code
+            }
+            _ => 0,
+        }
+    }
 }
 
 /// The fields in the order `tally check` shows the sections.
@@ -639,6 +657,8 @@ struct RawTelemetry {
     listen: Option<Spanned<String>>,
     #[serde(default, deserialize_with = "duration::optional")]
     stalled_after: Option<Duration>,
+    calls_per_code: Option<Spanned<i64>>,
+    calls_on_public_listener: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -1538,6 +1558,7 @@ impl Ctx<'_> {
             )?,
             app_id: name(raw.and_then(|c| c.app_id.as_ref()), d::APP_ID, "app_id")?,
             app_key: name(raw.and_then(|c| c.app_key.as_ref()), d::APP_KEY, "app_key")?,
+            optional: false,
         })
     }
 
@@ -1841,6 +1862,21 @@ impl Config {
                 .telemetry
                 .stalled_after
                 .unwrap_or(defaults::telemetry::STALLED_AFTER),
+            calls_per_code: match &raw.telemetry.calls_per_code {
+                None => defaults::telemetry::CALLS_PER_CODE,
+                Some(n) if (0..=10_000).contains(n.get_ref()) => *n.get_ref() as usize,
+                Some(n) => {
+                    return Err(ctx.invalid(
+                        "telemetry.calls_per_code",
+                        n.span().start,
+                        "give 0 (no call details) to 10000 calls kept per code",
+                    ))
+                }
+            },
+            calls_on_public_listener: raw
+                .telemetry
+                .calls_on_public_listener
+                .unwrap_or(defaults::telemetry::CALLS_ON_PUBLIC_LISTENER),
         };
         let max_line_length = match &raw.tail.max_line_length {
             None => defaults::tail::MAX_LINE_LENGTH,
@@ -2692,6 +2728,8 @@ stats_interval = "30s"
 [telemetry]
 listen = "127.0.0.1:9464"
 stalled_after = "10m"
+calls_per_code = 20
+calls_on_public_listener = true
 "#
         .to_string()
     }

@@ -9,11 +9,14 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod aggregate;
+mod codes;
+mod codes_cli;
 mod config;
 mod explain;
 mod identity;
 mod mapping;
 mod online;
+mod page;
 mod parse;
 mod preflight;
 mod proxy_config;
@@ -25,6 +28,7 @@ mod telemetry;
 mod usage;
 
 // What the `tally` binary runs.
+pub use codes_cli::{codes_report, CodesQuery};
 pub use config::{Config, ConfigError, LogOutput};
 pub use explain::{explain, ExplainError, ExplainInput, ExplainOptions};
 pub use online::check_online;

@@ -66,6 +66,25 @@ enum Command {
         #[arg(value_name = "LOGFILE")]
         logfile: Option<PathBuf>,
     },
+    /// Print the Response codes of a running tally (its telemetry listener), and the latest calls
+    /// of a code: the page's tables, for a terminal.
+    Codes {
+        /// The running tally's configuration (its telemetry.listen).
+        #[arg(long, short, value_name = "FILE", required_unless_present = "url")]
+        config: Option<PathBuf>,
+        /// Or its telemetry listener, e.g. http://127.0.0.1:9464.
+        #[arg(long, conflicts_with = "config")]
+        url: Option<String>,
+        /// Also list the latest calls with this status code.
+        #[arg(long)]
+        code: Option<u16>,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// How far back: 15m, 1h, 6h or 24h.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        period: Duration,
+    },
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -131,6 +150,54 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        Command::Codes {
+            config,
+            url,
+            code,
+            service,
+            period,
+        } => {
+            let url = match (url, config) {
+                (Some(url), _) => url,
+                (None, Some(file)) => {
+                    let config = match load(&file) {
+                        Ok(c) => c,
+                        Err(code) => return code,
+                    };
+                    match config.telemetry.listen {
+                        // A listener on every address answers on loopback too.
+                        Some(addr) if addr.ip().is_unspecified() => {
+                            format!("http://127.0.0.1:{}", addr.port())
+                        }
+                        Some(addr) => format!("http://{addr}"),
+                        None => {
+                            eprintln!("error: {}: telemetry.listen is not set, so tally serves no Response codes", file.display());
+                            return ExitCode::from(EXIT_BAD_CONFIG);
+                        }
+                    }
+                }
+                (None, None) => {
+                    eprintln!("error: give --config or --url");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            let query = tally::CodesQuery {
+                url,
+                service,
+                code,
+                period,
+            };
+            match tally::codes_report(&query) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Parse {
             config: file,
             source,

@@ -48,7 +48,18 @@ pub enum Outcome {
 pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome> {
     // Listen first: a SIGTERM that arrives while tally starts must stop it in order too.
     let mut signals = Signals::listen()?;
-    let metrics = Arc::new(Metrics::new(config.telemetry.stalled_after));
+    let metrics = Metrics::new(config.telemetry.stalled_after);
+    // The Response codes page is served with the other telemetry.
+    let metrics = Arc::new(match config.telemetry.listen {
+        Some(listen) => {
+            let kept = config.telemetry.calls_kept();
+            if kept == 0 && config.telemetry.calls_per_code > 0 {
+                tracing::info!(%listen, "the Response codes page shows no call details: the listener is not on loopback (set telemetry.calls_on_public_listener = true to show them)");
+            }
+            metrics.with_codes(kept)
+        }
+        None => metrics,
+    });
     // --dry-run reads the checkpoints (it shows what would be sent next) but writes none.
     let state_dir = StateDir::open(&config.state.dir, options.dry_run)?;
     // Checkpoints are kept by source name (by default the path): a reordered list keeps them.
@@ -139,7 +150,18 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         for &i in &sources {
             let feed = feed_of(i);
             let s = &config.sources[i];
-            parsers[feed] = Some(s.parser(config.tail.max_line_length));
+            let parser = s.parser(config.tail.max_line_length);
+            if metrics.codes.keeps_calls() {
+                metrics
+                    .codes
+                    .set_reader(service_id, feed, parser.without_credentials());
+            }
+            // The Response codes page counts the lines without a credential too.
+            parsers[feed] = Some(if metrics.codes.is_on() {
+                parser.noting_failures()
+            } else {
+                parser
+            });
             routes[feed] = s.route.as_ref().map(|r| r.hosts.clone());
             rules[feed] =
                 MappingRules::compile(&s.mapping_rules, &metric_names).map_err(|(at, e)| {

@@ -187,6 +187,8 @@ for_each_skip!(declare_metrics! {
         call_failures: [[AtomicU64; Cause::ALL.len()]; Endpoint::ALL.len()],
         /// Where each followed file stands.
         pub files: Progress,
+        /// The Response codes of the lines read, for the page (off without a listener).
+        pub codes: crate::codes::Codes,
         /// Transactions not sent per (masked) credential that 3scale does not know.
         pub invalid_credentials: Mutex<BTreeMap<String, u64>>,
         /// Per (service, metric) the service does not have: the transactions whose usage of it was
@@ -230,6 +232,15 @@ impl Metrics {
         Metrics {
             stalled_after: StalledAfter(stalled_after),
             ..Metrics::default()
+        }
+    }
+
+    /// These metrics, keeping the Response codes of the lines read (`calls_per_code` calls of
+    /// each) for the page.
+    pub(crate) fn with_codes(self, calls_per_code: usize) -> Metrics {
+        Metrics {
+            codes: crate::codes::Codes::new(calls_per_code),
+            ..self
         }
     }
 
@@ -632,13 +643,25 @@ pub(crate) fn shown_path(path: &Path) -> String {
 /// escaped, and the values of the credential parameters (`user_key`, `app_id`, `app_key`,
 /// `access_token`) masked.
 pub(crate) fn masked_line(line: &[u8]) -> String {
-    let lossy = String::from_utf8_lossy(&line[..line.len().min(200)]);
+    masked_line_with(line, 200, &[])
+}
+
+/// A log line as [`masked_line`] shows it, at most `limit` bytes, with the values of the query
+/// parameters `names` masked too (a source's own credential parameter names).
+pub(crate) fn masked_line_with(line: &[u8], limit: usize, names: &[&str]) -> String {
+    let lossy = String::from_utf8_lossy(&line[..line.len().min(limit)]);
     let text = printable(&lossy);
     let mut out = String::with_capacity(text.len());
     let mut rest: &str = &text;
-    while let Some(at) = ["user_key=", "app_id=", "app_key=", "access_token="]
+    let names: Vec<String> = ["user_key", "app_id", "app_key", "access_token"]
         .iter()
-        .filter_map(|name| rest.find(name).map(|i| i + name.len()))
+        .chain(names)
+        .filter(|n| !n.is_empty())
+        .map(|n| format!("{n}="))
+        .collect();
+    while let Some(at) = names
+        .iter()
+        .filter_map(|name| rest.find(name.as_str()).map(|i| i + name.len()))
         .min()
     {
         out.push_str(&rest[..at]);
@@ -712,7 +735,30 @@ async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) -> std::io
         parts.next().unwrap_or_default(),
     );
     let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+    let details = metrics.codes.keeps_calls();
+    let json = |answer: Result<String, String>| match answer {
+        Ok(body) => ("200 OK", "application/json", body),
+        Err(e) => (
+            "400 Bad Request",
+            "application/json",
+            format!(
+                "{{\"error\":{}}}",
+                serde_json::to_string(&e).unwrap_or_default()
+            ),
+        ),
+    };
     let (status, content_type, body) = match (method, path) {
+        (b"GET", b"/") if metrics.codes.is_on() => (
+            "200 OK",
+            "text/html; charset=utf-8",
+            crate::page::page(metrics, target, details),
+        ),
+        (b"GET", b"/api/codes") if metrics.codes.is_on() => {
+            json(crate::page::api_codes(metrics, target))
+        }
+        (b"GET", b"/api/calls") if metrics.codes.is_on() => {
+            json(crate::page::api_calls(metrics, target, details))
+        }
         (b"GET", b"/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
@@ -743,7 +789,7 @@ async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) -> std::io
         (b"GET", _) => (
             "404 Not Found",
             "text/plain",
-            "try /metrics, /healthz or /livez\n".to_string(),
+            "try /, /api/codes, /api/calls, /metrics, /healthz or /livez\n".to_string(),
         ),
         _ => (
             "405 Method Not Allowed",
@@ -751,8 +797,11 @@ async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) -> std::io
             "GET only\n".to_string(),
         ),
     };
+    // Nothing here is to be kept by a cache, framed, or fetched from elsewhere.
     let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\ncache-control: no-store\r\n\
+         x-content-type-options: nosniff\r\ncontent-security-policy: default-src 'none'; style-src 'unsafe-inline'; \
+         script-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes()).await?;

@@ -66,6 +66,9 @@ pub struct CredentialRule {
     /// The parameter or header that carries the app_key (never reported: a report names the
     /// application by its app_id).
     pub app_key: String,
+    /// A missing credential is an empty one (see [`CredentialRule::optional`]).
+    #[serde(skip)]
+    pub optional: bool,
 }
 
 impl CredentialRule {
@@ -78,6 +81,29 @@ impl CredentialRule {
             user_key: "user_key".into(),
             app_id: "app_id".into(),
             app_key: "app_key".into(),
+            optional: false,
+        }
+    }
+
+    /// This rule, reading a line whose credential is missing or unreadable as one with an empty
+    /// credential: for what else the line says (its status, for the Response codes page).
+    pub(crate) fn optional(&self) -> CredentialRule {
+        CredentialRule {
+            optional: true,
+            ..self.clone()
+        }
+    }
+
+    /// No credential: a skip, or, [`CredentialRule::optional`], an empty one.
+    fn missing<'a>(&self, skip: Skip) -> Result<Credential<'a>, Skip> {
+        if self.optional {
+            Ok(Credential::new(
+                CredentialKind::UserKey,
+                b"",
+                Encoding::Query(LogEscape::None),
+            ))
+        } else {
+            Err(skip)
         }
     }
 
@@ -119,7 +145,10 @@ impl CredentialRule {
     ) -> Result<Credential<'a>, Skip> {
         let user_key = user_key.filter(|_| self.wants(CredentialKind::UserKey));
         let app_id = app_id.filter(|_| self.wants(CredentialKind::AppId));
-        user_key.or(app_id).ok_or(Skip::NoCredential)
+        match user_key.or(app_id) {
+            Some(credential) => Ok(credential),
+            None => self.missing(Skip::NoCredential),
+        }
     }
 
     /// The first non-empty user_key and app_id parameters of a query string, as NGINX's `$arg_`
@@ -164,17 +193,22 @@ impl CredentialRule {
         &self,
         authorization: Option<&'a [u8]>,
     ) -> Result<Credential<'a>, Skip> {
-        let token = authorization
+        match authorization
             .and_then(|value| scheme(value, b"bearer "))
             .filter(|token| !token.is_empty())
-            .ok_or(Skip::NoCredential)?;
-        self.jwt(token)
+        {
+            Some(token) => self.jwt(token),
+            None => self.missing(Skip::NoCredential),
+        }
     }
 
     /// In `oidc` mode, the credential of an `access_token` parameter's value.
     #[inline]
     pub(crate) fn access_token<'a>(&self, value: Option<&'a [u8]>) -> Result<Credential<'a>, Skip> {
-        self.jwt(value.filter(|v| !v.is_empty()).ok_or(Skip::NoCredential)?)
+        match value.filter(|v| !v.is_empty()) {
+            Some(token) => self.jwt(token),
+            None => self.missing(Skip::NoCredential),
+        }
     }
 
     /// A JWT's credential: its payload, whose claim is read when the credential is decoded (once
@@ -185,7 +219,9 @@ impl CredentialRule {
     /// credential that is not valid.
     #[inline]
     fn jwt<'a>(&self, token: &'a [u8]) -> Result<Credential<'a>, Skip> {
-        let payload = jwt_payload(token).ok_or(Skip::InvalidCredential)?;
+        let Some(payload) = jwt_payload(token) else {
+            return self.missing(Skip::InvalidCredential);
+        };
         Ok(Credential::new(
             CredentialKind::AppId,
             payload,
@@ -403,9 +439,10 @@ impl CredentialRule {
                 given(user_key).map(|raw| Credential::new(CredentialKind::UserKey, raw, encoding)),
                 given(app_id).map(|raw| Credential::new(CredentialKind::AppId, raw, encoding)),
             ),
-            Carried::Basic(kind) => given(authorization)
-                .map(|raw| Credential::new(kind, raw, Encoding::BasicUser(escape)))
-                .ok_or(Skip::NoCredential),
+            Carried::Basic(kind) => match given(authorization) {
+                Some(raw) => Ok(Credential::new(kind, raw, Encoding::BasicUser(escape))),
+                None => self.missing(Skip::NoCredential),
+            },
             Carried::Bearer => self.bearer(authorization),
         }
     }

@@ -327,7 +327,15 @@ pub struct Parser {
     captures: Option<regex::bytes::CaptureLocations>,
     /// A container runtime's records, unwrapped and joined before the format reads them.
     unwrapper: Option<Unwrapper>,
+    /// With [`Parser::noting_failures`]: the credentials rule that reads a line without its
+    /// credential, and the status and time of the last line skipped for its credential.
+    noting: Option<Box<Noting>>,
 }
+
+/// What a parser noting its credential failures keeps: the rule without credential, and the
+/// status and time of the last line skipped for its credential.
+#[derive(Debug, Clone)]
+struct Noting(CredentialRule, Option<(u16, i64)>);
 
 impl Parser {
     /// A parser of lines in `format`, reading the credential as `credentials` says (a compiled
@@ -343,7 +351,31 @@ impl Parser {
             last_time: ([0; 26], 0),
             captures,
             unwrapper: None,
+            noting: None,
         }
+    }
+
+    /// This parser, noting the status and time of the lines it skips for their credential (for
+    /// the Response codes page): see [`Parser::failed_status`].
+    pub(crate) fn noting_failures(mut self) -> Parser {
+        self.noting = Some(Box::new(Noting(self.credentials.optional(), None)));
+        self
+    }
+
+    /// A parser of the same lines that reads a line whose credential is missing or unreadable
+    /// with an empty one (to show what else it says).
+    pub(crate) fn without_credentials(&self) -> Parser {
+        Parser {
+            credentials: self.credentials.optional(),
+            noting: None,
+            ..self.clone()
+        }
+    }
+
+    /// The status and time of the last line [`Parser::parse_record`] skipped for its credential
+    /// (no credential, or an unreadable one), when noting them.
+    pub(crate) fn failed_status(&mut self) -> Option<(u16, i64)> {
+        self.noting.as_mut().and_then(|n| n.1.take())
     }
 
     /// This parser, for lines wrapped in `container`'s records; joined lines longer than `limit`
@@ -366,6 +398,7 @@ impl Parser {
             last_time,
             captures,
             unwrapper,
+            noting,
         } = self;
         let line = match unwrapper {
             None => record,
@@ -374,7 +407,17 @@ impl Parser {
                 None => return Ok(None),
             },
         };
-        read(format, credentials, last_time, captures, line).map(Some)
+        match read(format, credentials, last_time, captures, line) {
+            Err(skip @ (Skip::NoCredential | Skip::InvalidCredential)) => {
+                if let Some(noting) = noting {
+                    noting.1 = read(format, &noting.0, last_time, captures, line)
+                        .ok()
+                        .map(|r| (r.status, r.timestamp));
+                }
+                Err(skip)
+            }
+            read => read.map(Some),
+        }
     }
 
     /// Takes over what `old` (the parser this one replaces) holds of lines under way: a line whose
@@ -382,6 +425,9 @@ impl Parser {
     pub(crate) fn carry_over(&mut self, old: Parser) {
         if self.unwrapper.is_some() {
             self.unwrapper = old.unwrapper;
+        }
+        if old.noting.is_some() {
+            self.noting = Some(Box::new(Noting(self.credentials.optional(), None)));
         }
     }
 
@@ -407,6 +453,15 @@ impl Parser {
             LogFormat::Json(f) => f.host(line),
             LogFormat::Regex(f) => f.host(line),
         }
+    }
+
+    /// The query parameter names its credentials may be under (masked wherever a line is shown).
+    pub(crate) fn query_credential_names(&self) -> [&str; 3] {
+        [
+            &self.credentials.user_key,
+            &self.credentials.app_id,
+            &self.credentials.app_key,
+        ]
     }
 
     /// How the values of its lines are escaped.
@@ -441,6 +496,7 @@ impl Parser {
             last_time,
             captures,
             unwrapper: _,
+            noting: _,
         } = self;
         read(format, credentials, last_time, captures, line)
     }
