@@ -887,3 +887,186 @@ fn two_server_names_two_services_routed_by_host() {
     assert!(logs.contains("skipped_unknown_host=1"), "{logs}");
     assert!(logs.contains("lines_read=7"), "{logs}");
 }
+
+/// Debian's Chromium, or None (and a message) when the test should be skipped; CI installs it and
+/// sets TALLY_REQUIRE_CHROMIUM, which makes a missing one a failure.
+fn chromium_or_skip(test: &str) -> Option<PathBuf> {
+    let found = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("TALLY_REQUIRE_CHROMIUM").is_none(),
+            "TALLY_REQUIRE_CHROMIUM is set but chromium is not installed"
+        );
+        eprintln!("SKIPPED {test}: chromium is not installed (apt-get install chromium)");
+    }
+    found
+}
+
+/// Runs headless Chromium on `url` with `args` (no network beyond loopback: a dead proxy for
+/// everything else); returns its stdout. Killed past a minute.
+fn chromium(binary: &Path, profile: &Path, url: &str, args: &[&str]) -> String {
+    let mut child = Command::new(binary)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-extensions",
+            "--proxy-server=http://127.0.0.1:9",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("start chromium");
+    let mut out = String::new();
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let _ = stdout.read_to_string(&mut out);
+        out
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if child.try_wait().expect("wait for chromium").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            // Its renderer and GPU processes are in its group.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            panic!("chromium did not finish within a minute on {url}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Helpers it started may outlive it briefly: none may be left behind.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    reader.join().expect("chromium's output")
+}
+
+/// The Response codes page in a real browser (headless Chromium, no internet), against tally fed by
+/// a real NGINX: the chart is drawn, the codes table holds the exact counts, following a code's link
+/// (a click) lists its calls, credentials masked. Screenshots go to target/tmp (a CI artifact).
+#[test]
+fn the_response_codes_page_in_a_real_browser() {
+    let test = "the_response_codes_page_in_a_real_browser";
+    let Some(browser) = chromium_or_skip(test) else {
+        return;
+    };
+    let port = support::telemetry_port();
+    let Some(Stack {
+        nginx,
+        tally,
+        dir,
+        backend: _backend,
+    }) = stack(
+        test,
+        &format!("[telemetry]\nlisten = \"127.0.0.1:{port}\"\ncalls_per_code = 10\n"),
+    )
+    else {
+        return;
+    };
+    let requests: [(&str, usize, u16); 5] = [
+        ("/ok?user_key=alpha-key-000000001", 5, 200),
+        ("/created?user_key=beta-key-0000000002", 2, 201),
+        ("/nothing-here?user_key=alpha-key-000000001", 3, 404),
+        ("/ok", 2, 200),
+        ("/error?app_id=mobile-app-000003", 1, 500),
+    ];
+    let mut total = 0;
+    for (target, n, status) in requests {
+        for _ in 0..n {
+            assert_eq!(nginx.get(target), status, "{target}");
+            total += 1;
+        }
+    }
+    support::poll_until(
+        WAIT,
+        "tally to read every line",
+        || {
+            support::telemetry_try_get(port, "/metrics").is_ok_and(|(_, m)| {
+                support::metric(&m, "tally_lines_read_total") == Some(total as f64)
+            })
+        },
+        || tally.logs(),
+    );
+    let profile = dir.path().join("chromium");
+    let base = format!("http://127.0.0.1:{port}");
+    let dom = chromium(
+        &browser,
+        &profile,
+        &format!("{base}/?period=15m"),
+        &["--dump-dom"],
+    );
+    assert!(
+        dom.contains("<svg") && dom.contains("class=\"bar c2xx\""),
+        "no chart: {dom}"
+    );
+    assert!(
+        dom.contains("class=\"bar c4xx\"") && dom.contains("class=\"bar c5xx\""),
+        "{dom}"
+    );
+    for (code, count) in [(200, 7), (201, 2), (404, 3), (500, 1)] {
+        let row = format!("<tr data-code=\"{code}\"><td><a href=\"/?period=15m&amp;code={code}\">{code}</a></td><td class=\"n\">{count}</td>");
+        assert!(dom.contains(&row), "no {row} in {dom}");
+    }
+    // The click: the 404 row's link, as the browser resolves it.
+    let href = dom
+        .split("<tr data-code=\"404\"><td><a href=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the 404 row's link")
+        .replace("&amp;", "&");
+    let calls = chromium(
+        &browser,
+        &profile,
+        &format!("{base}{href}"),
+        &["--dump-dom"],
+    );
+    assert!(calls.contains("Latest calls with code 404"), "{calls}");
+    let rows = calls.matches("<td><code>/nothing-here</code></td>").count();
+    assert_eq!(rows, 3, "{calls}");
+    assert!(calls.contains("alph…0001"), "{calls}");
+    for secret in [
+        "alpha-key-000000001",
+        "beta-key-0000000002",
+        "mobile-app-000003",
+    ] {
+        assert!(
+            !dom.contains(secret) && !calls.contains(secret),
+            "{secret} shown"
+        );
+    }
+    // Screenshots, desktop and phone width.
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    for (name, size) in [
+        ("response-codes.png", "1200,1000"),
+        ("response-codes-phone.png", "390,844"),
+    ] {
+        let path = shots.join(name);
+        let _ = std::fs::remove_file(&path);
+        chromium(
+            &browser,
+            &profile,
+            &format!("{base}{href}"),
+            &[
+                &format!("--screenshot={}", path.display()),
+                &format!("--window-size={size}"),
+                "--hide-scrollbars",
+            ],
+        );
+        let png = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 10_000,
+            "{name}: {} bytes",
+            png.len()
+        );
+    }
+    drop(tally);
+}
