@@ -147,6 +147,7 @@ fn main() {
     );
 
     stream_and_idle(&dir, &backend);
+    page_memory(&dir, &backend, lines);
 }
 
 fn row(
@@ -640,4 +641,123 @@ impl CountingBackend {
     fn transactions(&self) -> u64 {
         self.transactions.load(Ordering::Relaxed)
     }
+}
+
+/// The Response codes page on, over a long stream of lines with 40 codes and a distinct path each:
+/// tally's resident memory after each quarter (the page and its API asked each time) stays flat.
+fn page_memory(dir: &Path, backend: &CountingBackend, lines: u64) {
+    let log = dir.join("page.log");
+    std::fs::write(&log, "").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join("page.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backend]\nurl = \"{}\"\nservice_token = \"bench\"\n[[sources]]\npath = \"{}\"\nservice_id = \"1\"\nread_from = \"beginning\"\n\
+             [state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n[telemetry]\nlisten = \"127.0.0.1:{port}\"\n",
+            backend.url(),
+            log.display(),
+            dir.join("page-state").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .spawn()
+        .unwrap();
+    let get = |path: &str| -> String {
+        use std::io::Read;
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return String::new();
+        };
+        let _ = write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
+        );
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    };
+    let read = || -> u64 {
+        get("/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix("tally_lines_read_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let rss = |pid: u32| -> f64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (y, mo, d) = civil(now.div_euclid(86_400));
+    let s = now.rem_euclid(86_400);
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let time = format!(
+        "{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000",
+        months[mo as usize - 1],
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    );
+    let codes: Vec<u16> = (200..210)
+        .chain(300..310)
+        .chain(400..410)
+        .chain(500..510)
+        .collect();
+    let mut file =
+        std::io::BufWriter::new(std::fs::OpenOptions::new().append(true).open(&log).unwrap());
+    let quarter = lines / 4;
+    let mut shown = Vec::new();
+    let cpu0 = proc_cpu(child.id());
+    let deadline = Instant::now() + Duration::from_secs(600);
+    for q in 1..=4u64 {
+        for i in (q - 1) * quarter..q * quarter {
+            let code = codes[(i % codes.len() as u64) as usize];
+            let key = i % 1000;
+            writeln!(
+                file,
+                "10.0.0.1 - - [{time}] \"GET /v1/items/{i}?user_key=key-{key:012} HTTP/1.1\" {code} 512 \"-\" \"okhttp/4.12.0\""
+            )
+            .unwrap();
+        }
+        file.flush().unwrap();
+        while read() < q * quarter && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for path in [
+            "/",
+            "/?code=404&period=24h",
+            "/api/codes",
+            "/api/calls?limit=1000",
+        ] {
+            get(path);
+        }
+        shown.push(format!("{:.1}", rss(child.id())));
+    }
+    let cpu = proc_cpu(child.id()) - cpu0;
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "page on, {lines} lines (40 codes, a path each): RSS MiB after each quarter: {}; CPU s per M lines: {:.3}",
+        shown.join(", "),
+        cpu / (lines as f64 / 1e6)
+    );
 }

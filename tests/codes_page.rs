@@ -267,6 +267,36 @@ fn the_api_counts_every_line_by_code_and_keeps_the_latest_calls() {
     }
     let metrics = telemetry_get(port, "/metrics").1;
     assert_eq!(sample(&metrics, "tally_lines_read_total"), lines as u64);
+    // The same tables in a terminal.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args([
+            "codes",
+            "--url",
+            &format!("http://127.0.0.1:{port}"),
+            "--code",
+            "404",
+            "--period",
+            "24h",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("404    4xx              12             12"),
+        "{text}"
+    );
+    assert!(text.contains("skipped: malformed"), "{text}");
+    assert_eq!(
+        text.matches(" 404 (skipped: no_credential)").count(),
+        4,
+        "{text}"
+    );
+    assert!(!(0..3).any(|n| text.contains(&key(n))), "{text}");
     tally.stop(WAIT);
 }
 
