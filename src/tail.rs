@@ -637,6 +637,13 @@ impl Tail {
         };
         self.events.following(&path, offset, resumed);
         let fingerprint = Fingerprint::read(&file, Fingerprint::MAX).unwrap_or_default();
+        // Started at a file's end (read_from = "end") while a line is being written: its start is
+        // before tally's, so the rest of it is not a line of its own.
+        let mid_line = offset > 0 && !resumed && {
+            let mut last = [0u8];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut last, offset - 1).is_ok()
+                && last[0] != b'\n'
+        };
         let reader = Reader {
             shown: Arc::from(path.as_path()),
             life: Life::Following { path },
@@ -645,7 +652,11 @@ impl Tail {
             fingerprint,
             offset,
             partial: Vec::new(),
-            discarding: Discard::Nothing,
+            discarding: if mid_line {
+                Discard::ToNewline
+            } else {
+                Discard::Nothing
+            },
             read_failing: false,
         };
         send(
