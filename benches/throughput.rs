@@ -5,8 +5,10 @@
 //! 3. tally's parse + aggregate path alone, in this process; then the same lines as JSON lines, and
 //!    the time per line of each parser alone, JSON's relative to combined's;
 //! 4. tally end to end (`tally run --once`, response codes on, credentials checked) into a local
-//!    backend that accepts everything and counts what arrives;
-//! 5. tally following a stream of 10,000 lines/s, then idle.
+//!    backend that accepts everything and counts what arrives, the state folder on the disk (the
+//!    temp folder's file system), then on tmpfs (`/dev/shm`);
+//! 5. tally following a stream of 10,000 lines/s, then idle;
+//! 6. tally with the Response codes page on, over N lines of 40 codes: its RSS after each quarter.
 //!
 //! Run: `cargo bench --bench throughput` (TALLY_BENCH_LINES=500000 for a quicker run,
 //! TALLY_BENCH_PARSE_ONLY=1 to stop after step 3, e.g. under a profiler).
@@ -100,51 +102,65 @@ fn main() {
         return;
     }
 
-    // End to end into a local backend.
+    // End to end into a local backend, the state folder on the disk (the temp folder's file
+    // system), then on tmpfs: each report call writes the state.
     let backend = CountingBackend::start();
-    let config = dir.join("tally.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[backend]\nurl = \"{}\"\nservice_token = \"bench\"\n[[sources]]\npath = \"{}\"\nservice_id = \"1\"\nread_from = \"beginning\"\n\
-             [state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n",
-            backend.url(),
-            log.display(),
-            dir.join("state").display()
-        ),
-    )
-    .unwrap();
-    let start = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        // A run that cannot finish (the local backend refusing it) ends with an error, not a hang.
-        .args(["run", "--once", "--max-wait", "10m", "--config"])
-        .arg(&config)
-        .stderr(Stdio::inherit())
-        .spawn()
+    let shm = tempfile::tempdir_in("/dev/shm").ok();
+    let mut states = vec![("disk", dir.join("state"))];
+    if let Some(shm) = &shm {
+        states.push(("tmpfs", shm.path().join("state")));
+    }
+    for (fs, state) in states {
+        let config = dir.join(format!("tally-{fs}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[backend]\nurl = \"{}\"\nservice_token = \"bench\"\n[[sources]]\npath = \"{}\"\nservice_id = \"1\"\nread_from = \"beginning\"\n\
+                 [state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n",
+                backend.url(),
+                log.display(),
+                state.display()
+            ),
+        )
         .unwrap();
-    let (ok, cpu, rss_kib) = wait_with_usage(child);
-    let wall = start.elapsed().as_secs_f64();
-    assert!(ok, "tally failed");
-    assert_eq!(
-        backend.transactions(),
-        credentialed,
-        "end to end lost or added transactions"
-    );
-    row(
-        "tally end to end",
-        lines,
-        mb,
-        wall,
-        Some(cpu),
-        Some(rss_kib),
-        wc,
-    );
-    println!(
-        "  {} report calls, {} authorize calls, {} transactions at the backend",
-        backend.reports.load(Ordering::Relaxed),
-        backend.authorizations.load(Ordering::Relaxed),
-        backend.transactions()
-    );
+        let (before, calls, authorizations) = (
+            backend.transactions(),
+            backend.reports.load(Ordering::Relaxed),
+            backend.authorizations.load(Ordering::Relaxed),
+        );
+        let start = Instant::now();
+        let child = Command::new(env!("CARGO_BIN_EXE_tally"))
+            // A run that cannot finish (the local backend refusing it) ends with an error, not a hang.
+            .args(["run", "--once", "--max-wait", "10m", "--config"])
+            .arg(&config)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let (ok, cpu, rss_kib) = wait_with_usage(child);
+        let wall = start.elapsed().as_secs_f64();
+        assert!(ok, "tally failed");
+        assert_eq!(
+            backend.transactions() - before,
+            credentialed,
+            "end to end lost or added transactions"
+        );
+        row(
+            &format!("end to end, {fs}"),
+            lines,
+            mb,
+            wall,
+            Some(cpu),
+            Some(rss_kib),
+            wc,
+        );
+        println!(
+            "  state in {}: {} report calls, {} authorize calls, {} transactions at the backend",
+            state.display(),
+            backend.reports.load(Ordering::Relaxed) - calls,
+            backend.authorizations.load(Ordering::Relaxed) - authorizations,
+            backend.transactions() - before
+        );
+    }
 
     stream_and_idle(&dir, &backend);
     page_memory(&dir, &backend, lines);
