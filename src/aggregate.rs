@@ -593,10 +593,18 @@ pub fn take_in(
 ) -> Vec<Batch> {
     let (feed, at, fate) = match tailed {
         Tailed::Reconfigured { feed, settings } => {
-            return lines
-                .reconfigure(aggregator, *feed, settings)
-                .into_iter()
-                .collect()
+            let sealed = lines.reconfigure(aggregator, *feed, settings);
+            // The page reads this feed's calls with the new settings (and masks the old names too).
+            if let Some(new) = settings.feeds.get(&(lines.service_id.clone(), *feed)) {
+                if metrics.codes.keeps_calls() {
+                    metrics.codes.set_reader(
+                        &lines.service_id,
+                        *feed,
+                        new.parser.without_credentials(),
+                    );
+                }
+            }
+            return sealed.into_iter().collect();
         }
         Tailed::Lines(chunk) => {
             return parse_chunk(lines, aggregator, chunk, Fate::Reading, metrics, warned)
@@ -740,12 +748,16 @@ pub(crate) fn parse_chunk(
                             continue;
                         }
                         Some(Owner::Nobody) => Err(Skip::UnknownHost),
-                        Some(Owner::This) | None => match rules {
-                            Some(rules) => rules
-                                .usage(&request, escape)
-                                .and_then(|usage| aggregator.add(&request, &usage)),
-                            None => aggregator.add(&request, &ONE_HIT),
-                        },
+                        Some(Owner::This) | None => {
+                            // Its skips (no mapping rule…) are this service's to count.
+                            ours = true;
+                            match rules {
+                                Some(rules) => rules
+                                    .usage(&request, escape)
+                                    .and_then(|usage| aggregator.add(&request, &usage)),
+                                None => aggregator.add(&request, &ONE_HIT),
+                            }
+                        }
                     }
                 }
                 // Routed by Host, a line whose credential tally cannot read is its service's to

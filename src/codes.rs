@@ -17,6 +17,17 @@ const LINE_KEPT: usize = 2048;
 /// status of a line is 3 digits, but a log may hold anything).
 const MAX_SERIES: usize = 4096;
 
+/// At most this many calls kept in all (each up to [`LINE_KEPT`] bytes: 25 MiB): the (service,
+/// code) pairs that keep calls are as many as fit at `calls_per_code` each (at least 16).
+const MAX_CALLS: usize = 12_800;
+
+/// Now, in epoch seconds.
+fn wall_clock() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// What became of a line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -138,12 +149,21 @@ struct Store {
 #[derive(Debug, Default)]
 pub struct Codes {
     store: Mutex<Store>,
-    /// Per (service, feed), a parser of its lines, to read a call again when it is shown.
-    readers: Mutex<HashMap<(String, usize), crate::parse::Parser>>,
+    /// Per (service, feed), a parser of its lines, to read a call again when it is shown, and
+    /// every query parameter name its credentials have had (masked in calls kept from before a
+    /// new proxy configuration renamed them).
+    readers: Mutex<HashMap<(String, usize), Reader>>,
     /// Whether codes are kept (the page is served).
     on: bool,
     /// Calls kept per code and service (0: none).
     calls_per_code: usize,
+}
+
+/// How the calls of one service and feed are read again.
+#[derive(Debug)]
+struct Reader {
+    parser: crate::parse::Parser,
+    names: Vec<String>,
 }
 
 /// A series as the API gives it.
@@ -175,22 +195,43 @@ impl Codes {
         self.on && self.calls_per_code > 0
     }
 
-    /// Calls of `service` read from `feed` are read again with `parser` when shown.
+    /// Calls of `service` read from `feed` are read again with `parser` when shown (from the
+    /// start, and at each new proxy configuration).
     pub(crate) fn set_reader(&self, service: &str, feed: usize, parser: crate::parse::Parser) {
-        if let Ok(mut readers) = self.readers.lock() {
-            readers.insert((service.to_string(), feed), parser);
+        let Ok(mut readers) = self.readers.lock() else {
+            return;
+        };
+        let names: Vec<String> = parser
+            .query_credential_names()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        let reader = readers
+            .entry((service.to_string(), feed))
+            .or_insert_with(|| Reader {
+                parser: parser.clone(),
+                names: Vec::new(),
+            });
+        reader.parser = parser;
+        for name in names {
+            if !reader.names.contains(&name) {
+                reader.names.push(name);
+            }
         }
     }
 
-    /// Runs `f` with the parser of `service`'s lines from `feed`, if there is one.
+    /// Runs `f` with the parser of `service`'s lines from `feed` and every credential parameter
+    /// name it has had, if there is one.
     pub(crate) fn with_reader<R>(
         &self,
         service: &str,
         feed: usize,
-        f: impl FnOnce(&mut crate::parse::Parser) -> R,
+        f: impl FnOnce(&mut crate::parse::Parser, &[&str]) -> R,
     ) -> Option<R> {
         let mut readers = self.readers.lock().ok()?;
-        readers.get_mut(&(service.to_string(), feed)).map(f)
+        let reader = readers.get_mut(&(service.to_string(), feed))?;
+        let names: Vec<&str> = reader.names.iter().map(String::as_str).collect();
+        Some(f(&mut reader.parser, &names))
     }
 
     /// Adds the lines `seen` of a chunk (`data`) of `source`, reported to `service`.
@@ -215,9 +256,16 @@ impl Codes {
             return;
         };
         let store = &mut *store;
-        store.newest = store
-            .newest
-            .max(seen.iter().map(|s| s.time).max().unwrap_or(0));
+        // A line dated in the future (a wrong clock, a made-up time) must not move the rings past
+        // the present, which would drop every line after it: the newest is at most a day ahead.
+        let latest = wall_clock() + 86_400;
+        store.newest = store.newest.max(
+            seen.iter()
+                .map(|s| s.time)
+                .filter(|t| *t <= latest)
+                .max()
+                .unwrap_or(0),
+        );
         let newest = store.newest;
         for (code, bucket, n) in counts {
             let key = (service.clone(), code);
@@ -227,8 +275,10 @@ impl Codes {
             }
             let series = store.series.entry(key).or_insert_with(Series::new);
             series.total += n;
-            for ring in &mut series.rings {
-                ring.add(bucket, n, newest);
+            if bucket <= newest {
+                for ring in &mut series.rings {
+                    ring.add(bucket, n, newest);
+                }
             }
         }
         if self.calls_per_code == 0 {
@@ -266,6 +316,10 @@ impl Codes {
                 source,
                 line: line.into(),
             };
+            let rings = (MAX_CALLS / self.calls_per_code).max(16);
+            if !store.calls.contains_key(&key) && store.calls.len() >= rings {
+                continue;
+            }
             let ring = store.calls.entry(key).or_default();
             ring.push_back(call);
             if ring.len() > self.calls_per_code {
@@ -323,7 +377,8 @@ impl Codes {
     }
 
     /// The latest calls with `code` (None: any), of `service` (None: any), newest first, at most
-    /// `limit`, with the service each was reported to.
+    /// `limit`, with the service each was reported to. Only those are copied (under the lock the
+    /// aggregation waits on).
     pub(crate) fn calls(
         &self,
         code: Option<u16>,
@@ -333,18 +388,21 @@ impl Codes {
         let Ok(store) = self.store.lock() else {
             return Vec::new();
         };
-        let mut calls: Vec<(String, Call)> = store
+        let mut calls: Vec<(&Arc<str>, &Call)> = store
             .calls
             .iter()
             .filter(|((s, c), _)| {
                 code.is_none_or(|wanted| wanted == *c) && service.is_none_or(|w| w == &**s)
             })
-            .flat_map(|((s, _), ring)| ring.iter().map(|call| (s.to_string(), call.clone())))
+            .flat_map(|((s, _), ring)| ring.iter().map(move |call| (s, call)))
             .collect();
         // Newest first: by the order they were read in (log times may go back).
-        calls.sort_by_key(|c| std::cmp::Reverse(c.1.seq));
-        calls.truncate(limit);
+        calls.sort_by_key(|(_, c)| std::cmp::Reverse(c.seq));
         calls
+            .into_iter()
+            .take(limit)
+            .map(|(s, c)| (s.to_string(), c.clone()))
+            .collect()
     }
 
     /// Lines whose code could not be kept (too many distinct codes).
@@ -380,7 +438,7 @@ mod tests {
     #[test]
     fn series_and_the_latest_calls() {
         let codes = Codes::new(2);
-        let t = 1_799_996_400; // an hour's start
+        let t = wall_clock() - wall_clock() % 3600 - 3600; // an hour's start, an hour ago
         let data = "a\nb\nc";
         codes.add(
             "42",
@@ -422,5 +480,10 @@ mod tests {
         assert_eq!(calls(404, None), ["42:c"]);
         assert_eq!(codes.services(), ["42", "7"]);
         assert_eq!(codes.newest(), t + 20);
+        // A line ten days ahead: in the total, in no bucket, and the rings keep working.
+        codes.add("7", 0, b"e", &seen("e", &[(t + 10 * 86_400, 200)]));
+        codes.add("7", 0, b"f", &seen("f", &[(t + 25, 200)]));
+        assert_eq!(codes.newest(), t + 25);
+        assert_eq!(at(Some("7"), 10, t + 20, 1), vec![(200, 3, vec![2])]);
     }
 }

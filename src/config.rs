@@ -332,7 +332,6 @@ impl Config {
             .filter(|s| s.route.as_ref().is_none_or(|r| r.hosts.counts_all()))
     }
 
-    /// Every metric the mapping rules of `service_id`'s sources name (and `hits`).
     /// The services reported to, each once, in the order of the sources.
     pub(crate) fn services(&self) -> Vec<String> {
         let mut ids: Vec<String> = Vec::new();
@@ -344,6 +343,7 @@ impl Config {
         ids
     }
 
+    /// Every metric the mapping rules of `service_id`'s sources name (and `hits`).
     pub(crate) fn metrics_of(&self, service_id: &str) -> MetricNames {
         let names: Vec<&str> = self
             .sources
@@ -1139,6 +1139,13 @@ impl Ctx<'_> {
         });
         let _ = parsed.set_username("");
         let _ = parsed.set_password(None);
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(self.invalid(
+                "proxy_config.url",
+                url_at,
+                "give the admin portal's address alone, without a query or fragment (the token goes in access_token)",
+            ));
+        }
         let token = self.secret(
             "proxy_config",
             "access_token",
@@ -1975,7 +1982,8 @@ impl Config {
 }
 
 /// Gives each service of a source routed by Host what APIcast's path routing needs: every
-/// service's Host names and rules, in the configuration's order, and their parsers.
+/// service's Host names and rules, in the configuration's order, and a parser of its lines that
+/// reads them without their credential.
 fn path_routing(sources: &mut [Source]) {
     let mut by_host: std::collections::HashMap<String, Vec<(usize, MappingRules)>> =
         std::collections::HashMap::new();
@@ -1990,17 +1998,16 @@ fn path_routing(sources: &mut [Source]) {
         }
     }
     let by_host = Arc::new(by_host);
-    // Routed sources have no container wrapper: the line length limit plays no part.
-    let parsers: Vec<crate::parse::Parser> = sources
-        .iter()
-        .map(|s| s.parser(defaults::tail::MAX_LINE_LENGTH))
-        .collect();
     for (place, source) in sources.iter_mut().enumerate() {
+        // Routed sources have no container wrapper: the line length limit plays no part.
+        let reader = source
+            .parser(defaults::tail::MAX_LINE_LENGTH)
+            .without_credentials();
         if let Some(route) = &mut source.route {
             route.hosts.path_routing = Some(PathRouting {
                 me: place,
                 by_host: by_host.clone(),
-                parsers: parsers.clone(),
+                reader,
             });
         }
     }

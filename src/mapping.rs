@@ -57,9 +57,9 @@ pub(crate) struct PathRouting {
     pub(crate) me: usize,
     /// Per Host, the services listing it (by place), with their rules compiled for matching.
     pub(crate) by_host: std::sync::Arc<HashMap<String, Vec<(usize, MappingRules)>>>,
-    /// Each service's parser, by place: a line whose credential this service cannot read is read
-    /// with the others' to find its path (the rare path).
-    pub(crate) parsers: Vec<crate::parse::Parser>,
+    /// This service's parser reading lines without their credential: a line whose credential it
+    /// cannot read is read again with it for its method and path (the rare path).
+    pub(crate) reader: crate::parse::Parser,
 }
 
 /// Whose a line routed by Host is.
@@ -95,31 +95,23 @@ impl HostRoute {
     }
 
     /// Whose `line` is, read without this service's credential (which it lacks): with path
-    /// routing, its request as another service of its Host reads it (none can: by its Host).
+    /// routing, by its request read without any credential (a line that cannot be read: by its
+    /// Host).
     pub(crate) fn owner_of_line(&mut self, host: Option<&[u8]>, line: &[u8]) -> Owner {
         let name = name_of(host);
         let Some(routing) = &mut self.path_routing else {
             return self.owner(host);
         };
-        let services = routing
-            .by_host
-            .get(&name)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let mut chosen = None;
-        for &(place, _) in services {
-            let Some(parser) = routing.parsers.get_mut(place) else {
-                continue;
-            };
-            let escape = parser.escape();
-            if let Ok(Some(request)) = parser.parse_record(line) {
-                chosen = services
+        let escape = routing.reader.escape();
+        let chosen = match routing.reader.parse_record(line) {
+            Ok(Some(request)) => routing.by_host.get(&name).and_then(|services| {
+                services
                     .iter()
                     .find(|(_, rules)| rules.matches(&request, escape))
-                    .map(|(p, _)| *p);
-                break;
-            }
-        }
+                    .map(|(place, _)| *place)
+            }),
+            _ => None,
+        };
         self.owner_by(&name, |_| chosen)
     }
 
@@ -232,9 +224,19 @@ impl MappingRules {
         MappingRules::compile(rules, &MetricNames::new(&metrics))
     }
 
-    /// Whether a rule matches `request` (APIcast's path routing asks this of a service).
+    /// Whether a rule matches `request`'s method and path: APIcast's path routing asks this of a
+    /// service, without the query (its `find_service` passes no arguments to the matcher, so a
+    /// rule that asks for query parameters never chooses a service).
     pub(crate) fn matches(&self, request: &Request<'_>, escape: LogEscape) -> bool {
-        !self.rules.is_empty() && !matches!(self.matched(request, escape), Err(Skip::NoMappingRule))
+        let without_query = Request {
+            query: Some(b""),
+            ..request.clone()
+        };
+        !self.rules.is_empty()
+            && !matches!(
+                self.matched(&without_query, escape),
+                Err(Skip::NoMappingRule)
+            )
     }
 
     /// Whether there are rules (without, each request is one hit).
@@ -768,9 +770,9 @@ mod tests {
         assert_eq!(other.owner(Some(b"b.example")), Owner::This);
     }
 
-    /// APIcast's path routing: of the services of a Host, the first whose rules match the request,
-    /// else the first; every service chooses the same one for every line, its own credential
-    /// readable or not (a line whose credential no service can read: by its Host alone).
+    /// APIcast's path routing: of the services of a Host, the first whose rules match the request's
+    /// method and path, else the first; every service chooses the same one for every line, its own
+    /// credential readable or not.
     #[test]
     fn path_routing_chooses_the_same_service_from_every_service() {
         use crate::parse::testing::{headers, nginx};
@@ -824,7 +826,7 @@ mod tests {
                     path_routing: Some(PathRouting {
                         me,
                         by_host: by_host.clone(),
-                        parsers: parsers.clone(),
+                        reader: parsers[me].without_credentials(),
                     }),
                 };
                 (parsers[me].clone(), route)
@@ -840,8 +842,10 @@ mod tests {
             (line("api.example", "/c?user_key=k", "-"), Some(0)),
             // B's path, A's kind of credential: B's (which cannot read it).
             (line("api.example", "/b?user_key=k", "-"), Some(1)),
-            // No credential any service can read: by its Host alone.
-            (line("api.example", "/b", "-"), Some(0)),
+            // No credential any service can read: by its path still.
+            (line("api.example", "/b", "-"), Some(1)),
+            // Query parameters play no part in choosing (APIcast passes none to the matcher).
+            (line("api.example", "/c?user_key=k&x=/b", "-"), Some(0)),
             (line("other.example", "/x?user_key=k", "-"), Some(2)),
             (line("unknown.example", "/a?user_key=k", "-"), None),
         ] {

@@ -119,8 +119,10 @@ pub(crate) fn api_codes(metrics: &Metrics, target: &[u8]) -> Result<String, Stri
                 })
         })
         .transpose()?;
-    let to = to.unwrap_or_else(|| now().max(metrics.codes.newest()));
-    let from = from.unwrap_or(to - 86_400 + 1);
+    // Times a log can hold (to year 36812): the window's arithmetic never overflows.
+    let sane = |t: i64| t.clamp(0, 1 << 40);
+    let to = sane(to.unwrap_or_else(|| now().max(metrics.codes.newest())));
+    let from = sane(from.unwrap_or(to - 86_400 + 1));
     if from > to {
         return Err("from is after to".into());
     }
@@ -262,9 +264,9 @@ fn shown(metrics: &Metrics, service: String, call: &Call) -> Shown {
         |v: Option<&[u8]>| printable(&String::from_utf8_lossy(v.unwrap_or_default())).into_owned();
     let read = metrics
         .codes
-        .with_reader(&shown.service, call.source, |parser| {
+        .with_reader(&shown.service, call.source, |parser, names| {
             let hidden = parser.hide_secrets(&call.line, mask);
-            let line = masked_line_with(&hidden, hidden.len(), &parser.query_credential_names());
+            let line = masked_line_with(&hidden, hidden.len(), names);
             let request = match parser.parse_record(&call.line) {
                 Ok(Some(r)) => Some((
                     // Read without its credential: an empty one.
@@ -315,7 +317,13 @@ fn calls(metrics: &Metrics, q: &Query) -> Result<Vec<Shown>, String> {
     let application = q.get("application");
     let service = q.get("service");
     let mut out = Vec::new();
-    for (service, call) in metrics.codes.calls(code, service, usize::MAX) {
+    // Filtered by application after reading each again: a larger window to fill `limit` from.
+    let window = if application.is_some() {
+        CALLS_MAX
+    } else {
+        limit
+    };
+    for (service, call) in metrics.codes.calls(code, service, window) {
         if out.len() >= limit {
             break;
         }
@@ -361,7 +369,12 @@ pub(crate) fn api_calls(metrics: &Metrics, target: &[u8], details: bool) -> Resu
 
 fn time_text(t: i64) -> String {
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
-    humantime::format_rfc3339_seconds(time).to_string()
+    // RFC 3339 has no year past 9999 (a log may say anything): then the epoch seconds.
+    let mut text = String::new();
+    match write!(text, "{}", humantime::format_rfc3339_seconds(time)) {
+        Ok(()) => text,
+        Err(_) => t.to_string(),
+    }
 }
 
 fn json_string(s: &str) -> String {
@@ -632,4 +645,22 @@ fn chart(out: &mut String, series: &[Counted], window: Window) {
         );
     }
     out.push_str("</div></div>");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever a log says: times past year 9999 are shown as epoch seconds; windows of any
+    /// bounds are built without overflow.
+    #[test]
+    fn times_and_windows_from_any_input() {
+        assert_eq!(time_text(0), "1970-01-01T00:00:00Z");
+        assert_eq!(time_text(300_000_000_000), "300000000000");
+        let w = Window::new(0, 1 << 40, None).unwrap();
+        assert_eq!((w.step, w.count), (3600, 24));
+        let w = Window::new(100, 100, Some(10)).unwrap();
+        assert_eq!((w.from, w.count), (100, 1));
+        assert!(Window::new(0, 10, Some(7)).is_err());
+    }
 }

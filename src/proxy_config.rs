@@ -225,9 +225,16 @@ pub(crate) fn saved_copy(state_dir: &Path) -> PathBuf {
 /// Saves `document` as the last good copy: whole or not at all (a temp file renamed over it).
 pub(crate) fn save(state_dir: &Path, document: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let path = saved_copy(state_dir);
-    let temp = state_dir.join("proxy-config.json.tmp");
-    let mut file = std::fs::File::create(&temp)?;
+    let temp = state_dir.join(format!("proxy-config.json.{}.tmp", std::process::id()));
+    // It holds every service's backend token: for tally's user alone.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temp)?;
     file.write_all(document)?;
     file.sync_data()?;
     drop(file);

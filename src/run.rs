@@ -530,16 +530,21 @@ fn needs_restart(old: &Config, new: &Config) -> Option<String> {
     if old.backend.url != new.backend.url {
         return Some("changes the backend endpoint".into());
     }
-    let auth = |c: &Config, service: &str| {
-        c.sources
-            .iter()
-            .find(|s| s.service_id == service)
-            .and_then(|s| s.auth.clone())
-            .or_else(|| c.backend.auth.clone())
+    // The backend credentials the proxy configuration gives (the TOML's are read again by a
+    // refresh, and a rotated token file is the reporter's to pick up: not a change of version).
+    let proxy = |c: &Config| {
+        c.proxy_config
+            .as_ref()
+            .and_then(|p| crate::proxy_config::ProxyConfig::parse(&p.loaded.document).ok())
+            .unwrap_or_default()
+    };
+    let (old_proxy, new_proxy) = (proxy(old), proxy(new));
+    let auth = |p: &crate::proxy_config::ProxyConfig, service: &str| {
+        p.service(service).and_then(|s| s.backend_auth.clone())
     };
     before
         .iter()
-        .find(|s| auth(old, s) != auth(new, s))
+        .find(|s| auth(&old_proxy, s) != auth(&new_proxy, s))
         .map(|s| format!("changes the backend credentials of service {s}"))
 }
 

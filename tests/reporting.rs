@@ -878,7 +878,8 @@ fn lines_are_routed_to_services_by_host() {
             "proxy_rules":[{{"http_method":"GET","pattern":"/search","metric_system_name":"search","delta":1}},
                            {{"http_method":"ANY","pattern":"/","metric_system_name":"hits","delta":1}}]}}}},
           {{"id":2,"backend_version":"2","backend_authentication_type":"service_token","backend_authentication_value":"t2",
-            "proxy":{{"hosts":["api.example"],"credentials_location":"headers","auth_app_id":"X-App-Id"}}}}]}}"#,
+            "proxy":{{"hosts":["api.example"],"credentials_location":"headers","auth_app_id":"X-App-Id",
+            "proxy_rules":[{{"http_method":"ANY","pattern":"/v1","metric_system_name":"hits","delta":1}}]}}}}]}}"#,
         url = backend.url()
     );
     std::fs::write(dir.path().join("proxy.json"), proxy).unwrap();
@@ -895,6 +896,8 @@ fn lines_are_routed_to_services_by_host() {
             line("api.example", "/v1/orders", "mobile"),
             line("api.example", "/v1/orders/7", "web"),
             line("api.example", "/v1/orders?user_key=k1", "-"),
+            // Service 2's (which does not count the source's lines): no rule of its matches.
+            line("api.example", "/admin", "web"),
             line("unknown.example", "/?user_key=k1", "-"),
             line("unknown.example", "/", "-"),
             "garbage\n".to_string(),
@@ -944,8 +947,9 @@ fn lines_are_routed_to_services_by_host() {
         "{logs}"
     );
     let summary = last_summary(&logs);
-    assert_eq!(number(&summary, "lines_read"), 8, "{logs}");
+    assert_eq!(number(&summary, "lines_read"), 9, "{logs}");
     assert_eq!(number(&summary, "skipped_unknown_host"), 2, "{logs}");
+    assert_eq!(number(&summary, "skipped_no_mapping_rule"), 1, "{logs}");
     assert_eq!(number(&summary, "skipped_malformed"), 1, "{logs}");
     // The api.example line with a user_key: service 2 reads app_ids from a header (the lines of
     // api.example without a user_key are service 2's, not skips of service 1).
