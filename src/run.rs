@@ -45,7 +45,7 @@ pub enum Outcome {
 
 /// `tally run`: follows the sources and reports to 3scale until a signal (or, `--once`, until
 /// everything read is accepted); an error when a stage fails.
-pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome> {
+pub async fn run(mut config: Config, options: RunOptions) -> anyhow::Result<Outcome> {
     // Listen first: a SIGTERM that arrives while tally starts must stop it in order too.
     let mut signals = Signals::listen()?;
     let metrics = Metrics::new(config.telemetry.stalled_after);
@@ -62,6 +62,51 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
     });
     // --dry-run reads the checkpoints (it shows what would be sent next) but writes none.
     let state_dir = StateDir::open(&config.state.dir, options.dry_run)?;
+    if let Some(listen) = config.telemetry.listen {
+        telemetry::serve(listen, metrics.clone())
+            .await
+            .with_context(|| format!("telemetry.listen {listen}"))?;
+    }
+    // A new proxy configuration that changes the services restarts the pipeline, in order.
+    loop {
+        match pipeline(&config, options, &mut signals, &metrics, &state_dir).await? {
+            Ended::Run(outcome) => return Ok(outcome),
+            Ended::Restart(new) => {
+                tracing::info!(
+                    services = new.services().len(),
+                    "proxy configuration: starting again with the new version"
+                );
+                config = *new;
+            }
+        }
+    }
+}
+
+/// How a pipeline ended.
+enum Ended {
+    /// As `run` ends.
+    Run(Outcome),
+    /// Stopped in order to start again with this configuration.
+    Restart(Box<Config>),
+}
+
+/// Why the main loop stopped.
+enum Stop {
+    /// A signal or --max-wait: its name.
+    Asked(String),
+    /// A new proxy configuration.
+    Restart(Box<Config>),
+}
+
+/// The followers, aggregations and reporters of `config`, until they end, a signal, or a new
+/// proxy configuration that needs them started again.
+async fn pipeline(
+    config: &Config,
+    options: RunOptions,
+    signals: &mut Signals,
+    metrics: &Arc<Metrics>,
+    state_dir: &StateDir,
+) -> anyhow::Result<Ended> {
     // Checkpoints are kept by source name (by default the path): a reordered list keeps them.
     let source_ids: Vec<SourceId> = config
         .sources
@@ -124,11 +169,6 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
     }
     // One client, so one keep-alive connection pool, for every service.
     let client = Arc::new(report::Client::for_backend(&config.backend)?);
-    if let Some(listen) = config.telemetry.listen {
-        telemetry::serve(listen, metrics.clone())
-            .await
-            .with_context(|| format!("telemetry.listen {listen}"))?;
-    }
     let mut reporters = JoinSet::new();
     // Every aggregation task: a panic there must stop tally, not close the service's batches as if
     // its logs had ended. Tasks are named by id, for the message.
@@ -238,6 +278,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
     // A refreshed proxy configuration reaches the services through their followers, so that all
     // the services of a file switch at the same line.
     let (reconfigure, reconfigurations) = tokio::sync::watch::channel(None);
+    let (restart, mut restarts) = mpsc::channel::<Box<Config>>(1);
     let feed_paths: Vec<String> = feeds
         .iter()
         .map(|f| config.sources[f[0]].path.clone())
@@ -247,12 +288,13 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         if let Some(why) = &settings.loaded.fallback {
             metrics.set_warning("proxy_config", Some(why.clone()));
         } else if settings.portal.is_some() && !options.dry_run {
-            save_proxy_config(&config.state.dir, &settings.loaded.document, &metrics);
+            save_proxy_config(&config.state.dir, &settings.loaded.document, metrics);
         }
         tokio::spawn(refresh_proxy_config(ProxyRefresh {
             config: config.clone(),
             feeds: feed_paths,
             reconfigure,
+            restart: (!options.once).then_some(restart),
             metrics: metrics.clone(),
             save: !options.dry_run,
         }))
@@ -301,33 +343,34 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
                 // Only in --once mode do the reporters finish by themselves: after every
                 // aggregation, which must have ended well.
                 result?;
-                watch_aggregations(&mut aggregations, &stage_of, &metrics).await;
+                watch_aggregations(&mut aggregations, &stage_of, metrics).await;
                 if let Some(death) = metrics.first_death() {
                     anyhow::bail!("{death}");
                 }
                 metrics.log_summary("done");
-                return Ok(Outcome::Complete);
+                return Ok(Ended::Run(Outcome::Complete));
             }
             death = metrics.a_stage_died() => anyhow::bail!("{death}"),
-            _ = watch_aggregations(&mut aggregations, &stage_of, &metrics), if !aggregations.is_empty() => {}
+            _ = watch_aggregations(&mut aggregations, &stage_of, metrics), if !aggregations.is_empty() => {}
             signal = signals.recv() => match signal {
                 Signal::Hangup => tracing::warn!(
                     "SIGHUP received: tally cannot reload its configuration yet, so it goes on as it is \
                      (restart it to apply a changed configuration)"
                 ),
-                Signal::Stop(name) => break name.to_string(),
+                Signal::Stop(name) => break Stop::Asked(name.to_string()),
             },
+            Some(new) = restarts.recv() => break Stop::Restart(new),
             _ = sleep_until(deadline) => {
-                break format!("--max-wait {} passed", humantime::format_duration(options.max_wait.unwrap_or_default()));
+                break Stop::Asked(format!("--max-wait {} passed", humantime::format_duration(options.max_wait.unwrap_or_default())));
             }
             _ = summary.tick() => {
                 metrics.log_summary("running");
                 metrics.files.log();
-                for warning in preflight::unmatched(&config) {
+                for warning in preflight::unmatched(config) {
                     tracing::warn!("{warning}");
                 }
                 if options.once {
-                    log_waiting(&metrics);
+                    log_waiting(metrics);
                 }
             }
         }
@@ -336,8 +379,12 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         refresher.abort();
     }
     let read_everything = followers.iter().all(Follower::is_finished);
+    let reason = match &why {
+        Stop::Asked(reason) => reason.clone(),
+        Stop::Restart(_) => "a new proxy configuration changes the services".to_string(),
+    };
     tracing::info!(
-        why,
+        why = reason,
         grace = ?config.report.shutdown_grace,
         "stopping: no more reading, sending what was read"
     );
@@ -367,14 +414,25 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<Outcome>
         }
     };
     log_kept(&kept);
-    if !options.once {
-        return Ok(Outcome::Stopped);
+    if let Stop::Restart(new) = why {
+        // Nothing of this pipeline may touch the state once the next one reads it: a call still
+        // under way is abandoned (its lines are in flight, sent again: "Exactness").
+        reporters.abort_all();
+        while reporters.join_next().await.is_some() {}
+        aggregations.abort_all();
+        while aggregations.join_next().await.is_some() {}
+        return Ok(Ended::Restart(new));
     }
-    Ok(if read_everything && drained && kept.is_empty() {
-        Outcome::Complete
-    } else {
-        Outcome::Unfinished
-    })
+    if !options.once {
+        return Ok(Ended::Run(Outcome::Stopped));
+    }
+    Ok(Ended::Run(
+        if read_everything && drained && kept.is_empty() {
+            Outcome::Complete
+        } else {
+            Outcome::Unfinished
+        },
+    ))
 }
 
 /// What refreshes the proxy configuration.
@@ -384,6 +442,8 @@ struct ProxyRefresh {
     /// The path of each follower, by feed.
     feeds: Vec<String>,
     reconfigure: tokio::sync::watch::Sender<Option<Arc<Reconfiguration>>>,
+    /// Where a version that changes the services goes (None with --once: it waits).
+    restart: Option<mpsc::Sender<Box<Config>>>,
     metrics: Arc<Metrics>,
     /// Keep a copy of what the admin portal gives (not with --dry-run).
     save: bool,
@@ -391,7 +451,7 @@ struct ProxyRefresh {
 
 /// Every `refresh`: reads the proxy configuration again and, when it changed, passes it to the
 /// followers. A failure keeps the last good one (and says so on /healthz); a new version that
-/// changes what runs (services, their backend credentials) waits for a restart.
+/// changes what runs (services, their backend credentials) restarts the pipeline.
 async fn refresh_proxy_config(mut r: ProxyRefresh) {
     let Some(settings) = r.config.proxy_config.clone() else {
         return;
@@ -437,9 +497,22 @@ async fn refresh_proxy_config(mut r: ProxyRefresh) {
             }
         };
         if let Some(change) = needs_restart(&r.config, &new) {
+            if let Some(restart) = &r.restart {
+                // Its batches, reporters and checkpoints are set up at start: start again, in
+                // order (as on SIGTERM, within the process).
+                r.metrics.proxy_config_restarted.fetch_add(1, Relaxed);
+                r.metrics.set_warning("proxy_config", None);
+                tracing::info!("proxy configuration: a new version {change}: stopping in order to start again with it");
+                if r.save && settings.portal.is_some() {
+                    save_proxy_config(&r.config.state.dir, &document, &r.metrics);
+                }
+                let _ = restart.send(Box::new(new)).await;
+                return;
+            }
             r.metrics.proxy_config_not_applied.fetch_add(1, Relaxed);
-            let why =
-                format!("a new version {change}: restart tally to apply it (the one in use stays)");
+            let why = format!(
+                "a new version {change}: it applies when --once ends (the one in use stays)"
+            );
             tracing::warn!("proxy configuration: {why}");
             r.metrics.set_warning("proxy_config", Some(why));
             continue;

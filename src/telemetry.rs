@@ -169,8 +169,9 @@ for_each_skip!(declare_metrics! {
         Counter rotations_total "Log files rotated or deleted." { rotations }
         Counter truncations_total "Log files truncated or replaced in place." { truncations }
         Counter proxy_config_refreshes_total
-            "Refreshes of the 3scale proxy configuration, by result: applied (a new version, in use from the next line), unchanged, failed (unreachable, refused or invalid: the last good one stays), not_applied (it adds or removes services, or changes their backend credentials: restart tally to apply it)." {
+            "Refreshes of the 3scale proxy configuration, by result: applied (a new version, in use from the next line), restarted (a new version that adds or removes services, or changes their backend credentials: the pipeline stopped in order and started again with it), unchanged, failed (unreachable, refused or invalid: the last good one stays), not_applied (such a version during --once: it waits)." {
             proxy_config_applied(result = "applied"),
+            proxy_config_restarted(result = "restarted"),
             proxy_config_unchanged(result = "unchanged"),
             proxy_config_failed(result = "failed"),
             proxy_config_not_applied(result = "not_applied"),
