@@ -67,14 +67,16 @@ pub async fn run(mut config: Config, options: RunOptions) -> anyhow::Result<Outc
             .await
             .with_context(|| format!("telemetry.listen {listen}"))?;
     }
-    // A new proxy configuration that changes the services restarts the pipeline, in order.
+    // A new proxy configuration that changes the services, or a reloaded configuration file,
+    // restarts the pipeline, in order.
     loop {
         match pipeline(&config, options, &mut signals, &metrics, &state_dir).await? {
             Ended::Run(outcome) => return Ok(outcome),
             Ended::Restart(new) => {
                 tracing::info!(
                     services = new.services().len(),
-                    "proxy configuration: starting again with the new version"
+                    sources = new.sources.len(),
+                    "starting again with the new configuration"
                 );
                 config = *new;
             }
@@ -353,10 +355,13 @@ async fn pipeline(
             death = metrics.a_stage_died() => anyhow::bail!("{death}"),
             _ = watch_aggregations(&mut aggregations, &stage_of, metrics), if !aggregations.is_empty() => {}
             signal = signals.recv() => match signal {
-                Signal::Hangup => tracing::warn!(
-                    "SIGHUP received: tally cannot reload its configuration yet, so it goes on as it is \
-                     (restart it to apply a changed configuration)"
+                Signal::Hangup if options.once => tracing::warn!(
+                    "SIGHUP received: --once goes on with the configuration it started with"
                 ),
+                Signal::Hangup => match reload(config, metrics).await {
+                    Some(new) => break Stop::Restart(Box::new(new)),
+                    None => continue,
+                },
                 Signal::Stop(name) => break Stop::Asked(name.to_string()),
             },
             Some(new) = restarts.recv() => break Stop::Restart(new),
@@ -381,7 +386,7 @@ async fn pipeline(
     let read_everything = followers.iter().all(Follower::is_finished);
     let reason = match &why {
         Stop::Asked(reason) => reason.clone(),
-        Stop::Restart(_) => "a new proxy configuration changes the services".to_string(),
+        Stop::Restart(_) => "a new configuration changes the services or their sources".to_string(),
     };
     tracing::info!(
         why = reason,
@@ -433,6 +438,69 @@ async fn pipeline(
             Outcome::Unfinished
         },
     ))
+}
+
+/// SIGHUP: reads the configuration file again. A valid one that tally can take without a new
+/// process is returned, to start the pipeline again with; else the error is logged (the file, line
+/// and key) and counted, and the configuration in use stays.
+async fn reload(config: &Config, metrics: &Metrics) -> Option<Config> {
+    let path = config.origin.path.clone();
+    tracing::info!(path = %path.display(), "SIGHUP received: reading the configuration again");
+    // Reading it may fetch the proxy configuration from the admin portal: off the runtime.
+    let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
+    let new = match loaded {
+        Ok(Ok(new)) => new,
+        Ok(Err(e)) => return reload_failed(metrics, &e.to_string()),
+        Err(e) => return reload_failed(metrics, &format!("the reading stopped abnormally: {e}")),
+    };
+    let found = crate::preflight::inspect(&new, true);
+    if let Some(e) = found.errors.first() {
+        return reload_failed(metrics, e);
+    }
+    // What belongs to the process, not to the pipeline.
+    if new.state.dir != config.state.dir {
+        return reload_failed(
+            metrics,
+            "state.dir cannot change while tally runs (its lock and checkpoints): restart tally",
+        );
+    }
+    for (key, same) in [
+        (
+            "telemetry.listen",
+            new.telemetry.listen == config.telemetry.listen,
+        ),
+        (
+            "telemetry.calls_per_code",
+            new.telemetry.calls_kept() == config.telemetry.calls_kept(),
+        ),
+        (
+            "log",
+            new.log.level == config.log.level && new.log.format == config.log.format,
+        ),
+    ] {
+        if !same {
+            tracing::warn!(key, "this setting applies at the next start of the process; the rest of the new configuration applies now");
+        }
+    }
+    for w in &found.warnings {
+        tracing::warn!("{w}");
+    }
+    Metrics::add(&metrics.reloads_applied, 1);
+    metrics.set_warning("reload", None);
+    Some(new)
+}
+
+/// A reload that failed: logged, counted, shown by /healthz; the configuration in use stays.
+fn reload_failed(metrics: &Metrics, why: &str) -> Option<Config> {
+    Metrics::add(&metrics.reloads_failed, 1);
+    tracing::error!(error = %why, "the configuration was not reloaded: the one in use stays");
+    metrics.set_warning(
+        "reload",
+        Some(format!(
+            "the last reload failed ({why}): the configuration in use stays"
+        )),
+    );
+    None
 }
 
 /// What refreshes the proxy configuration.

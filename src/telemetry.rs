@@ -176,6 +176,11 @@ for_each_skip!(declare_metrics! {
             proxy_config_failed(result = "failed"),
             proxy_config_not_applied(result = "not_applied"),
         }
+        Counter reloads_total
+            "Reloads of the configuration file (SIGHUP), by result: applied (the pipeline stopped in order and started again with it), failed (invalid, or a change that needs a new process: the configuration in use stays)." {
+            reloads_applied(result = "applied"),
+            reloads_failed(result = "failed"),
+        }
     }
 
     /// Process-wide counters. Every line read ends up counted as reported or as skipped under a

@@ -262,7 +262,7 @@ fn a_host_moved_between_services_switches_at_one_line_for_both() {
         service(3, &["d.example"], &rules),
     ]);
     wait_for_refreshes(port, "restarted", 1, &tally);
-    tally.wait_for_log("starting again with the new version", WAIT);
+    tally.wait_for_log("starting again with the new configuration", WAIT);
     tally.wait_for_logs("tally started", 2, WAIT);
     append(&log, &[at("c.example", 1), at("d.example", 2)].concat());
     wait_for_transactions(&backend, 15, &tally);

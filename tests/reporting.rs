@@ -508,18 +508,56 @@ fn once_stopped_before_everything_was_accepted_exits_3_and_keeps_the_rest() {
 
 /// A closed terminal or a logrotate script's SIGHUP never stops tally.
 #[test]
-fn sighup_is_logged_and_ignored() {
+fn sighup_reloads_the_configuration_and_keeps_it_when_the_new_one_is_bad() {
     let s = Scenario::new();
     let config = s.config("", "[report]\nflush_interval = \"100ms\"\n");
+    let good = std::fs::read_to_string(&config).unwrap();
     let tally = Tally::start(&config, &[]);
     tally.wait_for_log("tally started", WAIT);
-    tally.signal("HUP");
-    tally.wait_for_log("SIGHUP received", WAIT);
-    s.append(&combined_line(now(), "GET", "/?user_key=after-hup", 200));
+    s.append(&combined_line(now(), "GET", "/?user_key=before", 200));
     s.backend
-        .wait_until(WAIT, "the line after SIGHUP", |b| b.hits() >= 1);
-    tally.stop(WAIT);
-    assert_eq!(s.backend.hits(), 1);
+        .wait_until(WAIT, "the first line", |b| b.hits() >= 1);
+    // A bad file: said with its line and key, and the configuration in use stays.
+    std::fs::write(&config, good.replace("flush_interval", "flush_intervall")).unwrap();
+    tally.signal("HUP");
+    tally.wait_for_log("the configuration was not reloaded", WAIT);
+    let logs = tally.logs();
+    assert!(
+        logs.contains("tally.toml") && logs.contains("flush_intervall"),
+        "{logs}"
+    );
+    s.append(&combined_line(now(), "GET", "/?user_key=still", 200));
+    s.backend
+        .wait_until(WAIT, "the line after the bad reload", |b| b.hits() >= 2);
+    // A second log file: read from the reload on, the first one from where it was.
+    let other = s.path("other.log");
+    std::fs::write(
+        &config,
+        format!(
+            "{good}\n[[sources]]\npath = \"{}\"\nservice_id = \"42\"\nread_from = \"beginning\"\n",
+            other.display()
+        ),
+    )
+    .unwrap();
+    tally.signal("HUP");
+    tally.wait_for_log("starting again with the new configuration", WAIT);
+    tally.wait_for_logs("tally started", 2, WAIT);
+    s.append(&combined_line(now(), "GET", "/?user_key=after", 200));
+    support::append(
+        &other,
+        &combined_line(now(), "GET", "/?user_key=other", 200),
+    );
+    s.backend
+        .wait_until(WAIT, "both lines after the reload", |b| b.hits() >= 4);
+    let logs = tally.stop(WAIT);
+    let mut keys: Vec<String> = s
+        .backend
+        .transactions()
+        .iter()
+        .map(|t| t.credential())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["after", "before", "other", "still"], "{logs}");
 }
 
 #[test]
