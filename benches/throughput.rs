@@ -513,21 +513,9 @@ fn stream_and_idle(dir: &Path, backend: &CountingBackend) {
     std::thread::sleep(Duration::from_secs(1));
     let before = backend.transactions();
     let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let (y, mo, d) = civil(now.div_euclid(86_400));
-    let s = now.rem_euclid(86_400);
-    let months = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
     let line = format!(
-        "10.0.0.1 - - [{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000] \"GET /v1/words?user_key=0000000000000000000000000000abcd HTTP/1.1\" 200 512 \"-\" \"okhttp/4.12.0\"\n",
-        months[mo as usize - 1],
-        s / 3600,
-        s / 60 % 60,
-        s % 60
+        "10.0.0.1 - - [{}] \"GET /v1/words?user_key=0000000000000000000000000000abcd HTTP/1.1\" 200 512 \"-\" \"okhttp/4.12.0\"\n",
+        time_local_now()
     );
     let cpu0 = proc_cpu(child.id());
     let start = Instant::now();
@@ -717,22 +705,7 @@ fn page_memory(dir: &Path, backend: &CountingBackend, lines: u64) {
             .unwrap_or(0.0)
             / 1024.0
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    let (y, mo, d) = civil(now.div_euclid(86_400));
-    let s = now.rem_euclid(86_400);
-    let months = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let time = format!(
-        "{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000",
-        months[mo as usize - 1],
-        s / 3600,
-        s / 60 % 60,
-        s % 60
-    );
+    let time = time_local_now();
     let codes: Vec<u16> = (200..210)
         .chain(300..310)
         .chain(400..410)
@@ -776,4 +749,24 @@ fn page_memory(dir: &Path, backend: &CountingBackend, lines: u64) {
         shown.join(", "),
         cpu / (lines as f64 / 1e6)
     );
+}
+
+/// Now as NGINX's `$time_local` writes it (UTC).
+fn time_local_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (y, mo, d) = civil(now.div_euclid(86_400));
+    let s = now.rem_euclid(86_400);
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000",
+        months[mo as usize - 1],
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
 }

@@ -422,6 +422,14 @@ const COLORS: [(&str, &str); 4] = [
     ("5xx", "#c62828"),
 ];
 
+/// A class's color in the chart (grey for a class outside 2xx to 5xx).
+fn color_of(class: &str) -> &'static str {
+    COLORS
+        .iter()
+        .find(|(c, _)| *c == class)
+        .map_or("#777", |(_, color)| color)
+}
+
 const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}\
 header,main{padding:8px 16px;max-width:1100px;margin:auto}h1{font-size:20px;margin:8px 0}\
 h2{font-size:16px;margin:16px 0 6px}nav a{margin-right:10px}nav a.on{font-weight:bold;text-decoration:none;color:#000}\
@@ -604,10 +612,7 @@ fn chart(out: &mut String, series: &[Counted], window: Window) {
             }
             let h = n as f64 * scale;
             y -= h;
-            let color = COLORS
-                .iter()
-                .find(|(c, _)| c == name)
-                .map_or("#777", |(_, color)| color);
+            let color = color_of(name);
             let _ = write!(
                 out,
                 "<rect class=\"bar c{}\" x=\"{:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{color}\"><title>{} {}: {n}</title></rect>",
@@ -633,10 +638,7 @@ fn chart(out: &mut String, series: &[Counted], window: Window) {
     );
     out.push_str("<div class=\"legend\">");
     for (name, total, points) in &classes {
-        let color = COLORS
-            .iter()
-            .find(|(c, _)| c == name)
-            .map_or("#777", |(_, color)| color);
+        let color = color_of(name);
         let _ = write!(
             out,
             "<span data-class=\"{0}\"><i style=\"background:{color}\"></i>{0}: {1} ({total} since start)</span>",
