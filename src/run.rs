@@ -339,6 +339,11 @@ async fn pipeline(
     let mut summary = tokio::time::interval(every);
     summary.tick().await;
     let deadline = options.max_wait.map(|d| tokio::time::Instant::now() + d);
+    // The configuration file, looked at every few seconds (a Kubernetes ConfigMap is updated by
+    // swapping a symlink: no event is sure to say so): a change reloads it as SIGHUP does.
+    let mut file_check = tokio::time::interval(CONFIG_FILE_CHECK);
+    file_check.tick().await;
+    let mut looked_at = config.origin.text.clone();
     let why = loop {
         tokio::select! {
             result = drain(&mut reporters, &stage_of) => {
@@ -358,13 +363,23 @@ async fn pipeline(
                 Signal::Hangup if options.once => tracing::warn!(
                     "SIGHUP received: --once goes on with the configuration it started with"
                 ),
-                Signal::Hangup => match reload(config, metrics).await {
+                Signal::Hangup => match reload(config, metrics, "SIGHUP received").await {
                     Some(new) => break Stop::Restart(Box::new(new)),
                     None => continue,
                 },
                 Signal::Stop(name) => break Stop::Asked(name.to_string()),
             },
             Some(new) = restarts.recv() => break Stop::Restart(new),
+            _ = file_check.tick(), if !options.once => {
+                // Unreadable for a moment (being replaced): looked at again next time.
+                let Ok(text) = std::fs::read_to_string(&config.origin.path) else { continue };
+                if text != looked_at {
+                    looked_at = text;
+                    if let Some(new) = reload(config, metrics, "the configuration file changed").await {
+                        break Stop::Restart(Box::new(new));
+                    }
+                }
+            }
             _ = sleep_until(deadline) => {
                 break Stop::Asked(format!("--max-wait {} passed", humantime::format_duration(options.max_wait.unwrap_or_default())));
             }
@@ -440,12 +455,15 @@ async fn pipeline(
     ))
 }
 
-/// SIGHUP: reads the configuration file again. A valid one that tally can take without a new
+/// How often the configuration file is looked at for a change.
+const CONFIG_FILE_CHECK: Duration = Duration::from_secs(2);
+
+/// SIGHUP, or a changed file: reads the configuration file again. A valid one that tally can take without a new
 /// process is returned, to start the pipeline again with; else the error is logged (the file, line
 /// and key) and counted, and the configuration in use stays.
-async fn reload(config: &Config, metrics: &Metrics) -> Option<Config> {
+async fn reload(config: &Config, metrics: &Metrics, why: &str) -> Option<Config> {
     let path = config.origin.path.clone();
-    tracing::info!(path = %path.display(), "SIGHUP received: reading the configuration again");
+    tracing::info!(path = %path.display(), "{why}: reading the configuration again");
     // Reading it may fetch the proxy configuration from the admin portal: off the runtime.
     let loaded = tokio::task::spawn_blocking(move || Config::load(&path)).await;
     let new = match loaded {

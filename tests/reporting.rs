@@ -560,6 +560,49 @@ fn sighup_reloads_the_configuration_and_keeps_it_when_the_new_one_is_bad() {
     assert_eq!(keys, ["after", "before", "other", "still"], "{logs}");
 }
 
+/// A changed configuration file is reloaded without a signal (a Kubernetes ConfigMap swaps a
+/// symlink): here a second source, its lines delivered once, the first file's too.
+#[test]
+fn a_changed_configuration_file_is_reloaded_without_a_signal() {
+    let s = Scenario::new();
+    let config = s.config("", "[report]\nflush_interval = \"100ms\"\n");
+    let good = std::fs::read_to_string(&config).unwrap();
+    let tally = Tally::start(&config, &[]);
+    tally.wait_for_log("tally started", WAIT);
+    s.append(&combined_line(now(), "GET", "/?user_key=before", 200));
+    s.backend
+        .wait_until(WAIT, "the first line", |b| b.hits() >= 1);
+    let other = s.path("other.log");
+    support::append(
+        &other,
+        &combined_line(now(), "GET", "/?user_key=other", 200),
+    );
+    // Replaced whole, as a ConfigMap's symlink swap or an editor's save does.
+    let temp = s.path("tally.toml.new");
+    std::fs::write(
+        &temp,
+        format!(
+            "{good}\n[[sources]]\npath = \"{}\"\nservice_id = \"42\"\nread_from = \"beginning\"\n",
+            other.display()
+        ),
+    )
+    .unwrap();
+    std::fs::rename(&temp, &config).unwrap();
+    tally.wait_for_log("the configuration file changed", WAIT);
+    tally.wait_for_logs("tally started", 2, WAIT);
+    s.append(&combined_line(now(), "GET", "/?user_key=after", 200));
+    s.backend.wait_until(WAIT, "every line", |b| b.hits() >= 3);
+    let logs = tally.stop(WAIT);
+    let mut keys: Vec<String> = s
+        .backend
+        .transactions()
+        .iter()
+        .map(|t| t.credential())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["after", "before", "other"], "{logs}");
+}
+
 #[test]
 fn several_services_are_reported_separately() {
     let dir = tempfile::tempdir().unwrap();
