@@ -725,9 +725,17 @@ fn request_line(request: &[u8]) -> Option<(&[u8], &[u8])> {
         return None;
     }
     let rest = &request[m + 1..];
-    let target = match rest.iter().rposition(|&b| b == b' ') {
-        Some(last) if rest[last + 1..].starts_with(b"HTTP/") => &rest[..last],
-        _ => rest,
+    let target = match rest.split_last_chunk::<9>() {
+        // ` HTTP/1.1` and the like: the last space, found without a loop over the protocol.
+        Some((target, [b' ', b'H', b'T', b'T', b'P', b'/', version @ ..]))
+            if !version.contains(&b' ') =>
+        {
+            target
+        }
+        _ => match rest.iter().rposition(|&b| b == b' ') {
+            Some(last) if rest[last + 1..].starts_with(b"HTTP/") => &rest[..last],
+            _ => rest,
+        },
     };
     (!target.is_empty()).then_some((&request[..m], target))
 }
@@ -1476,6 +1484,26 @@ mod tests {
         #[test]
         fn rfind_short_is_a_search(hay in proptest::collection::vec(proptest::sample::select(vec![b' ', b'a', 0x80, 0xff, 0x00, 0x01, 0x21, 0x20 ^ 0x80]), 0..40), needle in proptest::sample::select(vec![b' ', b'a', 0x80, 0x00])) {
             proptest::prop_assert_eq!(rfind_short(&hay, needle), hay.iter().rposition(|&b| b == needle));
+        }
+
+        /// The protocol found at the end of a request finds the target a search for its last
+        /// space finds.
+        #[test]
+        fn request_line_is_a_search(pieces in proptest::collection::vec(proptest::sample::select(vec![
+            "GET", " ", "/a", "HTTP/", "1.1", " HTTP/1.1", "HTTP/2.0", "x y", "2 ",
+        ]), 0..8)) {
+            let request = pieces.concat();
+            fn plain(request: &[u8]) -> Option<(&[u8], &[u8])> {
+                let m = request.iter().position(|b| !b.is_ascii_uppercase())?;
+                (m > 0 && request[m] == b' ').then_some(())?;
+                let rest = &request[m + 1..];
+                let target = match rest.iter().rposition(|&b| b == b' ') {
+                    Some(last) if rest[last + 1..].starts_with(b"HTTP/") => &rest[..last],
+                    _ => rest,
+                };
+                (!target.is_empty()).then_some((&request[..m], target))
+            }
+            proptest::prop_assert_eq!(request_line(request.as_bytes()), plain(request.as_bytes()));
         }
 
         /// The word-at-a-time search finds what a plain search finds.
