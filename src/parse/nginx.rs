@@ -657,8 +657,9 @@ impl Literal {
     }
 
     /// Where it next occurs in `s`. A quote escaped by a backslash (escape=json writes `\"`) is
-    /// part of the value, not the end of it.
-    #[inline]
+    /// part of the value, not the end of it. Always inlined: the lead's search for the end of
+    /// the request, as a call, measured 1-2% slower per line.
+    #[inline(always)]
     fn find(&self, s: &[u8]) -> Option<usize> {
         let first = *self.bytes.first()?;
         let mut from = 0;
