@@ -363,7 +363,7 @@ async fn pipeline(
                 Signal::Hangup if options.once => tracing::warn!(
                     "SIGHUP received: --once goes on with the configuration it started with"
                 ),
-                Signal::Hangup => match reload(config, metrics, "SIGHUP received").await {
+                Signal::Hangup => match reload(config, options, metrics, "SIGHUP received").await {
                     Some(new) => break Stop::Restart(Box::new(new)),
                     None => continue,
                 },
@@ -375,7 +375,7 @@ async fn pipeline(
                 let Ok(text) = std::fs::read_to_string(&config.origin.path) else { continue };
                 if text != looked_at {
                     looked_at = text;
-                    if let Some(new) = reload(config, metrics, "the configuration file changed").await {
+                    if let Some(new) = reload(config, options, metrics, "the configuration file changed").await {
                         break Stop::Restart(Box::new(new));
                     }
                 }
@@ -461,7 +461,12 @@ const CONFIG_FILE_CHECK: Duration = Duration::from_secs(2);
 /// SIGHUP, or a changed file: reads the configuration file again. A valid one that tally can take without a new
 /// process is returned, to start the pipeline again with; else the error is logged (the file, line
 /// and key) and counted, and the configuration in use stays.
-async fn reload(config: &Config, metrics: &Metrics, why: &str) -> Option<Config> {
+async fn reload(
+    config: &Config,
+    options: RunOptions,
+    metrics: &Metrics,
+    why: &str,
+) -> Option<Config> {
     let path = config.origin.path.clone();
     tracing::info!(path = %path.display(), "{why}: reading the configuration again");
     // Reading it may fetch the proxy configuration from the admin portal: off the runtime.
@@ -471,7 +476,8 @@ async fn reload(config: &Config, metrics: &Metrics, why: &str) -> Option<Config>
         Ok(Err(e)) => return reload_failed(metrics, &e.to_string()),
         Err(e) => return reload_failed(metrics, &format!("the reading stopped abnormally: {e}")),
     };
-    let found = crate::preflight::inspect(&new, true);
+    // --dry-run writes no state: its folder need not be writable.
+    let found = crate::preflight::inspect(&new, !options.dry_run);
     if let Some(e) = found.errors.first() {
         return reload_failed(metrics, e);
     }
