@@ -332,6 +332,22 @@ pub struct Parser {
     noting: Option<Box<Noting>>,
 }
 
+/// The status and time of `line` read with `noting`'s rule (no credential needed). Out of line,
+/// so that the aggregation loop holds one copy of `read` (the rare path pays the call).
+#[cold]
+#[inline(never)]
+fn status_without_credential(
+    format: &LogFormat,
+    noting: &Noting,
+    last_time: &mut (TimeField, i64),
+    captures: &mut Option<regex::bytes::CaptureLocations>,
+    line: &[u8],
+) -> Option<(u16, i64)> {
+    read(format, &noting.0, last_time, captures, line)
+        .ok()
+        .map(|r| (r.status, r.timestamp))
+}
+
 /// What a parser noting its credential failures keeps: the rule without credential, and the
 /// status and time of the last line skipped for its credential.
 #[derive(Debug, Clone)]
@@ -410,9 +426,7 @@ impl Parser {
         match read(format, credentials, last_time, captures, line) {
             Err(skip @ (Skip::NoCredential | Skip::InvalidCredential)) => {
                 if let Some(noting) = noting {
-                    noting.1 = read(format, &noting.0, last_time, captures, line)
-                        .ok()
-                        .map(|r| (r.status, r.timestamp));
+                    noting.1 = status_without_credential(format, noting, last_time, captures, line);
                 }
                 Err(skip)
             }
