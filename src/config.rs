@@ -1004,6 +1004,23 @@ impl Ctx<'_> {
         })
     }
 
+    /// A count given as `key`, within `range` (the error, `message`, points at its line), or
+    /// `default` when not given.
+    fn count(
+        &self,
+        key: &str,
+        given: &Option<Spanned<i64>>,
+        range: std::ops::RangeInclusive<i64>,
+        default: usize,
+        message: &str,
+    ) -> Result<usize, ConfigError> {
+        match given {
+            None => Ok(default),
+            Some(n) if range.contains(n.get_ref()) => Ok(*n.get_ref() as usize),
+            Some(n) => Err(self.invalid(key, n.span().start, message)),
+        }
+    }
+
     /// The PEM certificates of a `ca_file` key.
     fn ca_file(
         &self,
@@ -1778,17 +1795,13 @@ impl Config {
                 .report
                 .shutdown_grace
                 .unwrap_or(defaults::report::SHUTDOWN_GRACE),
-            concurrency: match &raw.report.concurrency {
-                None => defaults::report::CONCURRENCY,
-                Some(n) if (1..=16).contains(n.get_ref()) => *n.get_ref() as usize,
-                Some(n) => {
-                    return Err(ctx.invalid(
-                        "report.concurrency",
-                        n.span().start,
-                        "give 1 to 16 calls under way at once",
-                    ))
-                }
-            },
+            concurrency: ctx.count(
+                "report.concurrency",
+                &raw.report.concurrency,
+                1..=16,
+                defaults::report::CONCURRENCY,
+                "give 1 to 16 calls under way at once",
+            )?,
             max_age: raw.report.max_age.unwrap_or(defaults::report::MAX_AGE),
         };
         // A source's name keys its checkpoints: two alike would share them.
@@ -1869,33 +1882,25 @@ impl Config {
                 .telemetry
                 .stalled_after
                 .unwrap_or(defaults::telemetry::STALLED_AFTER),
-            calls_per_code: match &raw.telemetry.calls_per_code {
-                None => defaults::telemetry::CALLS_PER_CODE,
-                Some(n) if (0..=10_000).contains(n.get_ref()) => *n.get_ref() as usize,
-                Some(n) => {
-                    return Err(ctx.invalid(
-                        "telemetry.calls_per_code",
-                        n.span().start,
-                        "give 0 (no call details) to 10000 calls kept per code",
-                    ))
-                }
-            },
+            calls_per_code: ctx.count(
+                "telemetry.calls_per_code",
+                &raw.telemetry.calls_per_code,
+                0..=10_000,
+                defaults::telemetry::CALLS_PER_CODE,
+                "give 0 (no call details) to 10000 calls kept per code",
+            )?,
             calls_on_public_listener: raw
                 .telemetry
                 .calls_on_public_listener
                 .unwrap_or(defaults::telemetry::CALLS_ON_PUBLIC_LISTENER),
         };
-        let max_line_length = match &raw.tail.max_line_length {
-            None => defaults::tail::MAX_LINE_LENGTH,
-            Some(n) if (256..=(64 << 20)).contains(n.get_ref()) => *n.get_ref() as usize,
-            Some(n) => {
-                return Err(ctx.invalid(
-                    "tail.max_line_length",
-                    n.span().start,
-                    "give a number of bytes from 256 to 67108864 (64 MiB)",
-                ))
-            }
-        };
+        let max_line_length = ctx.count(
+            "tail.max_line_length",
+            &raw.tail.max_line_length,
+            256..=(64 << 20),
+            defaults::tail::MAX_LINE_LENGTH,
+            "give a number of bytes from 256 to 67108864 (64 MiB)",
+        )?;
         let tail = Tail {
             poll_interval: raw
                 .tail
