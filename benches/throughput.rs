@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tally::pipeline::{take_in, Aggregator, Container, Metrics, Stream, Wrapper};
+use tally::pipeline::{civil_from_days, take_in, Aggregator, Container, Metrics, Stream, Wrapper};
 
 #[path = "../tests/support/pipeline.rs"]
 mod pipeline;
@@ -111,18 +111,14 @@ fn main() {
         states.push(("tmpfs", shm.path().join("state")));
     }
     for (fs, state) in states {
-        let config = dir.join(format!("tally-{fs}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "[backend]\nurl = \"{}\"\nservice_token = \"bench\"\n[[sources]]\npath = \"{}\"\nservice_id = \"1\"\nread_from = \"beginning\"\n\
-                 [state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n",
-                backend.url(),
-                log.display(),
-                state.display()
-            ),
-        )
-        .unwrap();
+        let config = write_config(
+            &dir.join(format!("tally-{fs}.toml")),
+            &backend,
+            &log,
+            &state,
+            "read_from = \"beginning\"\n",
+            "",
+        );
         let (before, calls, authorizations) = (
             backend.transactions(),
             backend.reports.load(Ordering::Relaxed),
@@ -231,7 +227,7 @@ fn generate(path: &Path, json_path: &Path, main_path: &Path, lines: u64) -> u64 
     let mut credentialed = 0;
     for i in 0..lines {
         let t = start + (i as i64 * 3600 / lines as i64);
-        let (y, mo, d) = civil(t.div_euclid(86_400));
+        let (y, mo, d) = civil_from_days(t.div_euclid(86_400));
         let s = t.rem_euclid(86_400);
         // Skewed popularity: squaring a uniform number favours low ids.
         let r = (next() % 1000) as f64 / 1000.0;
@@ -298,19 +294,6 @@ fn generate(path: &Path, json_path: &Path, main_path: &Path, lines: u64) -> u64 
     json.flush().unwrap();
     main.flush().unwrap();
     credentialed
-}
-
-/// Days since 1970-01-01 → (year, month, day).
-fn civil(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// The best of three [`parse_and_aggregate`] runs: (wall, CPU) seconds.
@@ -493,18 +476,14 @@ fn proc_cpu(pid: u32) -> f64 {
 fn stream_and_idle(dir: &Path, backend: &CountingBackend) {
     let log = dir.join("stream.log");
     std::fs::write(&log, "").unwrap();
-    let config = dir.join("stream.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[backend]\nurl = \"{}\"\nservice_token = \"bench\"\n[[sources]]\npath = \"{}\"\nservice_id = \"1\"\n\
-             [state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n",
-            backend.url(),
-            log.display(),
-            dir.join("stream-state").display()
-        ),
-    )
-    .unwrap();
+    let config = write_config(
+        &dir.join("stream.toml"),
+        backend,
+        &log,
+        &dir.join("stream-state"),
+        "",
+        "",
+    );
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["run", "--config"])
         .arg(&config)
@@ -657,18 +636,14 @@ fn page_memory(dir: &Path, backend: &CountingBackend, lines: u64) {
         .local_addr()
         .unwrap()
         .port();
-    let config = dir.join("page.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[backend]\nurl = \"{}\"\nservice_token = \"bench\"\n[[sources]]\npath = \"{}\"\nservice_id = \"1\"\nread_from = \"beginning\"\n\
-             [state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n[telemetry]\nlisten = \"127.0.0.1:{port}\"\n",
-            backend.url(),
-            log.display(),
-            dir.join("page-state").display()
-        ),
-    )
-    .unwrap();
+    let config = write_config(
+        &dir.join("page.toml"),
+        backend,
+        &log,
+        &dir.join("page-state"),
+        "read_from = \"beginning\"\n",
+        &format!("[telemetry]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
     let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
         .args(["run", "--config"])
         .arg(&config)
@@ -757,7 +732,7 @@ fn time_local_now() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    let (y, mo, d) = civil(now.div_euclid(86_400));
+    let (y, mo, d) = civil_from_days(now.div_euclid(86_400));
     let s = now.rem_euclid(86_400);
     let months = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
@@ -769,4 +744,28 @@ fn time_local_now() -> String {
         s / 60 % 60,
         s % 60
     )
+}
+
+/// A configuration at `path` reporting `log` to service 1 of `backend`, the state in `state`;
+/// `source_extra` adds keys to the source, `extra` tables after it.
+fn write_config(
+    path: &Path,
+    backend: &CountingBackend,
+    log: &Path,
+    state: &Path,
+    source_extra: &str,
+    extra: &str,
+) -> PathBuf {
+    std::fs::write(
+        path,
+        format!(
+            "[backend]\nurl = \"{}\"\nservice_token = \"bench\"\n[[sources]]\npath = \"{}\"\nservice_id = \"1\"\n{source_extra}\
+             [state]\ndir = \"{}\"\n[log]\nlevel = \"warn\"\n{extra}",
+            backend.url(),
+            log.display(),
+            state.display()
+        ),
+    )
+    .unwrap();
+    path.to_path_buf()
 }

@@ -41,7 +41,7 @@ pub use telemetry::init_logging;
 pub mod pipeline {
     pub use crate::aggregate::{take_in, Aggregator, Batch, ServiceLines};
     pub use crate::mapping::HostRoute;
-    pub use crate::parse::Parser;
+    pub use crate::parse::{civil_from_days, Parser};
     pub use crate::parse::{
         Container, CredentialLocation, CredentialMode, CredentialRule, JsonFields, JsonFormat,
         JwtClaim, LogFormat, RegexFormat, Stream, Wrapper,

@@ -966,7 +966,7 @@ fn time_local(t: &TimeField) -> Option<i64> {
 
 /// The proleptic Gregorian date (year, month, day) of a day since 1970-01-01 (Howard Hinnant's
 /// civil-from-days).
-pub(crate) fn civil_from_days(days: i64) -> (i64, i64, i64) {
+pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
