@@ -5,7 +5,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
@@ -87,6 +87,27 @@ fn wait_for_refreshes(port: u16, result: &str, n: u64, tally: &Tally) {
     );
 }
 
+/// A configuration in `dir` following a source (`source`: its keys) from its beginning, with the
+/// proxy configuration `proxy` (its keys) refreshed every 200 ms, reports flushed every 100 ms, and
+/// telemetry on `port`.
+fn write_config(dir: &Path, backend: &Backend, proxy: &str, source: &str, port: u16) -> PathBuf {
+    let config = dir.join("tally.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backend]\nurl = \"{}\"\ntimeout = \"20s\"\n\
+             [proxy_config]\n{proxy}\nrefresh = \"200ms\"\n\
+             [[sources]]\n{source}\nread_from = \"beginning\"\n\
+             [report]\nflush_interval = \"100ms\"\n[state]\ndir = \"{}\"\n\
+             [telemetry]\nlisten = \"127.0.0.1:{port}\"\n{JSON_LOGS}",
+            backend.url(),
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
 fn lines(n: usize, target: &str) -> String {
     let t = now() - 5;
     (0..n)
@@ -107,22 +128,16 @@ fn the_portals_configuration_is_paged_refreshed_saved_and_applied_from_one_line_
     std::fs::write(dir.path().join("portal-token"), "portal-secret\n").unwrap();
     let log = dir.path().join("access.log");
     let port = telemetry_port();
-    let config = dir.path().join("tally.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[backend]\nurl = \"{}\"\ntimeout = \"20s\"\n\
-             [proxy_config]\nurl = \"{}\"\naccess_token_file = \"portal-token\"\nrefresh = \"200ms\"\n\
-             [[sources]]\npath = \"{}\"\nservice_id = \"42\"\nread_from = \"beginning\"\n\
-             [report]\nflush_interval = \"100ms\"\n[state]\ndir = \"{}\"\n\
-             [telemetry]\nlisten = \"127.0.0.1:{port}\"\n{JSON_LOGS}",
-            backend.url(),
-            portal.url(),
-            log.display(),
-            dir.path().join("state").display()
+    let config = write_config(
+        dir.path(),
+        &backend,
+        &format!(
+            "url = \"{}\"\naccess_token_file = \"portal-token\"",
+            portal.url()
         ),
-    )
-    .unwrap();
+        &format!("path = \"{}\"\nservice_id = \"42\"", log.display()),
+        port,
+    );
     append(&log, &lines(5, "/a?user_key=k1"));
     let tally = Tally::start(&config, &[]);
     wait_for_transactions(&backend, 5, &tally);
@@ -217,22 +232,16 @@ fn a_host_moved_between_services_switches_at_one_line_for_both() {
     ]);
     let log = dir.path().join("access.log");
     let port = telemetry_port();
-    let config = dir.path().join("tally.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[backend]\nurl = \"{}\"\ntimeout = \"20s\"\n\
-             [proxy_config]\nfile = \"proxy.json\"\nrefresh = \"200ms\"\n\
-             [[sources]]\npath = \"{}\"\nread_from = \"beginning\"\n\
-             log_format = '$host [$time_local] \"$request\" $status'\n\
-             [report]\nflush_interval = \"100ms\"\n[state]\ndir = \"{}\"\n\
-             [telemetry]\nlisten = \"127.0.0.1:{port}\"\n{JSON_LOGS}",
-            backend.url(),
-            log.display(),
-            dir.path().join("state").display()
+    let config = write_config(
+        dir.path(),
+        &backend,
+        "file = \"proxy.json\"",
+        &format!(
+            "path = \"{}\"\nlog_format = '$host [$time_local] \"$request\" $status'",
+            log.display()
         ),
-    )
-    .unwrap();
+        port,
+    );
     let t = support::time_local(now() - 5);
     let at = |host: &str, n: usize| -> String {
         (0..n)
