@@ -390,6 +390,9 @@ fn kill_9_with_one_file_feeding_two_services_that_fail_independently() {
     kill_9_at_many_moments(true, &["42", "43"]);
 }
 
+/// tally's test switch for the length at which its state journal is compacted.
+const COMPACT_AFTER_VAR: &str = "TALLY_TEST_STATE_COMPACT_BYTES";
+
 fn kill_9_at_many_moments(watch: bool, services: &[&str]) {
     const KILLS: usize = 24;
     let s = Setup::new();
@@ -416,6 +419,7 @@ fn kill_9_at_many_moments(watch: bool, services: &[&str]) {
     };
     // The log of each run, in order: run k + 1 says what was under way at kill k.
     let mut runs = Vec::new();
+    let mut cut_compactions = 0;
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut next = || {
         rng ^= rng << 13;
@@ -430,13 +434,20 @@ fn kill_9_at_many_moments(watch: bool, services: &[&str]) {
                 s.backend.set_down(service_id, next() % 3 == 0);
             }
         }
-        let tally = Tally::start(&config, &[]);
+        // The state journal is folded into a fresh snapshot every few entries, so that kills
+        // also land in the middle of compactions.
+        let tally = Tally::start_env(&config, &[], &[(COMPACT_AFTER_VAR, "800")]);
         // This sleep chooses the moment of the kill; nothing waits on it.
         std::thread::sleep(Duration::from_millis(30 + next() % 400));
         tally.signal("KILL");
         let mut tally = tally;
         tally.wait(WAIT);
         runs.push(tally.logs());
+        // A temp file left behind: this kill stopped a compaction half-way.
+        cut_compactions += ["tally.state.tmp", "tally.journal.tmp"]
+            .iter()
+            .filter(|f| s.path("state").join(f).exists())
+            .count();
     }
     writing.store(false, std::sync::atomic::Ordering::SeqCst);
     let written = writer.join().expect("the writer thread");
@@ -494,7 +505,7 @@ fn kill_9_at_many_moments(watch: bool, services: &[&str]) {
         }
         let ranges: usize = restarts.iter().map(Vec::len).sum();
         eprintln!(
-            "service {service_id}: {written} lines, {KILLS} kills, {ranges} ranges under way logged at {} restarts, lines counted 2x: {}, 3x: {}, more: {}",
+            "service {service_id}: {written} lines, {KILLS} kills ({cut_compactions} in a compaction), {ranges} ranges under way logged at {} restarts, lines counted 2x: {}, 3x: {}, more: {}",
             restarts.iter().filter(|r| !r.is_empty()).count(),
             times.get(&2).unwrap_or(&0),
             times.get(&3).unwrap_or(&0),
@@ -621,7 +632,7 @@ fn a_corrupt_state_file_is_a_clear_error_and_a_half_written_one_is_ignored() {
     assert!(!status.success());
     let logs = bad.logs();
     assert!(
-        logs.contains("is corrupt") && logs.contains("Move the file away"),
+        logs.contains("is corrupt") && logs.contains("to start over"),
         "{logs}"
     );
     assert!(!logs.contains("panicked"), "{logs}");

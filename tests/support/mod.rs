@@ -33,6 +33,11 @@ fn die_with_the_test(command: &mut Command) {
 impl Tally {
     /// Starts `tally run --config CONFIG EXTRA...`. Each start logs to files of its own.
     pub fn start(config: &Path, extra: &[&str]) -> Tally {
+        Tally::start_env(config, extra, &[])
+    }
+
+    /// [`Tally::start`] with these environment variables set.
+    pub fn start_env(config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Tally {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let dir = config.parent().expect("config in a folder");
@@ -44,6 +49,7 @@ impl Tally {
             .arg(config)
             .args(extra)
             .env("RUST_LOG", "tally=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout).expect("stdout file"))
             .stderr(std::fs::File::create(&log).expect("stderr file"));
