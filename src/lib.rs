@@ -26,6 +26,7 @@ mod state;
 mod tail;
 mod telemetry;
 mod usage;
+mod watch;
 
 // What the `tally` binary runs.
 pub use codes_cli::{codes_report, CodesQuery};

@@ -1,7 +1,7 @@
 //! Log files → chunks of complete lines, with the file they come from and the offset they end at.
 //!
 //! One follower thread per `[[sources]]` entry. It keeps every matching file open, wakes on
-//! file-system events (notify) and on a slow safety poll, and decides what happened by comparing each
+//! file-system events (inotify, see `watch`) and on a slow safety poll, and decides what happened by comparing each
 //! path's identity (device + inode, confirmed by a fingerprint of the first bytes) and size with what it
 //! knows: grown (read on), shrunk or other first bytes (truncated or replaced: read again from the
 //! start), another identity under the path (rotated: finish the old file, then read the new one from
@@ -12,15 +12,14 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use notify::Watcher;
 use tokio::sync::mpsc;
 
 use crate::identity::{FileKey, FilePosition, Fingerprint};
+use crate::watch::{Change, FolderWatch, Waker};
 
 /// What a follower tells the services it feeds, in file order.
 #[derive(Debug, Clone)]
@@ -140,7 +139,7 @@ pub trait TailEvents: Send + Sync {
     /// A file has been read up to `offset`.
     fn read(&self, feed: usize, key: FileKey, path: &Arc<Path>, offset: u64);
     /// File events are unavailable for `dir` (`None`: at all): the poll alone finds changes.
-    fn unwatched(&self, dir: Option<&Path>, error: &notify::Error);
+    fn unwatched(&self, dir: Option<&Path>, error: &std::io::Error);
     /// The follower of `pattern` stopped abnormally (a panic with this payload): tally must stop.
     fn died(&self, pattern: &str, panic: &(dyn std::any::Any + Send));
 }
@@ -153,7 +152,7 @@ pub struct TailOptions {
     pub start_at_end: bool,
     /// Where to resume, in the files read before (the lowest offset any service fed by them needs).
     pub checkpoints: Vec<FilePosition>,
-    /// The safety poll, for file systems where notify is silent.
+    /// The safety poll, for file systems where inotify is silent.
     pub poll_interval: Duration,
     /// Wake on file-system events too (else the poll only).
     pub watch: bool,
@@ -209,10 +208,8 @@ const MIN_PASS_INTERVAL: Duration = Duration::from_millis(100);
 /// it feeds.
 pub struct Follower {
     stop: Arc<AtomicBool>,
-    wake: std_mpsc::Sender<Wake>,
+    waker: Waker,
     thread: JoinHandle<()>,
-    // Dropping the watcher would stop the events.
-    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 impl Follower {
@@ -224,13 +221,11 @@ impl Follower {
         out: Vec<mpsc::Sender<Tailed>>,
         events: Arc<dyn TailEvents>,
     ) -> std::io::Result<Follower> {
-        let (wake, wakes) = std_mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let watcher = if options.once || !options.watch {
-            None
-        } else {
-            watch(&pattern, wake.clone(), &*events)
-        };
+        let (watch, waker) =
+            FolderWatch::new(&pattern, options.watch && !options.once, |dir, e| {
+                events.unwatched(dir, e)
+            })?;
         let mut tail = Tail {
             feed,
             pattern,
@@ -245,23 +240,22 @@ impl Follower {
             .name(format!("tail-{feed}"))
             .spawn(move || {
                 // A panic here would end this source's reading in silence: say it, so tally stops.
-                let run = std::panic::AssertUnwindSafe(|| tail.run(wakes));
+                let run = std::panic::AssertUnwindSafe(|| tail.run(watch));
                 if let Err(payload) = std::panic::catch_unwind(run) {
                     tail.events.died(&tail.pattern, &*payload);
                 }
             })?;
         Ok(Follower {
             stop,
-            wake,
+            waker,
             thread,
-            _watcher: watcher,
         })
     }
 
     /// Asks the follower to stop reading; lines already sent stay sent.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        let _ = self.wake.send(Wake::Scan);
+        self.waker.wake();
     }
 
     /// Whether the thread has ended (by itself in `once` mode, at the files' end).
@@ -325,55 +319,6 @@ fn locate(
 /// Whether a `[[sources]]` path is a glob pattern rather than one file's path.
 pub(crate) fn is_glob(pattern: &str) -> bool {
     pattern.contains(['*', '?', '['])
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Wake {
-    /// A file was written: read on.
-    Data,
-    /// Something else happened in the folder (create, rename, delete): look at the paths again.
-    Scan,
-}
-
-/// Watches the folder the pattern lives in. None when it cannot (the folder does not exist yet, or
-/// inotify is unavailable): the safety poll still finds everything.
-fn watch(
-    pattern: &str,
-    wake: std_mpsc::Sender<Wake>,
-    events: &dyn TailEvents,
-) -> Option<notify::RecommendedWatcher> {
-    let literal: PathBuf = Path::new(pattern)
-        .components()
-        .take_while(|c| !is_glob(&c.as_os_str().to_string_lossy()))
-        .collect();
-    let (dir, mode) = if literal == Path::new(pattern) {
-        (
-            literal.parent()?.to_path_buf(),
-            notify::RecursiveMode::NonRecursive,
-        )
-    } else if literal.join(Path::new(pattern).file_name()?) == Path::new(pattern) {
-        (literal, notify::RecursiveMode::NonRecursive)
-    } else {
-        (literal, notify::RecursiveMode::Recursive)
-    };
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        use notify::event::{EventKind, ModifyKind};
-        let kind = match event {
-            Ok(e) if matches!(e.kind, EventKind::Modify(ModifyKind::Data(_))) => Wake::Data,
-            Ok(e) if matches!(e.kind, EventKind::Access(_)) => return,
-            _ => Wake::Scan,
-        };
-        let _ = wake.send(kind);
-    })
-    .map_err(|e| events.unwatched(None, &e))
-    .ok()?;
-    match watcher.watch(&dir, mode) {
-        Ok(()) => Some(watcher),
-        Err(e) => {
-            events.unwatched(Some(&dir), &e);
-            None
-        }
-    }
 }
 
 /// One open file.
@@ -478,7 +423,7 @@ fn send(
 }
 
 impl Tail {
-    fn run(&mut self, wakes: std_mpsc::Receiver<Wake>) {
+    fn run(&mut self, mut watch: FolderWatch) {
         let mut next_scan = Instant::now();
         loop {
             if Instant::now() >= next_scan {
@@ -492,28 +437,13 @@ impl Tail {
             if self.options.once || self.stop.load(Ordering::SeqCst) {
                 return;
             }
-            let timeout = next_scan.saturating_duration_since(Instant::now());
-            let first = match wakes.recv_timeout(timeout) {
-                Ok(first) => first,
-                Err(std_mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-            };
-            // Events come with every write: gather them until the next pass is due, so a steady
+            // File events come with every write: they wait until the next pass is due, so a steady
             // stream costs a few passes a second, not one per write.
-            let mut scan = matches!(first, Wake::Scan);
-            let due = pass + MIN_PASS_INTERVAL;
-            while !self.stop.load(Ordering::SeqCst) {
-                let left = due.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    break;
-                }
-                match wakes.recv_timeout(left) {
-                    Ok(w) => scan |= matches!(w, Wake::Scan),
-                    Err(std_mpsc::RecvTimeoutError::Timeout) => break,
-                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-                }
+            if watch.pause(pass + MIN_PASS_INTERVAL) {
+                continue; // woken to stop
             }
-            if scan {
+            let timeout = next_scan.saturating_duration_since(Instant::now());
+            if watch.wait(timeout) == Change::Paths {
                 next_scan = Instant::now();
             }
         }

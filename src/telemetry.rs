@@ -1026,7 +1026,7 @@ impl crate::tail::TailEvents for Metrics {
         self.files.read(feed, key, path, offset);
     }
 
-    fn unwatched(&self, dir: Option<&Path>, error: &notify::Error) {
+    fn unwatched(&self, dir: Option<&Path>, error: &std::io::Error) {
         match dir {
             Some(dir) => {
                 tracing::info!(dir = %shown_path(dir), %error, "cannot watch the folder yet, relying on the poll")
