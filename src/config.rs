@@ -88,6 +88,7 @@ pub(crate) mod defaults {
         pub(crate) const WATCH: bool = true;
         pub(crate) const ROTATE_GRACE: Duration = Duration::from_secs(5);
         pub(crate) const MAX_LINE_LENGTH: usize = 64 * 1024;
+        pub(crate) const RECLAIM: bool = false;
     }
 
     pub(crate) mod state {
@@ -391,6 +392,8 @@ pub struct Tail {
     #[serde(serialize_with = "duration::serialize")]
     pub rotate_grace: Duration,
     pub max_line_length: usize,
+    /// Punch holes in what 3scale has accepted (tally is the log's only reader).
+    pub reclaim: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -764,6 +767,7 @@ struct RawTail {
     rotate_grace: Option<Duration>,
     max_line_length: Option<Spanned<i64>>,
     watch: Option<bool>,
+    reclaim: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1912,6 +1916,7 @@ impl Config {
                 .rotate_grace
                 .unwrap_or(defaults::tail::ROTATE_GRACE),
             max_line_length,
+            reclaim: raw.tail.reclaim.unwrap_or(defaults::tail::RECLAIM),
         };
         let state = State { dir: state_dir };
         let log = Logging {
@@ -2728,6 +2733,7 @@ poll_interval = "3s"
 watch = false
 rotate_grace = "7s"
 max_line_length = 4096
+reclaim = true
 
 [state]
 dir = "state"

@@ -20,6 +20,7 @@ mod page;
 mod parse;
 mod preflight;
 mod proxy_config;
+mod reclaim;
 mod report;
 mod run;
 mod state;

@@ -171,6 +171,9 @@ async fn pipeline(
     }
     // One client, so one keep-alive connection pool, for every service.
     let client = Arc::new(report::Client::for_backend(&config.backend)?);
+    // Shared: a file feeding several services is freed up to where all of them stand.
+    let reclaim = (config.tail.reclaim && !options.dry_run)
+        .then(|| Arc::new(crate::reclaim::Reclaim::new(metrics.clone())));
     let mut reporters = JoinSet::new();
     // Every aggregation task: a panic there must stop tally, not close the service's batches as if
     // its logs had ended. Tasks are named by id, for the message.
@@ -273,6 +276,7 @@ async fn pipeline(
                     config.backend.invalid_credential_ttl,
                 )),
             },
+            reclaim: reclaim.clone(),
         };
         let task = reporters.spawn(report::run(service, batch_rx, metrics.clone()));
         stage_of.insert(task.id(), format!("reporting of service {service_id}"));

@@ -168,6 +168,9 @@ for_each_skip!(declare_metrics! {
         Counter authorize_calls_total "Authorize calls checking new credentials." { authorize_calls }
         Counter rotations_total "Log files rotated or deleted." { rotations }
         Counter truncations_total "Log files truncated or replaced in place." { truncations }
+        Counter reclaimed_bytes_total
+            "Bytes of log files given back to the file system after 3scale accepted their lines (tail.reclaim)."
+            { reclaimed_bytes }
         Counter proxy_config_refreshes_total
             "Refreshes of the 3scale proxy configuration, by result: applied (a new version, in use from the next line), restarted (a new version that adds or removes services, or changes their backend credentials: the pipeline stopped in order and started again with it), unchanged, failed (unreachable, refused or invalid: the last good one stays), not_applied (such a version during --once: it waits)." {
             proxy_config_applied(result = "applied"),

@@ -197,6 +197,52 @@ fn field(line: &str, name: &str) -> Option<u64> {
         .ok()
 }
 
+/// `tail.reclaim`: a long stream through one file, as in a sidecar's emptyDir. The space of what
+/// 3scale accepted is given back while the file's size grows, and a restart half-way resumes
+/// exactly (the first block, which the fingerprint reads, stays).
+#[test]
+fn reclaim_keeps_a_growing_file_small_and_counts_every_line_once() {
+    const ROUNDS: u64 = 12;
+    const LINES: u64 = 10_000;
+    // What may stay allocated: a step (1 MiB) not freed yet, the first block, and some slack for the
+    // file system's own allocation.
+    const BOUND: u64 = 2 << 20;
+    let s = Setup::new();
+    let log = s.path("access.log");
+    let config = s.config("access.log", true, "reclaim = true\n", "");
+    let mut w = Writer::open(&log);
+    let mut tally = Some(Tally::start(&config, &[]));
+    let allocated = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&log).unwrap().blocks() * 512
+    };
+    for round in 1..=ROUNDS {
+        w.write(LINES);
+        w.file.sync_all().unwrap();
+        s.wait_for((round * LINES) as usize);
+        let deadline = Instant::now() + WAIT;
+        while allocated() > BOUND {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: {} bytes still allocated of {} written:\n{}",
+                allocated(),
+                std::fs::metadata(&log).unwrap().len(),
+                tally.as_ref().unwrap().logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if round == ROUNDS / 2 {
+            tally.take().unwrap().stop(WAIT);
+            tally = Some(Tally::start(&config, &[]));
+        }
+    }
+    let size = std::fs::metadata(&log).unwrap().len();
+    assert!(size > 6 * BOUND, "the file grew to {size} bytes");
+    let logs = tally.take().unwrap().stop(WAIT);
+    assert!(!logs.contains("cannot free the space"), "{logs}");
+    s.assert_exactly_once(ROUNDS * LINES);
+}
+
 fn rename_and_create_rotation(watch: bool) {
     let s = Setup::new();
     let log = s.path("access.log");

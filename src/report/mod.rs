@@ -25,6 +25,7 @@ use known_metrics::{Answer as MetricKnown, KnownMetrics};
 
 use crate::aggregate::{Application, Batch, Transaction, Transactions};
 use crate::config::BackendAuth;
+use crate::reclaim::Reclaim;
 use crate::state::{Advance, InFlight, ServiceState, StateError};
 use crate::telemetry::{mask, printable, Cause, Endpoint, Metrics};
 use crate::usage::MetricNames;
@@ -102,6 +103,8 @@ pub(crate) struct ServiceReport {
     /// Where the checkpoints go once a call is accepted.
     pub state: ServiceState,
     pub settings: Settings,
+    /// Told where each file stands once accepted, to free its space (`tail.reclaim`).
+    pub reclaim: Option<Arc<Reclaim>>,
 }
 
 /// What the calls of one service share.
@@ -113,6 +116,7 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// Report bodies, reused from call to call (one per call under way).
     bodies: Mutex<Vec<String>>,
+    reclaim: Option<Arc<Reclaim>>,
 }
 
 impl Shared {
@@ -187,6 +191,7 @@ pub(crate) async fn run(
         sink,
         state,
         settings,
+        reclaim,
     } = report;
     let credentials = settings
         .validation
@@ -203,6 +208,7 @@ pub(crate) async fn run(
         settings,
         metrics,
         bodies: Mutex::new(Vec::new()),
+        reclaim,
     });
     let (admitted_tx, admitted) = mpsc::channel(1);
     tokio::try_join!(
@@ -313,11 +319,21 @@ async fn dispatch(
             // A file feeding several services stands where the one furthest behind does.
             for a in &p.advances {
                 match state.watermark(a.feed, a.key) {
-                    Some((offset, line_time)) => shared
-                        .metrics
-                        .files
-                        .committed(a.feed, a.key, offset, line_time),
-                    None => shared.metrics.files.closed(a.feed, a.key),
+                    Some((offset, line_time)) => {
+                        shared
+                            .metrics
+                            .files
+                            .committed(a.feed, a.key, offset, line_time);
+                        if let Some(reclaim) = &shared.reclaim {
+                            reclaim.committed(&a.path, a.key, offset);
+                        }
+                    }
+                    None => {
+                        shared.metrics.files.closed(a.feed, a.key);
+                        if let Some(reclaim) = &shared.reclaim {
+                            reclaim.forget(a.key);
+                        }
+                    }
                 }
             }
         }
