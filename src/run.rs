@@ -410,7 +410,7 @@ async fn pipeline(
     tracing::info!(
         why = reason,
         grace = ?config.report.shutdown_grace,
-        "stopping: no more reading, sending what was read"
+        "stopping: reading the files up to where they stand, then sending what was read"
     );
     let stop = async {
         for f in &followers {

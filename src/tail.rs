@@ -337,6 +337,8 @@ struct Reader {
     discarding: Discard,
     /// The last read failed (and was reported as a problem).
     read_failing: bool,
+    /// Once stopping: the file's size when the stop came, where reading ends.
+    stop_at: Option<u64>,
 }
 
 /// What a reader drops of a line too long to keep.
@@ -434,7 +436,13 @@ impl Tail {
             if !self.read_all() || !self.retire() {
                 return; // the pipeline is gone
             }
-            if self.options.once || self.stop.load(Ordering::SeqCst) {
+            if self.options.once {
+                return;
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                // A file created just before (a rotation) is read too, up to where it stands.
+                self.scan();
+                self.read_all();
                 return;
             }
             // File events come with every write: they wait until the next pass is due, so a steady
@@ -588,6 +596,7 @@ impl Tail {
                 Discard::Nothing
             },
             read_failing: false,
+            stop_at: None,
         };
         send(
             &self.out,
@@ -620,7 +629,15 @@ impl Tail {
         check_still_same(r, &**events);
         loop {
             if stop.load(Ordering::SeqCst) {
-                return true;
+                // Stopping: the file is read up to where it stands now. A native sidecar stops
+                // after the API's NGINX, so these are its last lines; what a writer adds after is
+                // left for the next start.
+                let end = *r
+                    .stop_at
+                    .get_or_insert_with(|| r.file.metadata().map_or(0, |m| m.len()));
+                if r.offset >= end {
+                    return true;
+                }
             }
             // The chunk is built in place: the start of a line left from the last read, then
             // the new bytes, read straight after it (no copy of what is read).

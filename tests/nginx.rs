@@ -410,6 +410,42 @@ fn nginx_log_rotation_with_reopen_loses_and_duplicates_nothing() {
     assert!(tally.logs().contains("rotations=1"), "{}", tally.logs());
 }
 
+/// tally as a native sidecar: Kubernetes stops the API's NGINX first and sends tally SIGTERM only
+/// once NGINX has exited. The requests NGINX served last, which tally had not read yet, are read at
+/// the stop and reported before tally exits. (Here tally has no file events and polls once an
+/// hour, so it reads NGINX's lines only at the stop: without that, none would arrive.)
+#[test]
+fn at_a_stop_after_nginx_the_last_requests_are_read_and_reported() {
+    let Some(Stack {
+        backend,
+        nginx,
+        mut tally,
+        dir: _dir,
+    }) = stack(
+        "at_a_stop_after_nginx_the_last_requests_are_read_and_reported",
+        "[report]\nflush_interval = \"200ms\"\n[tail]\nwatch = false\npoll_interval = \"1h\"\n",
+    )
+    else {
+        return;
+    };
+    for i in 0..25 {
+        assert_eq!(nginx.get(&format!("/ok?user_key=k{i}")), 200);
+    }
+    let written = std::fs::read_to_string(&nginx.access_log).unwrap();
+    assert_eq!(written.lines().count(), 25);
+    // NGINX stops (its preStop and graceful quit), then tally gets its SIGTERM.
+    drop(nginx);
+    assert!(
+        backend.transactions().is_empty(),
+        "tally read before the stop"
+    );
+    tally.signal("TERM");
+    assert!(tally.wait(WAIT).success(), "{}", tally.logs());
+    let mut expected: Vec<String> = (0..25).map(|i| format!("k{i}")).collect();
+    expected.sort();
+    assert_eq!(backend.credentials(), expected, "{}", tally.logs());
+}
+
 /// A backend route behind TLS with a private CA (on-premises 3scale): NGINX terminates TLS in front
 /// of the test backend. With `backend.ca_file` the reports arrive; without it, tally refuses the
 /// certificate, says so, and keeps the data.
