@@ -1,0 +1,334 @@
+//! The shipped logrotate snippet (`deploy/logrotate/tally-nginx`) run for real: Debian's `logrotate`
+//! rotates a real NGINX's access log several times while requests flow, and tally, following the
+//! log, delivers every request exactly once.
+//!
+//! Skipped with a message when nginx or logrotate is not installed, unless TALLY_REQUIRE_NGINX or
+//! TALLY_REQUIRE_LOGROTATE is set (CI sets both), in which case a missing one fails the test.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::backend::Backend;
+use support::{poll_until, write_config, Tally};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The first of `candidates` that exists, or None (and a message) when the test should be skipped;
+/// with `require` set in the environment, a missing binary fails the test instead.
+fn binary_or_skip(name: &str, candidates: &[&str], require: &str) -> Option<PathBuf> {
+    let found = candidates.iter().map(PathBuf::from).find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os(require).is_none(),
+            "{require} is set but {name} is not installed"
+        );
+        eprintln!("SKIPPED: {name} is not installed (apt-get install {name})");
+    }
+    found
+}
+
+/// A running NGINX writing `logs/access.log` in its folder, its master leading a process group of
+/// its own so that stopping it reaches its workers (as in tests/nginx.rs).
+struct Nginx {
+    child: Child,
+    port: u16,
+}
+
+impl Nginx {
+    fn start(binary: &Path, dir: &Path, logs: &Path) -> Nginx {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (d, l) = (dir.display(), logs.display());
+        // The error log stays out of the rotated folder: the snippet rotates every *.log there.
+        let conf = format!(
+            r#"daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log {l}/access.log combined;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location /ok {{ return 200 "ok\n"; }}
+    }}
+}}
+"#
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let mut command = Command::new(binary);
+        command
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("nginx.stderr")).unwrap())
+            .process_group(0);
+        // Should the test process die without running Drop, the master gets SIGQUIT and stops its
+        // workers. SAFETY: prctl is async-signal-safe and touches nothing of the parent's memory.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let nginx = Nginx {
+            child: command.spawn().expect("start nginx"),
+            port,
+        };
+        poll_until(
+            WAIT,
+            &format!("nginx to listen on {port}"),
+            || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            || std::fs::read_to_string(dir.join("nginx.stderr")).unwrap_or_default(),
+        );
+        nginx
+    }
+
+    /// One GET; the status NGINX answered.
+    fn get(&self, target: &str) -> u16 {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "GET {target} HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer[9..12].parse().unwrap()
+    }
+}
+
+impl Drop for Nginx {
+    /// `nginx -s quit` (SIGQUIT to the master, which stops its workers), then SIGKILL to whatever
+    /// is left of the group, and a check that nothing of it remains.
+    fn drop(&mut self) {
+        let pgid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill has no memory effects.
+        unsafe { libc::kill(pgid, libc::SIGQUIT) };
+        let deadline = Instant::now() + WAIT;
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // SAFETY: as above. The master is reaped only below, so the group id cannot be reused yet.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let _ = self.child.wait();
+        let deadline = Instant::now() + WAIT;
+        // SAFETY: signal 0 only asks whether a process of the group exists.
+        while unsafe { libc::kill(-pgid, 0) } == 0 {
+            if Instant::now() > deadline {
+                let e = format!("processes of nginx's group {pgid} are left after SIGKILL");
+                if std::thread::panicking() {
+                    eprintln!("{e}");
+                    return;
+                }
+                panic!("{e}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The snippet as shipped, its paths moved into the test's folders. Panics if a path it should
+/// hold is gone: the test would no longer run the snippet's own directives.
+fn logrotate_conf(dir: &Path, logs: &Path) -> PathBuf {
+    let snippet = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/logrotate/tally-nginx");
+    let text = std::fs::read_to_string(&snippet).expect("read deploy/logrotate/tally-nginx");
+    for path in ["/var/log/nginx/*.log", "/run/nginx.pid"] {
+        assert!(text.contains(path), "the snippet no longer names {path}");
+    }
+    let text = text
+        .replace("/var/log/nginx/", &format!("{}/", logs.display()))
+        .replace(
+            "/run/nginx.pid",
+            &dir.join("nginx.pid").display().to_string(),
+        );
+    let conf = dir.join("logrotate.conf");
+    std::fs::write(&conf, text).unwrap();
+    conf
+}
+
+/// `logrotate -f -s STATE CONF`: rotates now, whatever the schedule.
+fn rotate(logrotate: &Path, dir: &Path, conf: &Path) {
+    let out = Command::new(logrotate)
+        .arg("-f")
+        .arg("-s")
+        .arg(dir.join("logrotate.state"))
+        .arg(conf)
+        .output()
+        .expect("run logrotate");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "logrotate failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The lines of a log file, decompressing a `.gz` one.
+fn lines_of(path: &Path) -> usize {
+    let text = if path.extension().is_some_and(|e| e == "gz") {
+        let out = Command::new("gzip")
+            .arg("-dc")
+            .arg(path)
+            .output()
+            .expect("run gzip");
+        assert!(out.status.success(), "gzip -dc {}", path.display());
+        out.stdout
+    } else {
+        std::fs::read(path).unwrap()
+    };
+    text.iter().filter(|&&b| b == b'\n').count()
+}
+
+/// The test's folder, kept (and named) when the test fails, for its logs.
+struct KeptOnFailure(Option<tempfile::TempDir>);
+
+impl Drop for KeptOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(dir) = self.0.take() {
+                eprintln!(
+                    "the failed test's files are kept in {}",
+                    dir.keep().display()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_logrotate_snippet_rotating_a_live_nginx_log_loses_and_duplicates_nothing() {
+    let Some(nginx_binary) = binary_or_skip(
+        "nginx",
+        &["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"],
+        "TALLY_REQUIRE_NGINX",
+    ) else {
+        return;
+    };
+    let Some(logrotate) = binary_or_skip(
+        "logrotate",
+        &["/usr/sbin/logrotate", "/usr/bin/logrotate"],
+        "TALLY_REQUIRE_LOGROTATE",
+    ) else {
+        return;
+    };
+    const ROTATIONS: usize = 4;
+    const PER_PHASE: usize = 100;
+
+    let dir = KeptOnFailure(Some(tempfile::tempdir().unwrap()));
+    let dir = dir.0.as_ref().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let access_log = logs.join("access.log");
+    let backend = Backend::start(&[("42", "tok")]);
+    let nginx = Nginx::start(&nginx_binary, dir.path(), &logs);
+    let conf = logrotate_conf(dir.path(), &logs);
+    let config = write_config(
+        dir.path(),
+        &backend.url(),
+        "tok",
+        &[(&access_log, "42")],
+        "[report]\nflush_interval = \"200ms\"\n",
+    );
+    let mut tally = Tally::start(&config, &[]);
+    tally.wait_for_log("following file", WAIT);
+
+    let sent = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        // The traffic: one request after the other, each with a credential of its own, until told.
+        let traffic = scope.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                let i = sent.load(Ordering::SeqCst);
+                assert_eq!(nginx.get(&format!("/ok?user_key=k{i}")), 200);
+                sent.store(i + 1, Ordering::SeqCst);
+            }
+        });
+        let at_least = |n: usize| {
+            poll_until(
+                WAIT,
+                &format!("{n} requests sent"),
+                || sent.load(Ordering::SeqCst) >= n || traffic.is_finished(),
+                || format!("{} sent", sent.load(Ordering::SeqCst)),
+            );
+            assert!(!traffic.is_finished(), "the traffic stopped early");
+        };
+        for phase in 1..=ROTATIONS {
+            at_least(phase * PER_PHASE);
+            rotate(&logrotate, dir.path(), &conf);
+            // NGINX writes to the new file once it has reopened its logs (USR1, asynchronous):
+            // rotating before that would find it empty.
+            poll_until(
+                WAIT,
+                "NGINX to write to the new access.log",
+                || std::fs::metadata(&access_log).is_ok_and(|m| m.len() > 0),
+                || format!("{} sent", sent.load(Ordering::SeqCst)),
+            );
+            // Rotations are a day apart, not milliseconds: the next one waits until tally follows
+            // the new file. (A file made and rotated away between two of tally's looks, ~100 ms
+            // apart, is never opened: the test first ran 4 rotations in 100 ms and lost 3 files.)
+            tally.wait_for_logs("following file", phase + 1, WAIT);
+        }
+        at_least((ROTATIONS + 1) * PER_PHASE);
+        stop.store(true, Ordering::SeqCst);
+        traffic.join().expect("the traffic thread");
+    });
+    let sent = sent.into_inner();
+
+    // What the snippet left: the live log, the last rotated one uncompressed (delaycompress), the
+    // older ones compressed; together they hold every request once.
+    let mut files: Vec<String> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let mut expected_files = vec!["access.log".to_string(), "access.log.1".to_string()];
+    expected_files.extend((2..=ROTATIONS).map(|n| format!("access.log.{n}.gz")));
+    expected_files.sort();
+    assert_eq!(files, expected_files);
+    let logged: usize = files.iter().map(|f| lines_of(&logs.join(f))).sum();
+    assert_eq!(logged, sent, "NGINX logged every request once");
+
+    backend.wait_until(WAIT, &format!("{sent} transactions"), |b| {
+        b.transactions().len() >= sent
+    });
+    tally.signal("TERM");
+    let status = tally.wait(WAIT);
+    assert!(status.success(), "tally exited {status}:\n{}", tally.logs());
+    let mut expected: Vec<String> = (0..sent).map(|i| format!("k{i}")).collect();
+    expected.sort();
+    assert_eq!(
+        backend.credentials(),
+        expected,
+        "every request exactly once"
+    );
+    assert!(backend.refusals().is_empty(), "{:?}", backend.refusals());
+    let logs_text = tally.logs();
+    assert!(
+        logs_text.contains(&format!("rotations={ROTATIONS}")),
+        "{logs_text}"
+    );
+}
