@@ -560,6 +560,135 @@ fn sighup_reloads_the_configuration_and_keeps_it_when_the_new_one_is_bad() {
     assert_eq!(keys, ["after", "before", "other", "still"], "{logs}");
 }
 
+/// A reload under a steady stream of writes to three files: one source kept with its settings
+/// changed (a mapping rule that counts 2 hits from the reload on), one removed, one added. Every
+/// line of the kept and the added file counts once; the removed file's lines count once each up to
+/// where it stood at the reload, none after.
+#[test]
+fn a_reload_under_a_steady_stream_loses_and_repeats_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(&[("42", "tok")]);
+    let [a, b, c] = ["a", "b", "c"].map(|f| dir.path().join(format!("{f}.log")));
+    let source = |path: &Path, rules: &str| {
+        format!(
+            "\n[[sources]]\npath = \"{}\"\nservice_id = \"42\"\nread_from = \"beginning\"\n{rules}",
+            path.display()
+        )
+    };
+    let head = format!(
+        "[backend]\nurl = \"{}\"\nservice_token = \"tok\"\ntimeout = \"20s\"\nvalidate_credentials = false\n\
+         [report]\nflush_interval = \"100ms\"\n[state]\ndir = \"{}\"\n",
+        backend.url(),
+        dir.path().join("state").display()
+    );
+    let config = dir.path().join("tally.toml");
+    std::fs::write(
+        &config,
+        format!("{head}{}{}", source(&a, ""), source(&b, "")),
+    )
+    .unwrap();
+    // Each file gets a line every 2 ms or so, its credential its file and number.
+    let writing = Arc::new(AtomicBool::new(true));
+    let written: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
+    let writer = {
+        let (writing, written) = (writing.clone(), written.clone());
+        let files = [a.clone(), b.clone(), c.clone()];
+        std::thread::spawn(move || {
+            while writing.load(SeqCst) {
+                for (i, (file, name)) in files.iter().zip(["a", "b", "c"]).enumerate() {
+                    let n = written[i].load(SeqCst);
+                    append(
+                        file,
+                        &combined_line(now(), "GET", &format!("/?user_key={name}{n}"), 200),
+                    );
+                    written[i].store(n + 1, SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    let tally = Tally::start(&config, &[]);
+    tally.wait_for_log("tally started", WAIT);
+    backend.wait_until(WAIT, "lines of a and b", |backend| {
+        let keys = backend.credentials();
+        keys.iter().any(|k| k.starts_with('a')) && keys.iter().any(|k| k.starts_with('b'))
+    });
+    let rule = "[[sources.mapping_rules]]\nmethod = \"GET\"\npattern = \"/\"\nmetric = \"hits\"\ndelta = 2\n";
+    std::fs::write(
+        &config,
+        format!("{head}{}{}", source(&a, rule), source(&c, "")),
+    )
+    .unwrap();
+    let b_before_reload = written[1].load(SeqCst);
+    tally.signal("HUP");
+    tally.wait_for_log("starting again with the new configuration", WAIT);
+    tally.wait_for_logs("tally started", 2, WAIT);
+    backend.wait_until(WAIT, "a line of a counted 2 hits", |backend| {
+        backend
+            .transactions()
+            .iter()
+            .any(|t| t.credential().starts_with('a') && t.hits() == 2)
+    });
+    writing.store(false, SeqCst);
+    writer.join().unwrap();
+    let [wa, _, wc] = [0, 1, 2].map(|i| written[i].load(SeqCst));
+    backend.wait_until(WAIT, "every line of a and c", |b| {
+        let keys = b.credentials();
+        keys.iter().filter(|k| k.starts_with('a')).count() as u64 >= wa
+            && keys.iter().filter(|k| k.starts_with('c')).count() as u64 >= wc
+    });
+    let logs = tally.stop(WAIT);
+    // Per file, the numbers counted (how often each) and the hits of each line of a.
+    let mut counted: BTreeMap<(char, u64), u64> = BTreeMap::new();
+    let mut hits_of_a = BTreeMap::new();
+    for t in backend.transactions() {
+        let key = t.credential();
+        let file = key.chars().next().unwrap();
+        let n: u64 = key[1..].parse().unwrap();
+        *counted.entry((file, n)).or_default() += 1;
+        if file == 'a' {
+            hits_of_a.insert(n, t.hits());
+        }
+    }
+    let twice: Vec<_> = counted.iter().filter(|(_, &c)| c != 1).collect();
+    assert!(
+        twice.is_empty(),
+        "counted more than once: {twice:?}\n{logs}"
+    );
+    let numbers = |file: char| -> Vec<u64> {
+        counted
+            .keys()
+            .filter(|(f, _)| *f == file)
+            .map(|(_, n)| *n)
+            .collect()
+    };
+    assert_eq!(numbers('a'), (0..wa).collect::<Vec<_>>(), "{logs}");
+    assert_eq!(numbers('c'), (0..wc).collect::<Vec<_>>(), "{logs}");
+    let of_b = numbers('b');
+    assert_eq!(
+        of_b,
+        (0..of_b.len() as u64).collect::<Vec<_>>(),
+        "b: not a prefix"
+    );
+    assert!(
+        of_b.len() as u64 >= b_before_reload,
+        "b: {} of the {b_before_reload} lines written before the reload",
+        of_b.len()
+    );
+    // The new settings apply from one line on: 1 hit before it, 2 from it.
+    let switch = hits_of_a.values().position(|&h| h == 2).unwrap();
+    assert!(
+        hits_of_a.values().take(switch).all(|&h| h == 1),
+        "{hits_of_a:?}"
+    );
+    assert!(
+        hits_of_a.values().skip(switch).all(|&h| h == 2),
+        "{hits_of_a:?}"
+    );
+}
+
 /// A changed configuration file is reloaded without a signal (a Kubernetes ConfigMap swaps a
 /// symlink): here a second source, its lines delivered once, the first file's too.
 #[test]
