@@ -19,6 +19,7 @@ mod online;
 mod page;
 mod parse;
 mod preflight;
+mod progress;
 mod proxy_config;
 mod reclaim;
 mod report;

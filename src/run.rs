@@ -333,6 +333,10 @@ async fn pipeline(
         once = options.once,
         "tally started"
     );
+    // A backfill shows how it gets on, until this pipeline ends.
+    let _progress = options
+        .once
+        .then(|| crate::progress::Shown::start(metrics.clone()));
 
     // --once logs what it waits for more often: someone is usually waiting for it to end.
     let every = if options.once {

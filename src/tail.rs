@@ -118,8 +118,9 @@ impl Chunk {
 /// What happens to the files a follower reads, for the logs, the counters and `/healthz`
 /// (telemetry implements it; the tailer only reports).
 pub trait TailEvents: Send + Sync {
-    /// A file is open and read from `offset` (`resumed`: at a checkpoint of an earlier run).
-    fn following(&self, path: &Path, offset: u64, resumed: bool);
+    /// A file (`key`, of follower `feed`) is open and read from `offset` (`resumed`: at a checkpoint
+    /// of an earlier run).
+    fn following(&self, feed: usize, key: FileKey, path: &Arc<Path>, offset: u64, resumed: bool);
     /// A file cannot be opened; tried again at every poll. Cleared by [`TailEvents::following`].
     fn open_failed(&self, path: &Path, error: &std::io::Error);
     /// A checkpointed file is gone for good: what was written to it after the checkpoint is lost.
@@ -573,7 +574,9 @@ impl Tail {
                 return;
             }
         };
-        self.events.following(&path, offset, resumed);
+        let shown: Arc<Path> = Arc::from(path.as_path());
+        self.events
+            .following(self.feed, key, &shown, offset, resumed);
         let fingerprint = Fingerprint::read(&file, Fingerprint::MAX).unwrap_or_default();
         // Started at a file's end (read_from = "end") while a line is being written: its start is
         // before tally's, so the rest of it is not a line of its own.
@@ -583,7 +586,7 @@ impl Tail {
                 && last[0] != b'\n'
         };
         let reader = Reader {
-            shown: Arc::from(path.as_path()),
+            shown,
             life: Life::Following { path },
             file,
             key,

@@ -460,6 +460,8 @@ pub struct Progress {
 #[derive(Debug, Clone)]
 struct FileProgress {
     path: Arc<Path>,
+    /// Where this run started reading it.
+    start: u64,
     read: u64,
     committed: u64,
     /// The log time of the oldest line read but not yet accepted, 0 if none waits.
@@ -473,10 +475,24 @@ impl Progress {
         }
     }
 
+    /// A file is open, read from `offset` on.
+    fn opened(&self, source: usize, key: FileKey, path: &Arc<Path>, offset: u64) {
+        self.with(|files| {
+            files.entry((source, key)).or_insert_with(|| FileProgress {
+                path: path.clone(),
+                start: offset,
+                read: offset,
+                committed: offset,
+                oldest_waiting: 0,
+            });
+        });
+    }
+
     pub fn read(&self, source: usize, key: FileKey, path: &Arc<Path>, offset: u64) {
         self.with(|files| {
             let entry = files.entry((source, key)).or_insert_with(|| FileProgress {
                 path: path.clone(),
+                start: 0,
                 read: 0,
                 committed: 0,
                 oldest_waiting: 0,
@@ -484,6 +500,13 @@ impl Progress {
             entry.path = path.clone();
             entry.read = offset;
         });
+    }
+
+    /// What this run has read of the files it follows, and what is left to read in them now.
+    pub fn backlog(&self) -> (u64, u64) {
+        self.snapshot().iter().fold((0, 0), |(read, left), f| {
+            (read + f.read.saturating_sub(f.start), left + f.unread_bytes)
+        })
     }
 
     /// Lines of the file were parsed, the first of them logged at `first_line_time` (0: unknown).
@@ -554,6 +577,7 @@ impl Progress {
                 FileStatus {
                     path: shown_path(&f.path),
                     size,
+                    start: f.start,
                     read: f.read,
                     committed: f.committed,
                     lag_bytes,
@@ -589,6 +613,7 @@ impl Progress {
 struct FileStatus {
     path: String,
     size: u64,
+    start: u64,
     read: u64,
     committed: u64,
     lag_bytes: u64,
@@ -694,7 +719,7 @@ pub fn init_logging(json: bool, level: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(|| crate::progress::LogWriter);
     if json {
         builder.json().flatten_event(true).init();
     } else {
@@ -963,7 +988,8 @@ fn label(value: &str) -> String {
 
 /// The tailer's news, logged and counted.
 impl crate::tail::TailEvents for Metrics {
-    fn following(&self, path: &Path, offset: u64, resumed: bool) {
+    fn following(&self, feed: usize, key: FileKey, path: &Arc<Path>, offset: u64, resumed: bool) {
+        self.files.opened(feed, key, path, offset);
         self.set_problem(&format!("log file {}", shown_path(path)), None);
         if resumed {
             tracing::info!(path = %shown_path(path), offset, "resuming at the checkpoint");

@@ -721,3 +721,85 @@ other.example [24/Nov/2026:10:15:03 +0000] "GET /?user_key=k1 HTTP/1.1" 200 -
         "{err}"
     );
 }
+
+/// A backfill (`run --once`) shows how it gets on: a bar on a terminal (run under `script`, which
+/// gives it one), a log line elsewhere; both end with everything read.
+#[test]
+fn a_backfill_shows_its_progress_on_a_terminal_and_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let line = "10.0.0.1 - - [27/Nov/2026:10:00:00 +0000] \"GET /v1/words?user_key=k HTTP/1.1\" 200 5 \"-\" \"curl\"\n";
+    std::fs::write(&log, line.repeat(5000)).unwrap();
+    let size = std::fs::metadata(&log).unwrap().len();
+    let config = dir.path().join("tally.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[backend]\nurl = \"https://su1.3scale.net\"\nservice_token = \"t\"\nvalidate_credentials = false\n\
+             [[sources]]\npath = \"{}\"\nservice_id = \"1\"\nread_from = \"beginning\"\n[state]\ndir = \"{}\"\n",
+            log.display(),
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    // Not a terminal: log lines, the last one with everything read.
+    let (code, _, logs) = tally(&["run", "--config", &config, "--dry-run", "--once"]);
+    assert_eq!(code, 0, "{logs}");
+    let last = logs
+        .lines()
+        .find(|l| l.contains("backfill ended"))
+        .unwrap_or_else(|| panic!("no progress line:\n{logs}"));
+    for field in [
+        format!("read_bytes={size}"),
+        format!("total_bytes={size}"),
+        "percent=\"100.0\"".to_string(),
+        "lines=5000".to_string(),
+    ] {
+        assert!(last.contains(&field), "{field} in {last}");
+    }
+    assert!(
+        !logs.contains('\r'),
+        "a bar drawn where there is no terminal"
+    );
+    // On a terminal: the bar, ending full, on its own line.
+    let Ok(script) = which("script") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "`script` (util-linux) is missing and CI is set"
+        );
+        eprintln!("SKIPPED the terminal half: `script` is not installed");
+        return;
+    };
+    let typescript = dir.path().join("typescript");
+    let command = format!(
+        "{} run --config {config} --dry-run --once > /dev/null",
+        env!("CARGO_BIN_EXE_tally")
+    );
+    let out = run(Command::new(script)
+        .args(["-qec", &command])
+        .arg(&typescript)
+        .env_remove("RUST_LOG"));
+    assert!(out.status.success(), "{out:?}");
+    let shown = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
+    let full = format!(
+        "\r\x1b[2K[{}] 100.0% {:.1} MB of {:.1} MB,",
+        "#".repeat(30),
+        size as f64 / 1e6,
+        size as f64 / 1e6
+    );
+    assert!(shown.contains(&full), "{shown:?}");
+    // And the same last state in the log, on a line of its own.
+    assert!(shown.contains("\r\n") && shown.contains("backfill ended"), "{shown:?}");
+}
+
+/// Where `program` is on the PATH.
+fn which(program: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(program))
+                .find(|p| p.is_file())
+        })
+        .ok_or(())
+}
