@@ -790,7 +790,10 @@ fn a_backfill_shows_its_progress_on_a_terminal_and_in_the_log() {
     );
     assert!(shown.contains(&full), "{shown:?}");
     // And the same last state in the log, on a line of its own.
-    assert!(shown.contains("\r\n") && shown.contains("backfill ended"), "{shown:?}");
+    assert!(
+        shown.contains("\r\n") && shown.contains("backfill ended"),
+        "{shown:?}"
+    );
 }
 
 /// Where `program` is on the PATH.

@@ -7,15 +7,13 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::backend::Backend;
+use support::nginx::{nginx_or_skip, Nginx};
 use support::{poll_until, write_config, Tally};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -32,123 +30,6 @@ fn binary_or_skip(name: &str, candidates: &[&str], require: &str) -> Option<Path
         eprintln!("SKIPPED: {name} is not installed (apt-get install {name})");
     }
     found
-}
-
-/// A running NGINX writing `logs/access.log` in its folder, its master leading a process group of
-/// its own so that stopping it reaches its workers (as in tests/nginx.rs).
-struct Nginx {
-    child: Child,
-    port: u16,
-}
-
-impl Nginx {
-    fn start(binary: &Path, dir: &Path, logs: &Path) -> Nginx {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let (d, l) = (dir.display(), logs.display());
-        // The error log stays out of the rotated folder: the snippet rotates every *.log there.
-        let conf = format!(
-            r#"daemon off;
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log {l}/access.log combined;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        location /ok {{ return 200 "ok\n"; }}
-    }}
-}}
-"#
-        );
-        let conf_path = dir.join("nginx.conf");
-        std::fs::write(&conf_path, conf).unwrap();
-        let mut command = Command::new(binary);
-        command
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("nginx.stderr")).unwrap())
-            .process_group(0);
-        // Should the test process die without running Drop, the master gets SIGQUIT and stops its
-        // workers. SAFETY: prctl is async-signal-safe and touches nothing of the parent's memory.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let nginx = Nginx {
-            child: command.spawn().expect("start nginx"),
-            port,
-        };
-        poll_until(
-            WAIT,
-            &format!("nginx to listen on {port}"),
-            || TcpStream::connect(("127.0.0.1", port)).is_ok(),
-            || std::fs::read_to_string(dir.join("nginx.stderr")).unwrap_or_default(),
-        );
-        nginx
-    }
-
-    /// One GET; the status NGINX answered.
-    fn get(&self, target: &str) -> u16 {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        write!(
-            s,
-            "GET {target} HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        answer[9..12].parse().unwrap()
-    }
-}
-
-impl Drop for Nginx {
-    /// `nginx -s quit` (SIGQUIT to the master, which stops its workers), then SIGKILL to whatever
-    /// is left of the group, and a check that nothing of it remains.
-    fn drop(&mut self) {
-        let pgid = libc::pid_t::try_from(self.child.id()).expect("a pid fits pid_t");
-        // SAFETY: kill has no memory effects.
-        unsafe { libc::kill(pgid, libc::SIGQUIT) };
-        let deadline = Instant::now() + WAIT;
-        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        // SAFETY: as above. The master is reaped only below, so the group id cannot be reused yet.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        let _ = self.child.wait();
-        let deadline = Instant::now() + WAIT;
-        // SAFETY: signal 0 only asks whether a process of the group exists.
-        while unsafe { libc::kill(-pgid, 0) } == 0 {
-            if Instant::now() > deadline {
-                let e = format!("processes of nginx's group {pgid} are left after SIGKILL");
-                if std::thread::panicking() {
-                    eprintln!("{e}");
-                    return;
-                }
-                panic!("{e}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
 /// The snippet as shipped, its paths moved into the test's folders. Panics if a path it should
@@ -221,11 +102,8 @@ impl Drop for KeptOnFailure {
 
 #[test]
 fn the_logrotate_snippet_rotating_a_live_nginx_log_loses_and_duplicates_nothing() {
-    let Some(nginx_binary) = binary_or_skip(
-        "nginx",
-        &["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"],
-        "TALLY_REQUIRE_NGINX",
-    ) else {
+    let test = "the_logrotate_snippet_rotating_a_live_nginx_log_loses_and_duplicates_nothing";
+    let Some(nginx_binary) = nginx_or_skip(test) else {
         return;
     };
     let Some(logrotate) = binary_or_skip(
@@ -244,7 +122,15 @@ fn the_logrotate_snippet_rotating_a_live_nginx_log_loses_and_duplicates_nothing(
     std::fs::create_dir(&logs).unwrap();
     let access_log = logs.join("access.log");
     let backend = Backend::start(&[("42", "tok")]);
-    let nginx = Nginx::start(&nginx_binary, dir.path(), &logs);
+    // The error log stays out of the rotated folder: the snippet rotates every *.log there.
+    let nginx = Nginx::start_logging_to(
+        &nginx_binary,
+        dir.path(),
+        &access_log,
+        "listen 127.0.0.1:{port};\n        location /ok { return 200 \"ok\\n\"; }",
+        "combined",
+        "",
+    );
     let conf = logrotate_conf(dir.path(), &logs);
     let config = write_config(
         dir.path(),
