@@ -134,6 +134,9 @@ pub(crate) struct Format {
     /// Whether it starts as NGINX's `main` and `combined` formats do, [`LEAD`]: those steps are
     /// read at once, see [`Format::lead`].
     lead: bool,
+    /// The byte before each value read backward, when it is one and the same for all (a space,
+    /// as in NGINX's formats): those values are read at once, see [`Format::tail`].
+    separator: Option<u8>,
     pub(crate) escape: LogEscape,
     /// The names of the `$http_…` variables read, by slot (lower case, `_` for `-`).
     pub(crate) headers: Vec<String>,
@@ -154,6 +157,13 @@ pub(crate) struct Values<'a> {
 
 /// A value and where it starts in its line.
 type Placed<'a> = (usize, &'a [u8]);
+
+/// The time, the request and the status of a line's [`LEAD`].
+type Lead<'a> = [Placed<'a>; 3];
+
+/// What follows the values walked forward, with the values of a [`LEAD`] read at once; or where
+/// the line stopped matching and the literal text expected there.
+type Walked<'a, 's> = Result<(&'a [u8], Option<Lead<'a>>), (usize, &'s [u8])>;
 
 /// Where a line stopped matching its format, for `tally parse` and the first malformed line's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,9 +287,24 @@ impl Format {
             // Its first two values are not given to those walking the steps: not secrets either.
             && !sensitive[0]
             && !sensitive[1];
+        // The literals before the values read backward (the first value after the gap has one).
+        let separator = match &steps[gap.1.saturating_sub(1)..steps.len().saturating_sub(1)] {
+            [(_, first), others @ ..] => match **first {
+                // A quote escape=json writes escaped inside a value is not where a value ends.
+                [byte]
+                    if !(byte == b'"' && escape == LogEscape::Json)
+                        && others.iter().all(|(_, literal)| **literal == [byte]) =>
+                {
+                    Some(byte)
+                }
+                _ => None,
+            },
+            [] => None,
+        };
         Ok(Format {
             gap,
             lead,
+            separator,
             prefix: prefix.into(),
             steps: steps
                 .into_iter()
@@ -307,6 +332,7 @@ impl Format {
     /// follows is not known, so not shown either).
     pub(crate) fn secrets(&self, line: &[u8]) -> (Vec<std::ops::Range<usize>>, Option<usize>) {
         let mut spans = Vec::new();
+        // A lead's values (a time, a request, a status) are no secrets.
         let walked = self.forward(line, self.steps.len(), |step, start, value| {
             if step.sensitive && value != b"-" {
                 spans.push(start..start + value.len());
@@ -322,7 +348,10 @@ impl Format {
         self.forward(line, self.steps.len(), |step, _, value| {
             values.record(step, value)
         })
-        .map(|_| values)
+        .map(|(_, lead)| {
+            values.lead(lead);
+            values
+        })
         .map_err(|(at, literal)| Mismatch {
             at,
             expected: String::from_utf8_lossy(literal).into_owned(),
@@ -330,26 +359,21 @@ impl Format {
     }
 
     /// Walks the first `steps` values of `line`, giving each (its step, where it starts, its
-    /// bytes) to `each`; returns what follows them, or where the line stopped matching and the
-    /// literal text expected there.
+    /// bytes) to `each`, but for those of a [`LEAD`] read at once, returned; returns what follows
+    /// them, or where the line stopped matching and the literal text expected there.
     #[inline]
     fn forward<'a, 's>(
         &'s self,
         line: &'a [u8],
         steps: usize,
         mut each: impl FnMut(&'s Step, usize, &'a [u8]),
-    ) -> Result<&'a [u8], (usize, &'s [u8])> {
-        let (mut rest, first) = match self.lead(line, steps) {
-            Some((values, rest)) => {
-                for (step, (start, value)) in self.steps[2..].iter().zip(values) {
-                    each(step, start, value);
-                }
-                (rest, LEAD.len())
-            }
+    ) -> Walked<'a, 's> {
+        let (mut rest, first, lead) = match self.lead(line, steps) {
+            Some((lead, rest)) => (rest, LEAD.len(), Some(lead)),
             None => {
                 let prefix = &*self.prefix;
                 match line.split_at_checked(prefix.len()) {
-                    Some((head, rest)) if same(head, prefix) => (rest, 0),
+                    Some((head, rest)) if same(head, prefix) => (rest, 0, None),
                     _ => return Err((0, prefix)),
                 }
             }
@@ -372,7 +396,7 @@ impl Format {
             };
             each(step, start, value);
         }
-        Ok(rest)
+        Ok((rest, lead))
     }
 
     /// The time, the request and the status of the [`LEAD`] the format starts with (where each
@@ -382,7 +406,7 @@ impl Format {
     /// or an unusual line). Always inlined: as a call of its own, which the compiler chose in the
     /// benchmark's build, the line took some 5% longer.
     #[inline(always)]
-    fn lead<'a>(&self, line: &'a [u8], steps: usize) -> Option<([Placed<'a>; 3], &'a [u8])> {
+    fn lead<'a>(&self, line: &'a [u8], steps: usize) -> Option<(Lead<'a>, &'a [u8])> {
         if !self.lead || steps < LEAD.len() {
             return None;
         }
@@ -434,7 +458,8 @@ impl Format {
         values: &mut Values<'a>,
     ) -> Result<(), (usize, &'s [u8])> {
         let (a, b) = self.gap;
-        let rest = self.forward(line, a, |step, _, value| values.record(step, value))?;
+        let (rest, lead) = self.forward(line, a, |step, _, value| values.record(step, value))?;
+        values.lead(lead);
         if b == a {
             return Ok(());
         }
@@ -448,6 +473,9 @@ impl Format {
         } else {
             return Err((line.len(), &**last));
         };
+        if let Some(separator) = self.separator {
+            return self.tail(line, floor, end, separator, values);
+        }
         for i in (b..self.steps.len()).rev() {
             let before = &self.steps[i - 1].literal;
             let at = before
@@ -459,9 +487,75 @@ impl Format {
         }
         Ok(())
     }
+
+    /// Reads the values after the gap backward from `end` (where the last one ends) down to
+    /// `floor` (where the line was read forward to), when the one byte `separator` is before each:
+    /// a word of the line at a time from `end`, the separators in each word found at once, where
+    /// a search for each value's start would set up a search per value. It reads what that search
+    /// reads: each value starts after the last separator before the end of the value after it.
+    #[inline]
+    fn tail<'a, 's>(
+        &'s self,
+        line: &'a [u8],
+        floor: usize,
+        mut end: usize,
+        separator: u8,
+        values: &mut Values<'a>,
+    ) -> Result<(), (usize, &'s [u8])> {
+        const LOW7: u64 = u64::from_ne_bytes([0x7f; 8]);
+        let pattern = u64::from_ne_bytes([separator; 8]);
+        let steps = &self.steps[self.gap.1..];
+        let mut left = steps.len();
+        // The bytes before `pos` are yet to be read; the separators of the word read last, which
+        // starts at `pos`, not yet taken (the high bit of each).
+        let mut pos = end;
+        let mut hits = 0u64;
+        loop {
+            // The next separator before `end`: in the word read last, else in the word before it
+            // (while a word is above `floor`), else in the byte before it.
+            let at = if hits != 0 {
+                let bit = 63 - hits.leading_zeros();
+                hits ^= 1 << bit;
+                pos + bit as usize / 8
+            } else if let Some(word) = line[..pos].last_chunk::<8>().filter(|_| pos >= floor + 8) {
+                pos -= 8;
+                let x = u64::from_le_bytes(*word) ^ pattern;
+                // The high bit of exactly the separators (no carry crosses a byte).
+                hits = !((x & LOW7).wrapping_add(LOW7) | x | LOW7);
+                continue;
+            } else if pos > floor {
+                pos -= 1;
+                if line[pos] != separator {
+                    continue;
+                }
+                pos
+            } else {
+                break;
+            };
+            left -= 1;
+            values.record(&steps[left], &line[at + 1..end]);
+            if left == 0 {
+                return Ok(());
+            }
+            end = at;
+        }
+        Err((floor, &self.steps[self.gap.1 + left - 2].literal.bytes))
+    }
 }
 
 impl<'a> Values<'a> {
+    /// The values of a line's [`LEAD`], if it was read at once: kept as [`Values::record`]
+    /// keeps them, without a look at their steps (its time is the line's first, and neither
+    /// the time nor the status, at their widths, can be `-`).
+    #[inline]
+    fn lead(&mut self, lead: Option<Lead<'a>>) {
+        if let Some([(_, time), (_, request), (_, status)]) = lead {
+            self.time = Some((Variable::TimeLocal, time));
+            self.fields[usize::from(REQUEST)] = (request != b"-").then_some(request);
+            self.fields[usize::from(STATUS)] = Some(status);
+        }
+    }
+
     /// The value of one step of the line.
     #[inline]
     fn record(&mut self, step: &Step, value: &'a [u8]) {
@@ -522,9 +616,14 @@ impl<'a> Values<'a> {
         std::array::from_fn(|slot| self.fields[usize::from(HEADERS) + slot])
     }
 
-    /// The `$arg_…` values read, by slot.
-    pub(crate) fn arg_values(&self) -> [Option<&'a [u8]>; SLOTS] {
-        std::array::from_fn(|slot| self.fields[usize::from(ARG_VALUES) + slot])
+    /// The `$http_…` value of `slot`.
+    pub(crate) fn header(&self, slot: u8) -> Option<&'a [u8]> {
+        self.fields[usize::from(HEADERS + slot)]
+    }
+
+    /// The `$arg_…` value of `slot`.
+    pub(crate) fn arg_value(&self, slot: u8) -> Option<&'a [u8]> {
+        self.fields[usize::from(ARG_VALUES + slot)]
     }
 }
 
@@ -680,6 +779,10 @@ impl Literal {
     #[inline]
     fn rfind(&self, s: &[u8], from: usize, mut end: usize) -> Option<usize> {
         let last = *self.bytes.last()?;
+        // One byte, not a quote escape=json may write inside a value: where it is found.
+        if self.bytes.len() == 1 && !self.quote {
+            return super::rfind_short(s.get(..end)?, last).filter(|&at| at >= from);
+        }
         loop {
             // The values read backward are short (a time, a key): a word-at-a-time loop beats
             // memrchr's setup.
@@ -702,6 +805,12 @@ mod tests {
     use super::*;
 
     const MAIN: &str = r#"$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_referer" "$http_user_agent" "$http_x_forwarded_for" $request_time $http_x_api_key"#;
+
+    /// Values read backward after the gap, a space before each.
+    const TAIL: &str = r#"$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent "$http_user_agent" $request_time $http_x_api_key $arg_user_key $host"#;
+
+    /// The same, in lines that may be shorter than a word.
+    const SHORT: &str = "$msec $status $remote_addr $http_x_api_key $host";
 
     fn compile(format: &str) -> Format {
         Format::compile(
@@ -748,7 +857,7 @@ mod tests {
         assert_eq!(v.status(), Some(&b"201"[..]));
         assert_eq!(v.host, Some((0, &b"h.example"[..])));
         assert_eq!(v.headers()[0], Some(&b"Basic dTpw"[..]));
-        assert_eq!(v.arg_values()[0], Some(&b"k1"[..]));
+        assert_eq!(v.arg_value(0), Some(&b"k1"[..]));
         assert_eq!(f.args, vec!["user_key".to_string()]);
     }
 
@@ -801,6 +910,41 @@ mod tests {
     }
 
     #[test]
+    fn values_read_backward_at_once_after_one_same_byte() {
+        assert_eq!(compile(MAIN).separator, Some(b' '));
+        // Another byte before one of them, a literal of two bytes, a quote escape=json escapes.
+        for format in [
+            "$msec $status $remote_addr $http_x_api_key|$host",
+            "$msec $status $remote_addr $http_x_api_key, $host",
+        ] {
+            assert_eq!(compile(format).separator, None, "{format}");
+        }
+        let json = |escape| {
+            Format::compile(
+                "$msec $status \"$remote_addr\"$http_x_api_key\"$host",
+                escape,
+                &[],
+                &[],
+            )
+            .unwrap()
+            .separator
+        };
+        assert_eq!(json(LogEscape::Default), Some(b'"'));
+        assert_eq!(json(LogEscape::Json), None);
+        // The line's last value is read after the separator before it.
+        let f = compile(TAIL);
+        let line = br#"1.2.3.4 - - [24/Nov/2026:10:15:00 +0000] "GET / HTTP/1.1" 200 5 "a b" 0.001 k - h.example"#;
+        let v = f.scan(line).unwrap();
+        let mut read = Values::default();
+        f.read(line, &mut read).unwrap();
+        assert_eq!(read, v);
+        assert_eq!(
+            (v.header(0), v.arg_value(0), v.host),
+            (Some(&b"k"[..]), None, Some((0, &b"h.example"[..])))
+        );
+    }
+
+    #[test]
     fn formats_tally_cannot_use_are_errors_that_say_why() {
         let e = |format: &str| {
             Format::compile(format, LogEscape::Default, &[], &[])
@@ -821,6 +965,27 @@ mod tests {
         #[test]
         fn any_line_scans_or_fails_cleanly(line in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
             let _ = compile(MAIN).scan(&line);
+        }
+
+        /// Lines ending in values separated by spaces (and lines shorter than a word): read at
+        /// once, the values after the gap are those the search for each value's start finds.
+        #[test]
+        fn the_tail_reads_as_the_steps_do(
+            format in proptest::sample::select(vec![TAIL, SHORT]),
+            tail in proptest::collection::vec(proptest::sample::select(vec![b' ', b'-', b'a', b'"']), 0..40),
+        ) {
+            let fast = compile(format);
+            proptest::prop_assert_eq!(fast.separator, Some(b' '));
+            let steps = Format { separator: None, ..compile(format) };
+            let head: &[u8] = if format == TAIL {
+                br#"1.2.3.4 - - [24/Nov/2026:10:15:00 +0000] "GET / HTTP/1.1" 200 5 "a b" "#
+            } else {
+                b"1 200 "
+            };
+            let line = [head, &tail].concat();
+            let (mut a, mut b) = (Values::default(), Values::default());
+            proptest::prop_assert_eq!(fast.read(&line, &mut a), steps.read(&line, &mut b));
+            proptest::prop_assert_eq!(a, b);
         }
 
         /// A `main` line with pieces of its lead inserted or bytes removed here and there: the
