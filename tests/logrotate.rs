@@ -18,20 +18,6 @@ use support::{poll_until, write_config, Tally};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// The first of `candidates` that exists, or None (and a message) when the test should be skipped;
-/// with `require` set in the environment, a missing binary fails the test instead.
-fn binary_or_skip(name: &str, candidates: &[&str], require: &str) -> Option<PathBuf> {
-    let found = candidates.iter().map(PathBuf::from).find(|p| p.exists());
-    if found.is_none() {
-        assert!(
-            std::env::var_os(require).is_none(),
-            "{require} is set but {name} is not installed"
-        );
-        eprintln!("SKIPPED: {name} is not installed (apt-get install {name})");
-    }
-    found
-}
-
 /// The snippet as shipped, its paths moved into the test's folders. Panics if a path it should
 /// hold is gone: the test would no longer run the snippet's own directives.
 fn logrotate_conf(dir: &Path, logs: &Path) -> PathBuf {
@@ -106,7 +92,8 @@ fn the_logrotate_snippet_rotating_a_live_nginx_log_loses_and_duplicates_nothing(
     let Some(nginx_binary) = nginx_or_skip(test) else {
         return;
     };
-    let Some(logrotate) = binary_or_skip(
+    let Some(logrotate) = support::program_or_skip(
+        test,
         "logrotate",
         &["/usr/sbin/logrotate", "/usr/bin/logrotate"],
         "TALLY_REQUIRE_LOGROTATE",

@@ -691,18 +691,12 @@ fn two_server_names_two_services_routed_by_host() {
 /// Debian's Chromium, or None (and a message) when the test should be skipped; CI installs it and
 /// sets TALLY_REQUIRE_CHROMIUM, which makes a missing one a failure.
 fn chromium_or_skip(test: &str) -> Option<PathBuf> {
-    let found = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("TALLY_REQUIRE_CHROMIUM").is_none(),
-            "TALLY_REQUIRE_CHROMIUM is set but chromium is not installed"
-        );
-        eprintln!("SKIPPED {test}: chromium is not installed (apt-get install chromium)");
-    }
-    found
+    support::program_or_skip(
+        test,
+        "chromium",
+        &["/usr/bin/chromium", "/usr/bin/chromium-browser"],
+        "TALLY_REQUIRE_CHROMIUM",
+    )
 }
 
 /// Runs headless Chromium on `url` with `args` (no network beyond loopback: a dead proxy for

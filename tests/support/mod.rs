@@ -189,6 +189,26 @@ pub fn write_config_with(
     config
 }
 
+/// The first of `candidates` (paths of the program `name`, a Debian package's) that exists, or None
+/// and a message when `test` should be skipped; with `require` set in the environment (CI sets it),
+/// a missing program fails the test instead.
+pub fn program_or_skip(
+    test: &str,
+    name: &str,
+    candidates: &[&str],
+    require: &str,
+) -> Option<PathBuf> {
+    let found = candidates.iter().map(PathBuf::from).find(|p| p.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os(require).is_none(),
+            "{require} is set but {name} is not installed"
+        );
+        eprintln!("SKIPPED {test}: {name} is not installed (apt-get install {name})");
+    }
+    found
+}
+
 /// Appends `text` to the file at `path` (created if need be).
 pub fn append(path: &Path, text: &str) {
     use std::io::Write;

@@ -10,13 +10,6 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-pub fn nginx_binary() -> Option<PathBuf> {
-    ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-}
-
 /// A running NGINX. Its master leads a process group of its own, so that stopping it reaches its
 /// workers too: a SIGKILL to the master alone leaves them running.
 pub struct Nginx {
@@ -255,13 +248,10 @@ fn wait_for_exit_unreaped(pid: libc::pid_t, timeout: Duration) -> Result<bool, S
 
 /// The nginx binary, or None (and a message) when the test should be skipped.
 pub fn nginx_or_skip(test: &str) -> Option<PathBuf> {
-    let binary = nginx_binary();
-    if binary.is_none() {
-        assert!(
-            std::env::var_os("TALLY_REQUIRE_NGINX").is_none(),
-            "TALLY_REQUIRE_NGINX is set but nginx is not installed"
-        );
-        eprintln!("SKIPPED {test}: nginx is not installed (apt-get install nginx)");
-    }
-    binary
+    super::program_or_skip(
+        test,
+        "nginx",
+        &["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"],
+        "TALLY_REQUIRE_NGINX",
+    )
 }
