@@ -1,11 +1,12 @@
 //! Log files → chunks of complete lines, with the file they come from and the offset they end at.
 //!
 //! One follower thread per `[[sources]]` entry. It keeps every matching file open, wakes on
-//! file-system events (inotify, see `watch`) and on a slow safety poll, and decides what happened by comparing each
-//! path's identity (device + inode, confirmed by a fingerprint of the first bytes) and size with what it
-//! knows: grown (read on), shrunk or other first bytes (truncated or replaced: read again from the
-//! start), another identity under the path (rotated: finish the old file, then read the new one from
-//! its start), gone (deleted: finish it, then close it).
+//! file-system events (inotify, see `watch`) and on a slow safety poll, and decides what happened
+//! by comparing each path's identity (device + inode, confirmed by a fingerprint of the first bytes)
+//! and size with what it knows: grown (read on), shrunk or other first bytes (truncated or replaced:
+//! read again from the start), another identity under the path (rotated: finish the old file, then
+//! read the new one from its start), gone (deleted: finish it, then close it). Asked to stop, it
+//! reads each file up to where it stands, then ends.
 
 use std::collections::HashMap;
 use std::fs::File;
