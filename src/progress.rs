@@ -105,9 +105,11 @@ pub(crate) struct Shown {
 }
 
 impl Shown {
-    pub(crate) fn start(metrics: Arc<Metrics>) -> Shown {
+    /// `bar`: a bar may be drawn on a terminal (not where the report calls of `--dry-run` are
+    /// printed to the same terminal, which would write through it).
+    pub(crate) fn start(metrics: Arc<Metrics>, bar: bool) -> Shown {
         let started = Instant::now();
-        let terminal = std::io::stderr().is_terminal();
+        let terminal = bar && std::io::stderr().is_terminal();
         let task = tokio::spawn(show(metrics.clone(), started, terminal));
         Shown {
             task,

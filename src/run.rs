@@ -334,9 +334,10 @@ async fn pipeline(
         "tally started"
     );
     // A backfill shows how it gets on, until this pipeline ends.
-    let _progress = options
-        .once
-        .then(|| crate::progress::Shown::start(metrics.clone()));
+    let _progress = options.once.then(|| {
+        let printing = options.dry_run && std::io::IsTerminal::is_terminal(&std::io::stdout());
+        crate::progress::Shown::start(metrics.clone(), !printing)
+    });
 
     // --once logs what it waits for more often: someone is usually waiting for it to end.
     let every = if options.once {
