@@ -153,14 +153,7 @@ impl StateDir {
     /// Opens (creating it) and locks the folder, and reads the state. Read-only (`--dry-run`)
     /// neither creates nor locks nor writes.
     pub(crate) fn open(dir: &Path, read_only: bool) -> Result<StateDir, StateError> {
-        let io = |message: &str| {
-            let message = message.to_string();
-            move |error| StateError::Io {
-                dir: dir.to_path_buf(),
-                message,
-                error,
-            }
-        };
+        let io = |message: &str| io_failed(dir, message);
         let lock = if read_only {
             None
         } else {
@@ -649,11 +642,8 @@ impl Store {
         store._lock = lock;
         let snapshot = store.path(FILE_NAME);
         let mut migrated = Vec::new();
-        let found = match read_file(dir, &snapshot)? {
-            Some(bytes) => {
-                let text = String::from_utf8(bytes)
-                    .map_err(|_| "it is not text (invalid UTF-8)".to_string())
-                    .map_err(corrupt(&snapshot))?;
+        let found = match read_text(dir, &snapshot)? {
+            Some(text) => {
                 store.parse(&text).map_err(corrupt(&snapshot))?;
                 true
             }
@@ -702,13 +692,7 @@ impl Store {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(StateError::Io {
-                    dir: self.dir.clone(),
-                    message: "cannot list it".into(),
-                    error: e,
-                })
-            }
+            Err(e) => return Err(self.io("cannot list it")(e)),
         };
         let mut migrated = Vec::new();
         for entry in entries.filter_map(Result::ok) {
@@ -721,10 +705,7 @@ impl Store {
                 continue;
             };
             let path = entry.path();
-            if let Some(bytes) = read_file(&self.dir, &path)? {
-                let text = String::from_utf8(bytes)
-                    .map_err(|_| "it is not text (invalid UTF-8)".to_string())
-                    .map_err(corrupt(&path))?;
+            if let Some(text) = read_text(&self.dir, &path)? {
                 self.parse_v1(&service_id, &text).map_err(corrupt(&path))?;
                 migrated.push(path);
             }
@@ -737,13 +718,7 @@ impl Store {
     }
 
     fn io(&self, message: &str) -> impl FnOnce(std::io::Error) -> StateError {
-        let dir = self.dir.clone();
-        let message = message.to_string();
-        move |error| StateError::Io {
-            dir,
-            message,
-            error,
-        }
+        io_failed(&self.dir, message)
     }
 
     /// Makes what changed since the last write durable against a crash (and, at most once a
@@ -1154,17 +1129,37 @@ fn changes(now: &Records, written: &mut Records, out: &mut String) -> usize {
     n
 }
 
+/// How an operation on the state folder `dir` failed, `message` saying which.
+fn io_failed(dir: &Path, message: &str) -> impl FnOnce(std::io::Error) -> StateError {
+    let dir = dir.to_path_buf();
+    let message = message.to_string();
+    move |error| StateError::Io {
+        dir,
+        message,
+        error,
+    }
+}
+
 /// The bytes of a state file, None if there is none.
 fn read_file(dir: &Path, path: &Path) -> Result<Option<Vec<u8>>, StateError> {
     match std::fs::read(path) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StateError::Io {
-            dir: dir.to_path_buf(),
-            message: format!("cannot read {}", path.display()),
-            error: e,
-        }),
+        Err(e) => Err(io_failed(dir, &format!("cannot read {}", path.display()))(
+            e,
+        )),
     }
+}
+
+/// The text of a state file (its snapshot or an earlier version's), None if there is none.
+fn read_text(dir: &Path, path: &Path) -> Result<Option<String>, StateError> {
+    read_file(dir, path)?
+        .map(|bytes| {
+            String::from_utf8(bytes)
+                .map_err(|_| "it is not text (invalid UTF-8)".to_string())
+                .map_err(corrupt(path))
+        })
+        .transpose()
 }
 
 fn corrupt(path: &Path) -> impl Fn(String) -> StateError + '_ {
