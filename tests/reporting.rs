@@ -506,9 +506,18 @@ fn once_stopped_before_everything_was_accepted_exits_3_and_keeps_the_rest() {
     assert_eq!(s.backend.transactions().len(), 3);
 }
 
-/// A closed terminal or a logrotate script's SIGHUP never stops tally.
-#[test]
-fn sighup_reloads_the_configuration_and_keeps_it_when_the_new_one_is_bad() {
+/// A `[[sources]]` table for `path`, of service 42, read from its beginning, then `rules` (its
+/// mapping rules' tables).
+fn source_table(path: &Path, rules: &str) -> String {
+    format!(
+        "\n[[sources]]\npath = \"{}\"\nservice_id = \"42\"\nread_from = \"beginning\"\n{rules}",
+        path.display()
+    )
+}
+
+/// The reload tests' start: tally running on a scenario's log, the line of `before` accepted; with
+/// the configuration's path and text.
+fn running_with_a_first_line() -> (Scenario, std::path::PathBuf, String, Tally) {
     let s = Scenario::new();
     let config = s.config("", "[report]\nflush_interval = \"100ms\"\n");
     let good = std::fs::read_to_string(&config).unwrap();
@@ -517,6 +526,13 @@ fn sighup_reloads_the_configuration_and_keeps_it_when_the_new_one_is_bad() {
     s.append(&combined_line(now(), "GET", "/?user_key=before", 200));
     s.backend
         .wait_until(WAIT, "the first line", |b| b.hits() >= 1);
+    (s, config, good, tally)
+}
+
+/// A closed terminal or a logrotate script's SIGHUP never stops tally.
+#[test]
+fn sighup_reloads_the_configuration_and_keeps_it_when_the_new_one_is_bad() {
+    let (s, config, good, tally) = running_with_a_first_line();
     // A bad file: said with its line and key, and the configuration in use stays.
     std::fs::write(&config, good.replace("flush_interval", "flush_intervall")).unwrap();
     tally.signal("HUP");
@@ -531,14 +547,7 @@ fn sighup_reloads_the_configuration_and_keeps_it_when_the_new_one_is_bad() {
         .wait_until(WAIT, "the line after the bad reload", |b| b.hits() >= 2);
     // A second log file: read from the reload on, the first one from where it was.
     let other = s.path("other.log");
-    std::fs::write(
-        &config,
-        format!(
-            "{good}\n[[sources]]\npath = \"{}\"\nservice_id = \"42\"\nread_from = \"beginning\"\n",
-            other.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("{good}{}", source_table(&other, ""))).unwrap();
     tally.signal("HUP");
     tally.wait_for_log("starting again with the new configuration", WAIT);
     tally.wait_for_logs("tally started", 2, WAIT);
@@ -550,14 +559,11 @@ fn sighup_reloads_the_configuration_and_keeps_it_when_the_new_one_is_bad() {
     s.backend
         .wait_until(WAIT, "both lines after the reload", |b| b.hits() >= 4);
     let logs = tally.stop(WAIT);
-    let mut keys: Vec<String> = s
-        .backend
-        .transactions()
-        .iter()
-        .map(|t| t.credential())
-        .collect();
-    keys.sort();
-    assert_eq!(keys, ["after", "before", "other", "still"], "{logs}");
+    assert_eq!(
+        s.backend.credentials(),
+        ["after", "before", "other", "still"],
+        "{logs}"
+    );
 }
 
 /// A reload under a steady stream of writes to three files: one source kept with its settings
@@ -571,12 +577,6 @@ fn a_reload_under_a_steady_stream_loses_and_repeats_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let backend = Backend::start(&[("42", "tok")]);
     let [a, b, c] = ["a", "b", "c"].map(|f| dir.path().join(format!("{f}.log")));
-    let source = |path: &Path, rules: &str| {
-        format!(
-            "\n[[sources]]\npath = \"{}\"\nservice_id = \"42\"\nread_from = \"beginning\"\n{rules}",
-            path.display()
-        )
-    };
     let head = format!(
         "[backend]\nurl = \"{}\"\nservice_token = \"tok\"\ntimeout = \"20s\"\nvalidate_credentials = false\n\
          [report]\nflush_interval = \"100ms\"\n[state]\ndir = \"{}\"\n",
@@ -586,7 +586,7 @@ fn a_reload_under_a_steady_stream_loses_and_repeats_nothing() {
     let config = dir.path().join("tally.toml");
     std::fs::write(
         &config,
-        format!("{head}{}{}", source(&a, ""), source(&b, "")),
+        format!("{head}{}{}", source_table(&a, ""), source_table(&b, "")),
     )
     .unwrap();
     // Each file gets a line every 2 ms or so, its credential its file and number.
@@ -618,7 +618,7 @@ fn a_reload_under_a_steady_stream_loses_and_repeats_nothing() {
     let rule = "[[sources.mapping_rules]]\nmethod = \"GET\"\npattern = \"/\"\nmetric = \"hits\"\ndelta = 2\n";
     std::fs::write(
         &config,
-        format!("{head}{}{}", source(&a, rule), source(&c, "")),
+        format!("{head}{}{}", source_table(&a, rule), source_table(&c, "")),
     )
     .unwrap();
     let b_before_reload = written[1].load(SeqCst);
@@ -693,14 +693,7 @@ fn a_reload_under_a_steady_stream_loses_and_repeats_nothing() {
 /// symlink): here a second source, its lines delivered once, the first file's too.
 #[test]
 fn a_changed_configuration_file_is_reloaded_without_a_signal() {
-    let s = Scenario::new();
-    let config = s.config("", "[report]\nflush_interval = \"100ms\"\n");
-    let good = std::fs::read_to_string(&config).unwrap();
-    let tally = Tally::start(&config, &[]);
-    tally.wait_for_log("tally started", WAIT);
-    s.append(&combined_line(now(), "GET", "/?user_key=before", 200));
-    s.backend
-        .wait_until(WAIT, "the first line", |b| b.hits() >= 1);
+    let (s, config, good, tally) = running_with_a_first_line();
     let other = s.path("other.log");
     support::append(
         &other,
@@ -708,28 +701,18 @@ fn a_changed_configuration_file_is_reloaded_without_a_signal() {
     );
     // Replaced whole, as a ConfigMap's symlink swap or an editor's save does.
     let temp = s.path("tally.toml.new");
-    std::fs::write(
-        &temp,
-        format!(
-            "{good}\n[[sources]]\npath = \"{}\"\nservice_id = \"42\"\nread_from = \"beginning\"\n",
-            other.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&temp, format!("{good}{}", source_table(&other, ""))).unwrap();
     std::fs::rename(&temp, &config).unwrap();
     tally.wait_for_log("the configuration file changed", WAIT);
     tally.wait_for_logs("tally started", 2, WAIT);
     s.append(&combined_line(now(), "GET", "/?user_key=after", 200));
     s.backend.wait_until(WAIT, "every line", |b| b.hits() >= 3);
     let logs = tally.stop(WAIT);
-    let mut keys: Vec<String> = s
-        .backend
-        .transactions()
-        .iter()
-        .map(|t| t.credential())
-        .collect();
-    keys.sort();
-    assert_eq!(keys, ["after", "before", "other"], "{logs}");
+    assert_eq!(
+        s.backend.credentials(),
+        ["after", "before", "other"],
+        "{logs}"
+    );
 }
 
 #[test]
