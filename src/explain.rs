@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use crate::aggregate::MAX_CREDENTIAL_BYTES;
 use crate::config::Config;
 use crate::mapping::{apicast_path, host_name, HostRoute, MappingRules, Owner};
-use crate::parse::{Failure, Parser, Request, Skip, Wrapper};
+use crate::parse::{rfc3339, Failure, Parser, Request, Skip, Wrapper};
 use crate::telemetry::{mask, masked_line, printable, shown_path};
 use crate::usage::{MetricNames, Usage};
 
@@ -477,19 +477,6 @@ fn next_line(input: &mut dyn BufRead, buf: &mut Vec<u8>, cap: usize) -> io::Resu
             return Ok(Some(cut));
         }
     }
-}
-
-/// Epoch seconds as RFC 3339 in UTC (`2026-11-24T10:15:00Z`), for any year (Howard Hinnant's
-/// civil-from-days).
-fn rfc3339(t: i64) -> String {
-    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
-    let (year, month, day) = crate::parse::civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
 }
 
 #[cfg(test)]

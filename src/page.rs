@@ -368,13 +368,12 @@ pub(crate) fn api_calls(metrics: &Metrics, target: &[u8], details: bool) -> Resu
 }
 
 fn time_text(t: i64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
     // RFC 3339 has no year past 9999 (a log may say anything): then the epoch seconds.
-    let mut text = String::new();
-    match write!(text, "{}", humantime::format_rfc3339_seconds(time)) {
-        Ok(()) => text,
-        Err(_) => t.to_string(),
+    const YEAR_10000: i64 = 253_402_300_800;
+    if t >= YEAR_10000 {
+        return t.to_string();
     }
+    crate::parse::rfc3339(t.max(0))
 }
 
 fn json_string(s: &str) -> String {
@@ -659,6 +658,9 @@ mod tests {
     fn times_and_windows_from_any_input() {
         assert_eq!(time_text(0), "1970-01-01T00:00:00Z");
         assert_eq!(time_text(300_000_000_000), "300000000000");
+        assert_eq!(time_text(253_402_300_799), "9999-12-31T23:59:59Z");
+        assert_eq!(time_text(253_402_300_800), "253402300800");
+        assert_eq!(time_text(-5), "1970-01-01T00:00:00Z");
         let w = Window::new(0, 1 << 40, None).unwrap();
         assert_eq!((w.step, w.count), (3600, 24));
         let w = Window::new(100, 100, Some(10)).unwrap();
